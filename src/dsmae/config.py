@@ -1,0 +1,409 @@
+"""Run configuration: dataclass defaults in one place, YAML presets and overrides on top.
+
+The defaults are the paper's CIFAR-10 / ViT-Tiny pre-training setting (SPEC section 5).
+A run's configuration is built in layers, each a nested mapping merged onto the one
+before: defaults <- preset (``src/dsmae/presets/NAME.yaml``) <- the user's YAML files
+<- command-line overrides (``--set train.epochs=100`` and the common flags). Unknown
+keys and impossible values are refused with a :class:`ConfigError` naming the key,
+before anything is built. The resolved configuration (every ``None`` filled in) is
+saved with every run and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dsmae.masking import num_selected
+
+METHODS = ("dsmae", "dsmae-ly", "dsmae-lz", "mae")
+# name: (depth, width, heads), paper section 4.A; MLP ratio 4 for all.
+ARCHS: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (12, 192, 3),
+    "vit_small": (12, 384, 6),
+    "vit_base": (12, 768, 12),
+}
+DEFAULT_NOISE_RATIO = {"dsmae": 0.9, "dsmae-ly": 0.9, "dsmae-lz": 0.9, "mae": 0.75}
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value impossible; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """The pre-training model (SPEC sections 1-4)."""
+
+    method: str = "dsmae"
+    arch: str = "vit_tiny"
+    img_size: int = 32
+    patch_size: int = 2
+    in_chans: int = 3
+    depth: int | None = None  # None: from arch
+    embed_dim: int | None = None  # None: from arch
+    num_heads: int | None = None  # None: from arch
+    mlp_ratio: float = 4.0
+    noise_ratio: float | None = None  # None: 0.9 for the DSMAE variants, 0.75 for mae
+    noise_std: float = 1.0
+    noise_mode: str = "add"  # "add" | "replace"
+    lam: float = 0.6
+    norm_pix_loss: bool = True
+    decoder_depth: int = 4
+    decoder_dim: int | None = None  # None: encoder width (MAE's original: 512)
+    decoder_heads: int | None = None  # None: encoder heads (MAE's original: 16)
+    regressor_depth: int = 2
+    target_norm: str = "none"  # "none" | "layernorm"
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are augmented for pre-training."""
+
+    source: str = "cifar10"  # digits | cifar10 | cifar100 | stl10 | path to a folder
+    root: str = "~/.cache/dsmae/datasets"  # torchvision data sets live here
+    download: bool = False
+    subset: int | None = None  # use only the first N pre-training images
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    hflip: bool = True
+    mean: list[float] | None = None  # None: measured on the pre-training images
+    std: list[float] | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of pre-training (SPEC section 5)."""
+
+    epochs: int = 500
+    warmup_epochs: int = 20
+    batch_size: int = 2048  # the effective batch of one optimizer step
+    accum_steps: int = 1  # micro-batches per step (gradient accumulation)
+    base_lr: float = 1.5e-4
+    lr: float | None = None  # None: base_lr * batch_size / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    momentum_start: float = 0.96
+    momentum_end: float = 0.99
+    ema_every: str = "step"  # "step" | "epoch"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool | None = None  # bf16 autocast; None: on for CUDA, off on CPU
+    seed: int = 0
+    checkpoint_every: int = 50  # epochs; 0: only at the end
+    log_every: int = 10  # optimizer steps between metric lines
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probing (MAE protocol): frozen features, BatchNorm without affine + linear."""
+
+    epochs: int = 90
+    warmup_epochs: int = 10
+    batch_size: int = 256
+    base_lr: float = 0.1  # SGD, momentum 0.9, lr = base_lr * batch_size / 256
+    weight_decay: float = 0.0
+    pool: str = "token"  # "token" ([CLS]) | "avg" (mean of patch tokens)
+    after_pretrain: bool = False  # run the probe when pre-training ends
+    random_baseline: bool = False  # ... and also on the same encoder at random init
+
+
+@dataclass
+class Config:
+    """Everything one run needs; ``out`` is its output folder."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    out: str = "runs/dsmae"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def available_presets() -> list[str]:
+    """Names of the presets shipped in ``dsmae/presets``."""
+    folder = resources.files("dsmae") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    """The override mapping of a shipped preset."""
+    if name not in available_presets():
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
+    text = (resources.files("dsmae") / "presets" / f"{name}.yaml").read_text()
+    return _as_mapping(yaml.safe_load(text), f"preset {name}")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The override mapping of a user's YAML file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    return _as_mapping(yaml.safe_load(text), str(path))
+
+
+def _as_mapping(obj: Any, where: str) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{where}: expected a mapping of config keys, got {type(obj).__name__}")
+    return obj
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``"train.epochs=100"`` -> ``("train.epochs", 100)``; the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    return key.strip(), yaml.safe_load(value)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_config(
+    preset: str | None = None,
+    files: typing.Sequence[str | Path] = (),
+    overrides: typing.Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults <- preset <- YAML files <- dotted overrides, then resolved and validated."""
+    layers = []
+    if preset:
+        layers.append(read_preset(preset))
+    layers.extend(read_yaml(f) for f in files)
+    tree = Config().to_dict()
+    for layer in layers:
+        _merge(tree, layer, prefix="")
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    cfg = config_from_dict(tree)
+    return resolve(cfg)
+
+
+def config_from_dict(tree: typing.Mapping[str, Any]) -> Config:
+    """A :class:`Config` from a nested mapping (e.g. a saved config); unknown keys are refused."""
+    return _build(Config, tree, prefix="")
+
+
+def _merge(base: dict[str, Any], layer: typing.Mapping[str, Any], prefix: str) -> None:
+    for key, value in layer.items():
+        name = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"unknown config key {name!r}; known here: {', '.join(base)}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name!r} is a section; give it a mapping, not {value!r}")
+            _merge(base[key], value, prefix=f"{name}.")
+        else:
+            base[key] = value
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for depth, part in enumerate(parents):
+        child = node.get(part)
+        if not isinstance(child, dict):
+            where = ".".join(parents[: depth + 1])
+            raise ConfigError(f"unknown config key {dotted!r} (no section {where!r})")
+        node = child
+    _merge(node, {leaf: value}, prefix=".".join(parents) + "." if parents else "")
+
+
+def _build(cls: type, tree: typing.Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in tree if k not in names]
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; known: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in tree:
+            continue
+        hint, key = hints[name], prefix + name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, _as_mapping(tree[name], key), prefix=key + ".")
+        else:
+            kwargs[name] = _coerce(tree[name], hint, key)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check (and gently convert) one value against its type hint."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (hint,) = [o for o in options if o is not type(None)]
+        origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise TypeError(f"unsupported type {hint} for {key}")  # a bug in this module
+
+
+# ----------------------------------------------------------------------------- resolving
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill every ``None`` that has a derived default, then validate; returns a new Config."""
+    t = cfg.train
+    train = dataclasses.replace(t, lr=t.lr if t.lr is not None else t.base_lr * t.batch_size / 256)
+    out = dataclasses.replace(cfg, model=resolve_model(cfg.model), train=train)
+    validate(out)
+    return out
+
+
+def resolve_model(m: ModelConfig) -> ModelConfig:
+    """Fill the architecture's depth/width/heads, the method's noise ratio and the decoder
+    width/heads where they are ``None``, then validate; returns a new ModelConfig."""
+    _check_choice("model.method", m.method, METHODS)
+    _check_choice("model.arch", m.arch, tuple(ARCHS))
+    depth, width, heads = ARCHS[m.arch]
+    embed_dim = m.embed_dim if m.embed_dim is not None else width
+    num_heads = m.num_heads if m.num_heads is not None else heads
+    m = dataclasses.replace(
+        m,
+        depth=m.depth if m.depth is not None else depth,
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        noise_ratio=m.noise_ratio if m.noise_ratio is not None else DEFAULT_NOISE_RATIO[m.method],
+        decoder_dim=m.decoder_dim if m.decoder_dim is not None else embed_dim,
+        decoder_heads=m.decoder_heads if m.decoder_heads is not None else num_heads,
+    )
+    validate_model(m)
+    return m
+
+
+def model_config(method: str = "dsmae", **options: Any) -> ModelConfig:
+    """A resolved :class:`ModelConfig` from keywords (the field names of ModelConfig)."""
+    return resolve_model(_build(ModelConfig, {"method": method, **options}, prefix="model."))
+
+
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate_model(m: ModelConfig) -> None:
+    """Refuse impossible model settings (expects a resolved ModelConfig)."""
+    _check_choice("model.method", m.method, METHODS)
+    _check_choice("model.noise_mode", m.noise_mode, ("add", "replace"))
+    _check_choice("model.target_norm", m.target_norm, ("none", "layernorm"))
+    _require(m.in_chans in (1, 3), "model.in_chans", f"must be 1 or 3, got {m.in_chans}")
+    _require(m.patch_size >= 1, "model.patch_size", f"must be positive, got {m.patch_size}")
+    _require(
+        m.img_size % m.patch_size == 0,
+        "model.patch_size",
+        f"{m.patch_size} does not divide model.img_size={m.img_size}",
+    )
+    for key in ("depth", "embed_dim", "num_heads", "decoder_dim", "decoder_heads"):
+        value = getattr(m, key)
+        _require(value is not None and value >= 1, f"model.{key}", f"must be >= 1, got {value}")
+    for key, dim, heads in (
+        ("model.embed_dim", m.embed_dim, m.num_heads),
+        ("model.decoder_dim", m.decoder_dim, m.decoder_heads),
+    ):
+        _require(dim % heads == 0, key, f"{dim} is not divisible by the {heads} heads")
+        _require(dim % 4 == 0, key, f"{dim} must be a multiple of 4 (2-D sin-cos embedding)")
+    for key in ("decoder_depth", "regressor_depth"):
+        value = getattr(m, key)
+        _require(value >= 0, f"model.{key}", f"must be >= 0, got {value}")
+    r = m.noise_ratio
+    _require(r is not None and 0 < r <= 1, "model.noise_ratio", f"must be in (0, 1], got {r}")
+    n = (m.img_size // m.patch_size) ** 2
+    k = num_selected(n, r)
+    _require(k >= 1, "model.noise_ratio", f"{r} of {n} patches selects none")
+    if m.method == "mae":
+        _require(k < n, "model.noise_ratio", f"{r} masks all {n} patches; mae needs a visible one")
+    _require(0 <= m.lam <= 1, "model.lam", f"must be in [0, 1], got {m.lam}")
+    _require(m.noise_std >= 0, "model.noise_std", f"must be >= 0, got {m.noise_std}")
+    _require(m.mlp_ratio > 0, "model.mlp_ratio", f"must be positive, got {m.mlp_ratio}")
+
+
+def validate(cfg: Config) -> None:
+    """Refuse impossible settings anywhere in a resolved Config."""
+    validate_model(cfg.model)
+    d, t, p = cfg.data, cfg.train, cfg.probe
+    lo, hi = (d.crop_scale + [None, None])[:2]
+    _require(
+        len(d.crop_scale) == 2 and 0 < lo <= hi <= 1,
+        "data.crop_scale",
+        f"must be [min, max] with 0 < min <= max <= 1, got {d.crop_scale}",
+    )
+    for key in ("mean", "std"):
+        value = getattr(d, key)
+        _require(
+            value is None or len(value) == cfg.model.in_chans,
+            f"data.{key}",
+            f"needs one value per channel ({cfg.model.in_chans}), got {value}",
+        )
+    _require(d.std is None or min(d.std) > 0, "data.std", f"must be positive, got {d.std}")
+    _require(d.subset is None or d.subset >= 1, "data.subset", f"must be >= 1, got {d.subset}")
+    _require(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
+    _require(t.warmup_epochs >= 0, "train.warmup_epochs", f"must be >= 0, got {t.warmup_epochs}")
+    _require(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    _require(
+        t.accum_steps >= 1 and t.batch_size % t.accum_steps == 0,
+        "train.accum_steps",
+        f"must be >= 1 and divide train.batch_size={t.batch_size}, got {t.accum_steps}",
+    )
+    _require(t.lr is not None and t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
+    _require(len(t.betas) == 2, "train.betas", f"must be two numbers, got {t.betas}")
+    for key in ("momentum_start", "momentum_end"):
+        value = getattr(t, key)
+        _require(0 <= value < 1, f"train.{key}", f"must be in [0, 1), got {value}")
+    _check_choice("train.ema_every", t.ema_every, ("step", "epoch"))
+    _require(
+        t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps"),
+        "train.device",
+        f"must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}",
+    )
+    _require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
+    _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    _check_choice("probe.pool", p.pool, ("token", "avg"))
+    _require(p.epochs >= 1, "probe.epochs", f"must be >= 1, got {p.epochs}")
+    _require(p.batch_size >= 1, "probe.batch_size", f"must be >= 1, got {p.batch_size}")

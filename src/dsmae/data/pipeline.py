@@ -1,0 +1,93 @@
+"""From a data source to normalised training batches.
+
+Small data sets are decoded once into one uint8 tensor (:class:`ImageTensors`); each
+step gathers a batch of it, moves it to the training device and augments it there
+(:mod:`dsmae.data.augment`), so no worker processes re-read files every epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from dsmae.config import DataConfig, ModelConfig
+from dsmae.data.augment import normalize, random_resized_crop_flip, resize, to_unit_float
+from dsmae.data.sources import ImageTensors, load_images
+
+log = logging.getLogger(__name__)
+
+
+def load_split(data: DataConfig, model: ModelConfig, split: str) -> ImageTensors:
+    """The images of ``split`` ("pretrain", "train" or "test") at most ``img_size`` wide.
+
+    Larger images are resized once (antialiased) to ``img_size`` so that every later
+    random crop only ever up-samples.
+    """
+    tensors = load_images(
+        data.source,
+        split,
+        root=data.root,
+        download=data.download,
+        channels=model.in_chans,
+        size=model.img_size,
+    )
+    if split == "pretrain" and data.subset is not None:
+        tensors = ImageTensors(
+            tensors.images[: data.subset], tensors.labels[: data.subset], tensors.classes
+        )
+    if tensors.images.shape[-1] > model.img_size or tensors.images.shape[-2] > model.img_size:
+        small = resize(to_unit_float(tensors.images), model.img_size)
+        images = small.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+        tensors = ImageTensors(images, tensors.labels, tensors.classes)
+    log.info("%s split of %s: %d images of %s", split, data.source, len(tensors),
+             tuple(tensors.images.shape[1:]))
+    return tensors
+
+
+def channel_stats(
+    images: torch.Tensor, max_images: int = 10_000
+) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation in [0, 1] units.
+
+    Args:
+        images: (N, C, H, W) uint8; the first ``max_images`` are measured.
+
+    Returns:
+        mean and std, each a list of C floats.
+    """
+    x = to_unit_float(images[:max_images]).transpose(0, 1).reshape(images.shape[1], -1)
+    return x.mean(dim=1).tolist(), x.std(dim=1).clamp(min=1e-3).tolist()
+
+
+def epoch_batches(
+    num_items: int, batch_size: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Indices of the full batches of one epoch, in a random order (the last partial batch
+    is dropped, as MAE does). Yields (batch_size,) int64 tensors."""
+    order = torch.randperm(num_items, generator=generator)
+    for start in range(0, num_items - batch_size + 1, batch_size):
+        yield order[start : start + batch_size]
+
+
+def augmented_batch(
+    images: torch.Tensor,
+    size: int,
+    data: DataConfig,
+    mean: Sequence[float],
+    std: Sequence[float],
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """uint8 (B, C, H, W) on the training device -> augmented, normalised (B, C, size, size)."""
+    x = random_resized_crop_flip(
+        to_unit_float(images), size, data.crop_scale, data.hflip, generator=generator
+    )
+    return normalize(x, mean, std)
+
+
+def eval_batch(
+    images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> resized to ``size`` and normalised, no augmentation."""
+    return normalize(resize(to_unit_float(images), size), mean, std)

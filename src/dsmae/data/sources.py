@@ -1,0 +1,444 @@
+"""Load a whole image data set into memory as one ``uint8`` tensor.
+
+:func:`load_images` is the single entry point. ``source`` is one of :data:`DATASETS` or the
+path of a folder of images; ``split`` is ``"pretrain"``, ``"train"`` or ``"test"``. The result
+is an :class:`ImageTensors`: images ``(N, C, H, W)`` ``uint8`` (contiguous), labels ``(N,)``
+``int64`` with ``-1`` for unlabelled images, and the class names.
+
+Named data sets
+    ``digits``
+        scikit-learn's ``load_digits()``: 1,797 real 8x8 grey images (values 0..16, stored
+        as ``round(v * 255 / 16)``). A fixed permutation (``numpy.random.default_rng(0)``)
+        puts 75 % (1,348 images) in ``train`` and 25 % (449) in ``test``; ``pretrain`` is the
+        train split, so the test images are never seen in pre-training. Nothing is downloaded.
+    ``cifar10`` / ``cifar100``
+        torchvision's ``CIFAR10`` / ``CIFAR100`` under ``root``; ``pretrain`` is the train
+        split. The arrays are taken as they are (no per-image PIL decoding).
+    ``stl10``
+        torchvision's ``STL10`` under ``root``: ``pretrain`` is ``train+unlabeled`` (the
+        100,000 unlabelled images have label -1), ``train`` and ``test`` are the labelled splits.
+
+    torchvision only downloads when ``download=True``. A missing data set, a failed download or
+    a corrupted archive raises :class:`DataError` whose message says what to do (``--download``,
+    ``--data-root``, or ``--data`` with a folder of images). ``size`` is ignored for these.
+
+Folders
+    Images are found recursively (``.jpg .jpeg .png .bmp .gif .tif .tiff .webp``, any case;
+    hidden files and folders, whose names start with ``.``, are skipped) and sorted by path.
+
+    * If the folder has a ``train/`` sub-folder, ``train`` and ``pretrain`` read ``train/`` and
+      ``test`` reads ``test/`` (or ``val/`` when there is no ``test/``); without either, asking
+      for ``test`` raises :class:`DataError`.
+    * Otherwise the whole folder is the ``pretrain``/``train`` split and ``test`` raises
+      :class:`DataError` explaining the layout.
+    * Within a split folder, if every image sits inside a first-level sub-folder, those
+      sub-folders are classes: label = index in the sorted class names. The class names are
+      the union over ``train/`` and ``test/`` (``val/``) so both splits share one numbering.
+      Otherwise all labels are -1 and ``classes`` is ``()``.
+
+    Images are decoded with PIL (``convert("RGB")`` or ``convert("L")``) in a thread pool with
+    a tqdm progress bar. With ``size``, the shorter side is resized to ``size`` (bilinear,
+    antialiased, as torchvision's ``Resize(size)`` on PIL images) and the centre
+    ``size x size`` is cropped (as ``CenterCrop(size)``). With ``size=None`` every image must
+    have the same size, else :class:`DataError`. An unreadable file raises :class:`DataError`
+    naming it; a folder without images raises :class:`DataError` naming the folder.
+
+Channels
+    ``channels`` is 1 or 3 (anything else: ``ValueError``). For tensors from torchvision and
+    digits, 3 -> 1 uses the ITU-R 601-2 luma weights (0.299, 0.587, 0.114) with the same
+    rounding as PIL's ``convert("L")`` (so a folder and a named data set give identical grey
+    pixels), and 1 -> 3 repeats the channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+__all__ = ["DATASETS", "SPLITS", "DataError", "ImageTensors", "load_images"]
+
+logger = logging.getLogger(__name__)
+
+DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "stl10")
+"""Names accepted as ``source`` besides a folder path."""
+
+SPLITS: tuple[str, ...] = ("pretrain", "train", "test")
+"""Values accepted as ``split``."""
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+)
+"""File suffixes (lower case) read from folders."""
+
+_DIGITS_TRAIN_FRACTION = 0.75
+_DIGITS_SEED = 0
+
+_TORCHVISION_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10"}
+
+# PIL's fixed-point ITU-R 601-2 luma weights (sum 65536): L = (R*299 + G*587 + B*114) / 1000.
+_LUMA_FIXED = (19595, 38470, 7471)
+_LUMA_CHUNK = 4096  # images per chunk when converting to grey (bounds temporary memory)
+_DECODE_CHUNK = 32  # files per thread-pool task
+
+
+class DataError(Exception):
+    """A data set cannot be loaded; the message says what to do (no traceback shown to users)."""
+
+
+@dataclass(frozen=True)
+class ImageTensors:
+    """A whole split in memory.
+
+    Attributes:
+        images: (N, C, H, W) ``uint8``, contiguous.
+        labels: (N,) ``int64``; -1 where an image has no label.
+        classes: class names, index = label; ``()`` when unlabelled.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(
+                f"images must be (N, C, H, W) uint8, got {tuple(self.images.shape)} "
+                f"{self.images.dtype}"
+            )
+        if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
+            raise ValueError(
+                f"labels must be ({self.images.shape[0]},) int64, got "
+                f"{tuple(self.labels.shape)} {self.labels.dtype}"
+            )
+
+    def __len__(self) -> int:
+        """Number of images N."""
+        return int(self.images.shape[0])
+
+
+def load_images(
+    source: str,
+    split: str,
+    *,
+    root: str | Path,
+    download: bool = False,
+    channels: int = 3,
+    size: int | None = None,
+) -> ImageTensors:
+    """Load one split of a data set into memory.
+
+    Args:
+        source: one of :data:`DATASETS`, or a path to a folder of images.
+        split: ``"pretrain"``, ``"train"`` or ``"test"``.
+        root: where torchvision data sets live / are downloaded to (unused for digits/folders).
+        download: let torchvision download a missing data set (needs internet).
+        channels: 1 or 3; images are converted to this many channels.
+        size: folders only: resize the shorter side to ``size`` (bilinear, antialiased) and
+            centre-crop ``size x size``. ``None`` keeps the native size, which must then be
+            the same for all images of the folder. Ignored for named data sets.
+
+    Returns:
+        :class:`ImageTensors` with images (N, channels, H, W) ``uint8`` and labels (N,)
+        ``int64``.
+
+    Raises:
+        DataError: the data set cannot be loaded (message says what to do).
+        ValueError: bad ``split``, ``channels`` or ``size``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3; got {channels!r}")
+    if size is not None and size < 1:
+        raise ValueError(f"size must be a positive int or None; got {size!r}")
+
+    if source == "digits":
+        data = _load_digits(split)
+    elif source in _TORCHVISION_NAMES:
+        data = _load_torchvision(source, split, Path(root).expanduser(), download)
+    else:
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise DataError(
+                f"Unknown data set {source!r}: it is neither one of "
+                f"{', '.join(DATASETS)} nor an existing folder. Pass one of these names or "
+                "the path to a folder of images."
+            )
+        return _load_folder(folder, split, channels, size)
+    return ImageTensors(_convert_channels(data.images, channels), data.labels, data.classes)
+
+
+# --------------------------------------------------------------------------------------------
+# channel conversion
+
+
+def _convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """(N, C, H, W) uint8 with C in {1, 3} -> (N, channels, H, W) uint8, contiguous."""
+    c = images.shape[1]
+    if c == channels:
+        return images.contiguous()
+    if c == 1 and channels == 3:
+        return images.repeat(1, 3, 1, 1)
+    if c == 3 and channels == 1:
+        return _to_grey(images)
+    raise ValueError(f"cannot convert {c} channels to {channels}")
+
+
+def _to_grey(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) uint8 RGB -> (N, 1, H, W) uint8 luma, rounded exactly as PIL's ``"L"``."""
+    n, _, h, w = images.shape
+    out = torch.empty((n, 1, h, w), dtype=torch.uint8)
+    wr, wg, wb = _LUMA_FIXED
+    for start in range(0, n, _LUMA_CHUNK):
+        x = images[start : start + _LUMA_CHUNK].to(torch.int32)
+        y = (x[:, 0:1] * wr + x[:, 1:2] * wg + x[:, 2:3] * wb + (1 << 15)) >> 16
+        out[start : start + _LUMA_CHUNK] = y.to(torch.uint8)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# digits
+
+
+def _load_digits(split: str) -> ImageTensors:
+    """scikit-learn digits: images (N, 1, 8, 8) uint8, N = 1348 (train/pretrain) or 449 (test)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    raw = np.asarray(bunch.images, dtype=np.float64)  # (1797, 8, 8), values 0..16
+    pixels = np.rint(raw * 255.0 / 16.0).astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
+    targets = np.asarray(bunch.target, dtype=np.int64)
+
+    n = pixels.shape[0]
+    perm = np.random.default_rng(_DIGITS_SEED).permutation(n)
+    n_train = round(n * _DIGITS_TRAIN_FRACTION)
+    chosen = perm[n_train:] if split == "test" else perm[:n_train]
+    idx = np.sort(chosen)
+    return ImageTensors(
+        images=torch.from_numpy(np.ascontiguousarray(pixels[idx])),
+        labels=torch.from_numpy(targets[idx]),
+        classes=tuple(str(c) for c in bunch.target_names),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision data sets
+
+
+def _alternatives(root: Path) -> str:
+    return (
+        f"Add --download to fetch it with torchvision (needs internet), set --data-root to "
+        f"where it is (now {root}), or point --data at a folder of images."
+    )
+
+
+def _load_torchvision(name: str, split: str, root: Path, download: bool) -> ImageTensors:
+    """CIFAR-10/100: (N, 3, 32, 32); STL-10: (N, 3, 96, 96); uint8, labels int64."""
+    import torchvision.datasets as tvd
+
+    pretty = _TORCHVISION_NAMES[name]
+    try:
+        if name == "stl10":
+            stl_split = {"pretrain": "train+unlabeled", "train": "train", "test": "test"}[split]
+            ds = tvd.STL10(str(root), split=stl_split, download=download)
+            images = torch.from_numpy(np.ascontiguousarray(ds.data))  # (N, 3, 96, 96)
+            labels = torch.from_numpy(np.asarray(ds.labels).astype(np.int64))
+            classes = getattr(ds, "classes", None)
+            if classes is None:  # class_names.txt missing: fall back to numbers
+                classes = [str(i) for i in range(int(labels.max().item()) + 1)]
+        else:
+            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            ds = cls(str(root), train=split != "test", download=download)
+            # .data is (N, 32, 32, 3), a transposed view of the (N, 3, 32, 32) file layout
+            images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+            labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+            classes = ds.classes
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted", bad checksum
+        if download:
+            raise DataError(
+                f"{pretty} could not be downloaded intact to {root} ({err}). Delete the "
+                f"partial files there and retry, set --data-root to where {pretty} already "
+                "is, or point --data at a folder of images."
+            ) from err
+        raise DataError(f"{pretty} was not found under {root}. {_alternatives(root)}") from err
+    except OSError as err:  # urllib.error.URLError is an OSError
+        if download:
+            raise DataError(
+                f"Downloading {pretty} to {root} failed ({err}). Check the internet "
+                f"connection, set --data-root to where {pretty} already is, or point --data "
+                "at a folder of images."
+            ) from err
+        raise DataError(
+            f"{pretty} could not be read from {root} ({err}). {_alternatives(root)}"
+        ) from err
+    return ImageTensors(images, labels, tuple(str(c) for c in classes))
+
+
+# --------------------------------------------------------------------------------------------
+# folders
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _find_images(folder: Path) -> list[Path]:
+    """All image files under ``folder`` (recursive, following links once), sorted."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # symlink loop
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath, f) for f in filenames if _is_image(f))
+    return sorted(found)
+
+
+def _class_of(path: Path, folder: Path) -> str | None:
+    """Name of the first-level sub-folder of ``folder`` holding ``path``; None if at top."""
+    parts = path.relative_to(folder).parts
+    return parts[0] if len(parts) > 1 else None
+
+
+def _split_folders(folder: Path, split: str) -> tuple[Path, list[Path]]:
+    """The folder to read for ``split`` and the folders of all splits (for class names)."""
+    train = folder / "train"
+    held_out = next((folder / n for n in ("test", "val") if (folder / n).is_dir()), None)
+    if train.is_dir():
+        all_splits = [train] if held_out is None else [train, held_out]
+        if split != "test":
+            return train, all_splits
+        if held_out is None:
+            raise DataError(
+                f"{folder} has a train/ folder but no test/ or val/ folder, so it has no test "
+                "split. Add a test/ (or val/) folder next to train/."
+            )
+        return held_out, all_splits
+    if split == "test":
+        raise DataError(
+            f"{folder} has no test split. A folder with a test split must contain train/ and "
+            "test/ (or val/) sub-folders, each holding images (optionally in one sub-folder "
+            "per class); a folder without them is used whole for pre-training and training."
+        )
+    return folder, [folder]
+
+
+def _class_names(split_dirs: Sequence[Path]) -> tuple[str, ...]:
+    """Sorted union of class folder names over the class-structured split folders."""
+    names: set[str] = set()
+    for d in split_dirs:
+        classes = [_class_of(p, d) for p in _find_images(d)]
+        if classes and None not in classes:
+            names.update(c for c in classes if c is not None)
+    return tuple(sorted(names))
+
+
+def _resize_centre_crop(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side -> ``size`` (bilinear, antialiased), then the centre ``size x size``.
+
+    Same arithmetic as torchvision's ``Resize(size)`` + ``CenterCrop(size)`` on PIL images.
+    """
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    top = round((new_h - size) / 2.0)
+    left = round((new_w - size) / 2.0)
+    return img.crop((left, top, left + size, top + size))
+
+
+def _decode(path: Path, mode: str, size: int | None) -> np.ndarray:
+    """One file -> (C, H, W) uint8 array."""
+    try:
+        with Image.open(path) as raw:
+            img = raw.convert(mode)
+    except Exception as err:  # PIL raises many types for bad files
+        raise DataError(f"Cannot read image {path}: {err}. Remove or replace this file.") from err
+    if size is not None:
+        img = _resize_centre_crop(img, size)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _decode_chunk(paths: Sequence[Path], mode: str, size: int | None) -> list[np.ndarray]:
+    return [_decode(p, mode, size) for p in paths]
+
+
+def _decode_all(
+    paths: Sequence[Path], mode: str, size: int | None, desc: str
+) -> Generator[np.ndarray, None, None]:
+    """Decode ``paths`` in a thread pool, yielding (C, H, W) arrays in order.
+
+    Files go to the threads in chunks, which keeps the per-file overhead low for tiny images;
+    PIL releases the GIL while decoding, which makes the threads pay off for larger ones.
+    """
+    chunks = [paths[i : i + _DECODE_CHUNK] for i in range(0, len(paths), _DECODE_CHUNK)]
+    workers = min(16, (os.cpu_count() or 1) + 2, len(chunks))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dsmae-decode")
+    try:
+        results = pool.map(_decode_chunk, chunks, [mode] * len(chunks), [size] * len(chunks))
+        with tqdm(total=len(paths), unit="img", desc=desc, disable=None) as bar:
+            for arrays in results:
+                yield from arrays
+                bar.update(len(arrays))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _load_folder(folder: Path, split: str, channels: int, size: int | None) -> ImageTensors:
+    """Decode one split of a folder: images (N, channels, H, W) uint8, labels (N,) int64."""
+    split_dir, all_splits = _split_folders(folder, split)
+    paths = _find_images(split_dir)
+    if not paths:
+        raise DataError(
+            f"No images found in {split_dir} (looked recursively for "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))} files)."
+        )
+
+    class_of = [_class_of(p, split_dir) for p in paths]
+    if None in class_of:
+        classes: tuple[str, ...] = ()
+        labels = torch.full((len(paths),), -1, dtype=torch.int64)
+    else:
+        classes = _class_names(all_splits)
+        index = {c: i for i, c in enumerate(classes)}
+        labels = torch.tensor([index[c] for c in class_of if c is not None], dtype=torch.int64)
+    logger.info(
+        "%s (%s split): %d images, %s",
+        split_dir,
+        split,
+        len(paths),
+        f"{len(classes)} classes" if classes else "unlabelled",
+    )
+
+    mode = "L" if channels == 1 else "RGB"
+    out: np.ndarray | None = None
+    with closing(_decode_all(paths, mode, size, f"decoding {split_dir}")) as decoded:
+        for i, arr in enumerate(decoded):
+            if out is None:
+                out = np.empty((len(paths), *arr.shape), dtype=np.uint8)
+            elif arr.shape != out.shape[1:]:
+                raise DataError(
+                    f"Images in {split_dir} have different sizes: {paths[0]} is "
+                    f"{out.shape[3]}x{out.shape[2]} but {paths[i]} is "
+                    f"{arr.shape[2]}x{arr.shape[1]} (width x height). Pass a size to resize "
+                    "and centre-crop them all to one size."
+                )
+            out[i] = arr
+    assert out is not None
+    return ImageTensors(torch.from_numpy(out), labels, classes)

@@ -1,0 +1,199 @@
+"""Linear probing (MAE protocol, SPEC section 6).
+
+The encoder is frozen and run once over the train and test splits (no augmentation);
+on those cached features a ``BatchNorm1d(affine=False)`` + ``Linear`` classifier is
+trained with SGD (momentum 0.9, ``lr = base_lr * batch / 256``, warm-up then cosine,
+MAE's head initialisation), and the top-1 of the LAST epoch on the test split is the
+result. The best epoch's top-1 is recorded beside it, labelled as such.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from dsmae.checkpoint import load_checkpoint
+from dsmae.config import Config, ProbeConfig, config_from_dict
+from dsmae.data.pipeline import eval_batch, load_split
+from dsmae.data.sources import DataError
+from dsmae.models.vit import create_encoder
+from dsmae.runtime import generator, progress, resolve_device
+from dsmae.schedules import lr_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProbeResult:
+    """Outcome of one linear probe; ``top1`` is the last epoch's test accuracy in %."""
+
+    top1: float
+    best_top1: float
+    best_epoch: int
+    epochs: int
+    pool: str
+    num_train: int
+    num_test: int
+    num_classes: int
+    data: str
+    random_init: bool
+    checkpoint: str
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: VisionTransformer,
+    images: torch.Tensor,
+    *,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    pool: str = "token",
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Frozen-encoder features of every image.
+
+    Args:
+        images: (N, C, H, W) uint8.
+        pool: "token" ([CLS] after the final norm) or "avg" (mean of the patch tokens).
+
+    Returns:
+        (N, D) float32 on the CPU.
+    """
+    encoder.eval().to(device)
+    feats = []
+    with progress(len(images), "features") as bar:
+        for start in range(0, len(images), batch_size):
+            x = eval_batch(images[start : start + batch_size].to(device), size, mean, std)
+            tokens = encoder.forward_features(x)
+            prefix = encoder.num_prefix_tokens
+            feats.append(tokens[:, 0] if pool == "token" else tokens[:, prefix:].mean(dim=1))
+            bar.update(len(x))
+    return torch.cat(feats).float().cpu()
+
+
+def train_linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    probe: ProbeConfig,
+    seed: int = 0,
+) -> tuple[float, list[float]]:
+    """Train BatchNorm (no affine) + linear on fixed features; evaluate after every epoch.
+
+    Args:
+        train_x: (N, D) features; train_y: (N,) int64 labels in [0, num_classes).
+        test_x: (M, D); test_y: (M,).
+
+    Returns:
+        the last epoch's test top-1 (%) and the per-epoch test top-1 history.
+    """
+    torch.manual_seed(seed)
+    head = nn.Sequential(nn.BatchNorm1d(train_x.shape[1], affine=False, eps=1e-6),
+                         nn.Linear(train_x.shape[1], num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    batch = min(probe.batch_size, len(train_x))
+    peak_lr = probe.base_lr * batch / 256
+    optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=0.9,
+                                weight_decay=probe.weight_decay)
+    steps_per_epoch = max(len(train_x) // batch, 1)
+    total, warmup = probe.epochs * steps_per_epoch, probe.warmup_epochs * steps_per_epoch
+    order_rng = generator(seed)
+    history, step = [], 0
+    for _ in range(probe.epochs):
+        head.train()
+        order = torch.randperm(len(train_x), generator=order_rng)
+        for start in range(0, steps_per_epoch * batch, batch):
+            idx = order[start : start + batch]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, warmup, peak_lr)
+            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        head.eval()
+        with torch.no_grad():
+            correct = (head(test_x).argmax(dim=1) == test_y).sum().item()
+        history.append(100.0 * correct / len(test_y))
+    return history[-1], history
+
+
+def load_encoder(
+    checkpoint: str | Path, random_init: bool = False, seed: int = 0
+) -> tuple[VisionTransformer, Config]:
+    """The student encoder of a checkpoint (or, with ``random_init``, the same architecture
+    freshly initialised from ``seed``) and the checkpoint's config."""
+    state = load_checkpoint(checkpoint)
+    cfg = config_from_dict(state["config"])
+    torch.manual_seed(seed)
+    encoder = create_encoder(cfg.model)
+    if not random_init:
+        prefix = "encoder."
+        weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+        encoder.load_state_dict(weights)
+    return encoder, cfg
+
+
+def linprobe(
+    checkpoint: str | Path,
+    *,
+    data: str | None = None,
+    data_root: str | None = None,
+    download: bool | None = None,
+    random_init: bool = False,
+    probe: ProbeConfig | None = None,
+    device: str = "auto",
+    seed: int = 0,
+) -> ProbeResult:
+    """Linear-probe the encoder of ``checkpoint`` on ``data`` (default: the data set it was
+    pre-trained on) and write ``<checkpoint stem>.linprobe[-random-init].json`` beside it."""
+    encoder, cfg = load_encoder(checkpoint, random_init=random_init, seed=seed)
+    probe = probe or cfg.probe
+    data_cfg = cfg.data
+    overrides = {"source": data, "root": data_root, "download": download}
+    data_cfg = type(data_cfg)(**{**asdict(data_cfg),
+                                 **{k: v for k, v in overrides.items() if v is not None}})
+    dev = resolve_device(device)
+    train, test = (load_split(data_cfg, cfg.model, split) for split in ("train", "test"))
+    for split, tensors in (("train", train), ("test", test)):
+        if not tensors.classes or bool((tensors.labels < 0).any()):
+            raise DataError(
+                f"the {split} split of {data_cfg.source} has unlabelled images; a linear probe "
+                "needs class labels (for a folder: one sub-folder per class)"
+            )
+    features = {
+        name: extract_features(encoder, tensors.images, size=cfg.model.img_size,
+                               mean=cfg.data.mean, std=cfg.data.std, pool=probe.pool, device=dev)
+        for name, tensors in (("train", train), ("test", test))
+    }
+    top1, history = train_linear_probe(
+        features["train"], train.labels, features["test"], test.labels,
+        len(train.classes), probe, seed=seed,
+    )
+    best = max(range(len(history)), key=history.__getitem__)
+    result = ProbeResult(
+        top1=top1, best_top1=history[best], best_epoch=best + 1, epochs=probe.epochs,
+        pool=probe.pool, num_train=len(train), num_test=len(test),
+        num_classes=len(train.classes), data=data_cfg.source, random_init=random_init,
+        checkpoint=str(checkpoint),
+    )
+    path = Path(checkpoint)
+    suffix = ".linprobe-random-init.json" if random_init else ".linprobe.json"
+    out = path.with_name(path.stem + suffix)
+    out.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    log.info("linear probe top-1 %.2f%% (last epoch; best %.2f%% at epoch %d) -> %s",
+             top1, history[best], best + 1, out)
+    return result

@@ -1,0 +1,102 @@
+"""The encoder: a timm ``VisionTransformer`` with MAE's fixed 2-D sin-cos position embedding.
+
+The student encoder of every method IS a timm ``VisionTransformer`` (no classifier:
+``num_classes=0``), so it can be taken out and used wherever timm models are used.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import build_sincos2d_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from dsmae.config import ModelConfig
+from dsmae.patches import gather_tokens
+
+
+def sincos_pos_embed(grid: int, dim: int, cls_token: bool) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding of a ``grid x grid`` patch grid (MAE's).
+
+    Args:
+        grid: patches per side.
+        dim: embedding width, a multiple of 4.
+        cls_token: prepend a zero row for the [CLS] token.
+
+    Returns:
+        (1, [1 +] grid*grid, dim), rows in patch order (row-major).
+    """
+    emb = build_sincos2d_pos_embed([grid, grid], dim=dim)
+    if cls_token:
+        emb = torch.cat([emb.new_zeros(1, dim), emb], dim=0)
+    return emb.unsqueeze(0)
+
+
+def init_mae_weights(module: nn.Module) -> None:
+    """MAE's initialisation: xavier-uniform linear layers (the patch projection as one
+    too), zero biases, unit LayerNorms. Apply with ``model.apply``."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):  # the patch embedding
+        nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def create_encoder(cfg: ModelConfig) -> VisionTransformer:
+    """A timm ViT for ``cfg`` (resolved): [CLS] token, fixed sin-cos positions, final LayerNorm.
+
+    The position embedding is a frozen parameter (``requires_grad=False``), so that the
+    model's state dict is the one timm expects.
+    """
+    encoder = VisionTransformer(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        num_classes=0,
+        global_pool="token",
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=True,
+        weight_init="skip",
+    )
+    grid = cfg.img_size // cfg.patch_size
+    with torch.no_grad():
+        encoder.pos_embed.copy_(sincos_pos_embed(grid, cfg.embed_dim, cls_token=True))
+        nn.init.normal_(encoder.cls_token, std=0.02)
+    encoder.pos_embed.requires_grad_(False)
+    encoder.blocks.apply(init_mae_weights)
+    encoder.patch_embed.apply(init_mae_weights)
+    encoder.norm.apply(init_mae_weights)
+    return encoder
+
+
+def encode_visible(encoder: VisionTransformer, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Encode only some patches of each image (MAE's encoder): the others are dropped.
+
+    Args:
+        encoder: a timm ViT with a [CLS] token.
+        images: (B, C, H, W).
+        keep: (B, V) indices of the patches to keep.
+
+    Returns:
+        (B, 1 + V, D): [CLS] then the kept patch tokens, after the final norm.
+    """
+    x = encoder._pos_embed(encoder.patch_embed(images))  # (B, 1 + N, D), positions added
+    prefix = encoder.num_prefix_tokens
+    x = torch.cat([x[:, :prefix], gather_tokens(x[:, prefix:], keep)], dim=1)
+    x = encoder.norm_pre(x)
+    x = encoder.blocks(x)
+    return encoder.norm(x)
+
+
+def patch_tokens(encoder: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """All patch tokens of ``images`` after the final norm: (B, C, H, W) -> (B, N, D)."""
+    return encoder.forward_features(images)[:, encoder.num_prefix_tokens :]

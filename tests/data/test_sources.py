@@ -1,0 +1,481 @@
+"""Tests of dsmae.data.sources: digits, folders of images, and torchvision data sets.
+
+The torchvision tests run without internet: they write tiny CIFAR-10 / STL-10 archives in
+torchvision's own file formats, serve them from a local HTTP server on 127.0.0.1 and point the
+data set classes at them, so torchvision's real download, checksum, extraction and parsing code
+runs. (``file://`` URLs cannot be used: torchvision's downloader reads ``response.length``,
+which urllib's file responses lack.)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import pickle
+import socket
+import tarfile
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets as tvd
+import torchvision.transforms as T
+from PIL import Image
+
+from dsmae.data.sources import DATASETS, DataError, ImageTensors, load_images
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _save_image(path: Path, width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Write a random RGB image (format from the suffix); return its (H, W, 3) pixels."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def _chw(pixels: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) -> (3, H, W) tensor."""
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def _pil_grey(hwc: np.ndarray) -> np.ndarray:
+    """(..., H, W, 3) uint8 -> (..., H, W) via PIL's convert("L") for reference."""
+    flat = hwc.reshape(-1, *hwc.shape[-3:])
+    grey = [np.asarray(Image.fromarray(x).convert("L")) for x in flat]
+    return np.stack(grey).reshape(hwc.shape[:-1])
+
+
+def _tar_gz(folder: Path, archive: Path) -> Path:
+    """Pack ``folder`` into ``archive`` with the folder name at the top."""
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    return archive
+
+
+def _write_fake_cifar10(src: Path, seed: int = 0) -> dict[str, object]:
+    """A 5 x 2 train + 3 test CIFAR-10 in torchvision's pickle format, packed as .tar.gz.
+
+    Returns the archive path, md5 of every file, and the raw (N, 3072) rows and labels.
+    """
+    rng = np.random.default_rng(seed)
+    base = src / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    md5s: dict[str, str] = {}
+
+    def dump(name: str, obj: dict[str, object]) -> None:
+        (base / name).write_bytes(pickle.dumps(obj))
+        md5s[name] = _md5(base / name)
+
+    train_rows, train_labels = [], []
+    for i in range(1, 6):
+        rows = rng.integers(0, 256, (2, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, 2).tolist()
+        dump(f"data_batch_{i}", {"data": rows, "labels": labels})
+        train_rows.append(rows)
+        train_labels += labels
+    test_rows = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+    test_labels = rng.integers(0, 10, 3).tolist()
+    dump("test_batch", {"data": test_rows, "labels": test_labels})
+    class_names = [f"class{i}" for i in range(10)]
+    dump("batches.meta", {"label_names": class_names})
+
+    archive = _tar_gz(base, src / "cifar-10-python.tar.gz")
+    return {
+        "archive": archive,
+        "md5s": md5s,
+        "train": (np.concatenate(train_rows), train_labels),
+        "test": (test_rows, test_labels),
+        "classes": class_names,
+    }
+
+
+Serve = Callable[[Path], str]
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def serve(monkeypatch: pytest.MonkeyPatch) -> Iterator[Serve]:
+    """``serve(path)`` -> an http://127.0.0.1 URL of that file, served until the test ends."""
+    monkeypatch.setenv("no_proxy", "*")  # never send the local requests through a proxy
+    monkeypatch.setenv("NO_PROXY", "*")
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def start(path: Path) -> str:
+        handler = functools.partial(_QuietHandler, directory=str(path.parent))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/{path.name}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _patch_cifar10(monkeypatch: pytest.MonkeyPatch, fake: dict[str, object], serve: Serve) -> None:
+    """Point torchvision's CIFAR10 at the served fake archive and its checksums."""
+    md5s = fake["md5s"]
+    archive = fake["archive"]
+    assert isinstance(md5s, dict) and isinstance(archive, Path)
+    cls = tvd.CIFAR10
+    monkeypatch.setattr(cls, "url", serve(archive))
+    monkeypatch.setattr(cls, "tgz_md5", _md5(archive))
+    monkeypatch.setattr(
+        cls, "train_list", [[f"data_batch_{i}", md5s[f"data_batch_{i}"]] for i in range(1, 6)]
+    )
+    monkeypatch.setattr(cls, "test_list", [["test_batch", md5s["test_batch"]]])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5s["batches.meta"]})
+
+
+def _write_fake_stl10(src: Path, seed: int = 0) -> dict[str, object]:
+    """A 4 train + 3 test + 5 unlabelled STL-10 in torchvision's binary format, as .tar.gz.
+
+    Images are generated as (N, 3, 96, 96) = (N, C, row, column) and written column-major
+    per channel, as in the real STL-10 files.
+    """
+    rng = np.random.default_rng(seed)
+    base = src / "stl10_binary"
+    base.mkdir(parents=True)
+
+    def images(n: int) -> np.ndarray:
+        return rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8)
+
+    def write_x(name: str, x: np.ndarray) -> None:
+        (base / name).write_bytes(np.ascontiguousarray(x.transpose(0, 1, 3, 2)).tobytes())
+
+    def write_y(name: str, y: np.ndarray) -> None:
+        (base / name).write_bytes((y + 1).astype(np.uint8).tobytes())  # stored 1-based
+
+    train_x, test_x, unlabeled_x = images(4), images(3), images(5)
+    train_y, test_y = rng.integers(0, 10, 4), rng.integers(0, 10, 3)
+    write_x("train_X.bin", train_x)
+    write_y("train_y.bin", train_y)
+    write_x("test_X.bin", test_x)
+    write_y("test_y.bin", test_y)
+    write_x("unlabeled_X.bin", unlabeled_x)
+    class_names = [f"thing{i}" for i in range(10)]
+    (base / "class_names.txt").write_text("\n".join(class_names) + "\n")
+    (base / "fold_indices.txt").write_text("\n".join("0 1 2" for _ in range(10)) + "\n")
+
+    archive = _tar_gz(base, src / "stl10_binary.tar.gz")
+    names = ["train_X.bin", "train_y.bin", "unlabeled_X.bin", "test_X.bin", "test_y.bin"]
+    return {
+        "archive": archive,
+        "md5s": {n: _md5(base / n) for n in names},
+        "train": (train_x, train_y),
+        "test": (test_x, test_y),
+        "unlabeled": unlabeled_x,
+        "classes": class_names,
+    }
+
+
+def _patch_stl10(monkeypatch: pytest.MonkeyPatch, fake: dict[str, object], serve: Serve) -> None:
+    """Point torchvision's STL10 at the served fake archive and its checksums."""
+    md5s = fake["md5s"]
+    archive = fake["archive"]
+    assert isinstance(md5s, dict) and isinstance(archive, Path)
+    cls = tvd.STL10
+    monkeypatch.setattr(cls, "url", serve(archive))
+    monkeypatch.setattr(cls, "tgz_md5", _md5(archive))
+    monkeypatch.setattr(
+        cls, "train_list", [[n, md5s[n]] for n in ("train_X.bin", "train_y.bin", "unlabeled_X.bin")]
+    )
+    monkeypatch.setattr(cls, "test_list", [[n, md5s[n]] for n in ("test_X.bin", "test_y.bin")])
+
+
+def _check_layout(data: ImageTensors, channels: int) -> None:
+    assert data.images.dtype == torch.uint8
+    assert data.images.is_contiguous()
+    assert data.images.dim() == 4 and data.images.shape[1] == channels
+    assert data.labels.dtype == torch.int64
+    assert data.labels.shape == (len(data),)
+
+
+# --------------------------------------------------------------------------------------------
+# digits
+
+
+def _digits_pairs(data: ImageTensors) -> Counter[tuple[bytes, int]]:
+    return Counter(
+        (img.numpy().tobytes(), int(lab)) for img, lab in zip(data.images, data.labels, strict=True)
+    )
+
+
+def test_digits_splits_partition_the_real_data() -> None:
+    from sklearn.datasets import load_digits
+
+    train = load_images("digits", "train", root="unused", channels=1)
+    test = load_images("digits", "test", root="unused", channels=1)
+    pretrain = load_images("digits", "pretrain", root="unused", channels=1)
+    for part in (train, test, pretrain):
+        _check_layout(part, channels=1)
+        assert part.images.shape[2:] == (8, 8)
+        assert part.classes == tuple(str(d) for d in range(10))
+
+    bunch = load_digits()
+    n = len(bunch.images)
+    assert len(train) + len(test) == n
+    assert len(train) == round(0.75 * n)
+    # Every (image, label) of the original data is in exactly one split: disjoint and complete.
+    expected = np.rint(bunch.images * 255 / 16).astype(np.uint8)[:, None]
+    all_pairs = Counter((x.tobytes(), int(y)) for x, y in zip(expected, bunch.target, strict=True))
+    assert _digits_pairs(train) + _digits_pairs(test) == all_pairs
+    # pretrain is the train split, never the test images
+    assert torch.equal(pretrain.images, train.images)
+    assert torch.equal(pretrain.labels, train.labels)
+
+
+def test_digits_values_and_determinism() -> None:
+    a = load_images("digits", "train", root="unused", channels=1)
+    b = load_images("digits", "train", root="unused", channels=1)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert int(a.images.min()) == 0 and int(a.images.max()) == 255
+    allowed = {round(v * 255 / 16) for v in range(17)}
+    assert set(a.images.unique().tolist()) <= allowed
+    assert set(a.labels.tolist()) == set(range(10))
+
+
+def test_digits_three_channels_repeat_grey() -> None:
+    grey = load_images("digits", "test", root="unused", channels=1)
+    rgb = load_images("digits", "test", root="unused")  # channels=3 is the default
+    _check_layout(rgb, channels=3)
+    assert torch.equal(rgb.images, grey.images.repeat(1, 3, 1, 1))
+    assert torch.equal(rgb.labels, grey.labels)
+
+
+# --------------------------------------------------------------------------------------------
+# folders
+
+
+def test_folder_with_class_subfolders(tmp_path: Path) -> None:
+    root = tmp_path / "pets"
+    cat = _save_image(root / "cat" / "a.png", 12, 10, seed=1)
+    dog_b = _save_image(root / "dog" / "b.png", 12, 10, seed=2)
+    dog_c = _save_image(root / "dog" / "deeper" / "c.PNG", 12, 10, seed=3)  # any case, nested
+    (root / "dog" / "notes.txt").write_text("not an image")
+    (root / "cat" / ".hidden.png").write_bytes(b"hidden files are skipped")
+
+    for split in ("train", "pretrain"):
+        data = load_images(str(root), split, root="unused")
+        _check_layout(data, channels=3)
+        assert data.classes == ("cat", "dog")
+        assert data.labels.tolist() == [0, 1, 1]
+        expected = torch.stack([_chw(cat), _chw(dog_b), _chw(dog_c)])
+        assert torch.equal(data.images, expected)
+
+
+def test_folder_without_class_subfolders_is_unlabelled(tmp_path: Path) -> None:
+    _save_image(tmp_path / "top.jpg", 8, 8, seed=1)
+    _save_image(tmp_path / "sub" / "inner.JPEG", 8, 8, seed=2)
+    _save_image(tmp_path / "x.bmp", 8, 8, seed=3)
+    data = load_images(str(tmp_path), "pretrain", root="unused")
+    _check_layout(data, channels=3)
+    assert len(data) == 3
+    assert data.classes == ()
+    assert data.labels.tolist() == [-1, -1, -1]
+
+
+@pytest.mark.parametrize("held_out", ["test", "val"])
+def test_folder_train_test_layout(tmp_path: Path, held_out: str) -> None:
+    for i, cls in enumerate("abc"):
+        _save_image(tmp_path / "train" / cls / f"{i}.png", 6, 6, seed=i)
+    # the held-out split lacks class "b": labels must still follow the train numbering
+    a = _save_image(tmp_path / held_out / "a" / "x.png", 6, 6, seed=10)
+    c = _save_image(tmp_path / held_out / "c" / "y.png", 6, 6, seed=11)
+
+    train = load_images(str(tmp_path), "train", root="unused")
+    pretrain = load_images(str(tmp_path), "pretrain", root="unused")
+    test = load_images(str(tmp_path), "test", root="unused")
+    assert train.classes == test.classes == ("a", "b", "c")
+    assert train.labels.tolist() == [0, 1, 2]
+    assert torch.equal(pretrain.images, train.images)
+    assert test.labels.tolist() == [0, 2]
+    assert torch.equal(test.images, torch.stack([_chw(a), _chw(c)]))
+
+
+def test_folder_test_split_missing(tmp_path: Path) -> None:
+    flat = tmp_path / "flat"
+    _save_image(flat / "a.png", 4, 4)
+    with pytest.raises(DataError, match=r"train/.*test/"):
+        load_images(str(flat), "test", root="unused")
+
+    only_train = tmp_path / "only_train"
+    _save_image(only_train / "train" / "a.png", 4, 4)
+    assert len(load_images(str(only_train), "train", root="unused")) == 1
+    with pytest.raises(DataError, match="test/"):
+        load_images(str(only_train), "test", root="unused")
+
+
+def test_folder_resize_and_centre_crop_match_torchvision(tmp_path: Path) -> None:
+    wide = _save_image(tmp_path / "wide.png", 40, 18, seed=1)
+    tall = _save_image(tmp_path / "tall.png", 15, 33, seed=2)
+    small = _save_image(tmp_path / "small.png", 5, 7, seed=3)  # upsampled
+    data = load_images(str(tmp_path), "train", root="unused", size=12)
+    _check_layout(data, channels=3)
+    assert data.images.shape == (3, 3, 12, 12)
+
+    reference = T.Compose([T.Resize(12), T.CenterCrop(12), T.PILToTensor()])
+    for got, pixels in zip(data.images, [small, tall, wide], strict=True):  # sorted by name
+        assert torch.equal(got, reference(Image.fromarray(pixels)))
+
+
+def test_folder_grey(tmp_path: Path) -> None:
+    pixels = _save_image(tmp_path / "a.png", 9, 7)
+    data = load_images(str(tmp_path), "train", root="unused", channels=1)
+    _check_layout(data, channels=1)
+    assert torch.equal(data.images[0, 0], torch.from_numpy(_pil_grey(pixels)))
+
+
+def test_folder_native_size_mismatch(tmp_path: Path) -> None:
+    _save_image(tmp_path / "a.png", 8, 8)
+    _save_image(tmp_path / "b.png", 9, 8)
+    with pytest.raises(DataError, match=r"different sizes.*b\.png.*size"):
+        load_images(str(tmp_path), "train", root="unused")
+    assert load_images(str(tmp_path), "train", root="unused", size=8).images.shape == (2, 3, 8, 8)
+
+
+def test_folder_without_images(tmp_path: Path) -> None:
+    empty = tmp_path / "nothing_here"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "readme.txt").write_text("no images")
+    with pytest.raises(DataError, match="nothing_here"):
+        load_images(str(empty), "train", root="unused")
+
+
+def test_folder_corrupt_file(tmp_path: Path) -> None:
+    _save_image(tmp_path / "good.png", 4, 4)
+    (tmp_path / "broken.jpg").write_bytes(b"this is not a jpeg")
+    with pytest.raises(DataError, match=r"broken\.jpg"):
+        load_images(str(tmp_path), "train", root="unused")
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks
+
+
+def test_unknown_source(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as info:
+        load_images(str(tmp_path / "no_such_thing"), "train", root=tmp_path)
+    message = str(info.value)
+    assert all(name in message for name in DATASETS)
+    assert "folder" in message
+
+
+@pytest.mark.parametrize("channels", [0, 2, 4])
+def test_bad_channels(channels: int) -> None:
+    with pytest.raises(ValueError, match="channels"):
+        load_images("digits", "train", root="unused", channels=channels)
+
+
+def test_bad_split() -> None:
+    with pytest.raises(ValueError, match="split"):
+        load_images("digits", "validation", root="unused")
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision data sets (no internet: file:// archives in torchvision's formats)
+
+
+def test_cifar10_download_and_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Serve
+) -> None:
+    fake = _write_fake_cifar10(tmp_path / "server")
+    _patch_cifar10(monkeypatch, fake, serve)
+    root = tmp_path / "data"
+
+    train = load_images("cifar10", "train", root=root, download=True)
+    assert (root / "cifar-10-batches-py" / "data_batch_5").is_file()  # downloaded, extracted
+    rows, labels = fake["train"]
+    _check_layout(train, channels=3)
+    assert torch.equal(train.images, torch.from_numpy(rows.reshape(-1, 3, 32, 32)))
+    assert train.labels.tolist() == labels
+    assert train.classes == tuple(fake["classes"])
+
+    # already there: no download needed
+    pretrain = load_images("cifar10", "pretrain", root=root)
+    assert torch.equal(pretrain.images, train.images)
+    test = load_images("cifar10", "test", root=root)
+    test_rows, test_labels = fake["test"]
+    assert torch.equal(test.images, torch.from_numpy(test_rows.reshape(-1, 3, 32, 32)))
+    assert test.labels.tolist() == test_labels
+
+    grey = load_images("cifar10", "test", root=root, channels=1)
+    _check_layout(grey, channels=1)
+    hwc = test_rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    assert torch.equal(grey.images[:, 0], torch.from_numpy(_pil_grey(hwc)))
+
+
+def test_stl10_download_and_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Serve
+) -> None:
+    fake = _write_fake_stl10(tmp_path / "server")
+    _patch_stl10(monkeypatch, fake, serve)
+    root = tmp_path / "data"
+
+    train = load_images("stl10", "train", root=root, download=True)
+    assert (root / "stl10_binary" / "unlabeled_X.bin").is_file()
+    train_x, train_y = fake["train"]
+    _check_layout(train, channels=3)
+    assert torch.equal(train.images, torch.from_numpy(train_x))  # column-major undone
+    assert train.labels.tolist() == train_y.tolist()
+    assert train.classes == tuple(fake["classes"])
+
+    pretrain = load_images("stl10", "pretrain", root=root)
+    unlabeled = fake["unlabeled"]
+    assert torch.equal(pretrain.images, torch.from_numpy(np.concatenate([train_x, unlabeled])))
+    assert pretrain.labels.tolist() == train_y.tolist() + [-1] * len(unlabeled)
+
+    test = load_images("stl10", "test", root=root, channels=1)
+    test_x, test_y = fake["test"]
+    _check_layout(test, channels=1)
+    assert torch.equal(test.images[:, 0], torch.from_numpy(_pil_grey(test_x.transpose(0, 2, 3, 1))))
+    assert test.labels.tolist() == test_y.tolist()
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "stl10"])
+def test_missing_without_download(tmp_path: Path, name: str) -> None:
+    with pytest.raises(DataError, match="not found") as info:
+        load_images(name, "train", root=tmp_path)
+    message = str(info.value)
+    assert "--download" in message and str(tmp_path) in message
+
+
+def _closed_port() -> int:
+    """A local port with nothing listening on it (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_download_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setenv("NO_PROXY", "*")
+    url = f"http://127.0.0.1:{_closed_port()}/cifar-10-python.tar.gz"
+    monkeypatch.setattr(tvd.CIFAR10, "url", url)
+    with pytest.raises(DataError, match=r"Downloading CIFAR-10 .* failed"):
+        load_images("cifar10", "train", root=tmp_path / "data", download=True)
+
+
+def test_download_corrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Serve) -> None:
+    fake = _write_fake_cifar10(tmp_path / "server")
+    _patch_cifar10(monkeypatch, fake, serve)
+    monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", "0" * 32)
+    with pytest.raises(DataError, match="could not be downloaded intact"):
+        load_images("cifar10", "train", root=tmp_path / "data", download=True)
