@@ -44,16 +44,30 @@ def _dest(flag: str) -> str:
 
 def _add_pretrain(sub: Any) -> None:
     p = sub.add_parser("pretrain", help="pre-train an encoder (DSMAE, its ablations or MAE)")
-    p.add_argument("--preset", help=f"start from a shipped preset: {', '.join(available_presets())}")
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help="YAML file of config values, applied after the preset (repeatable)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="assign",
-                   help="any config value, e.g. train.warmup_epochs=5 (repeatable)")
+    p.add_argument(
+        "--preset", help=f"start from a shipped preset: {', '.join(available_presets())}"
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="YAML file of config values, applied after the preset (repeatable)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="assign",
+        help="any config value, e.g. train.warmup_epochs=5 (repeatable)",
+    )
     for flag, (key, kind) in COMMON_FLAGS.items():
         p.add_argument(flag, type=kind, dest=_dest(flag), help=f"sets {key}")
     p.add_argument("--download", action="store_true", help="download a torchvision data set")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config as YAML and exit")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
     p.set_defaults(run=_run_pretrain)
 
 
@@ -63,8 +77,11 @@ def _add_linprobe(sub: Any) -> None:
     p.add_argument("--data", help="data set or image folder (default: the pre-training data)")
     p.add_argument("--data-root", help="where torchvision data sets live")
     p.add_argument("--download", action="store_true", help="download a torchvision data set")
-    p.add_argument("--random-init", action="store_true",
-                   help="probe the same architecture at random initialisation (baseline)")
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="probe the same architecture at random initialisation (baseline)",
+    )
     p.add_argument("--pool", choices=("token", "avg"), help="[CLS] token or mean of patch tokens")
     p.add_argument("--epochs", type=int, help="probe epochs")
     p.add_argument("--batch-size", type=int, help="probe batch size")
@@ -103,22 +120,28 @@ def _run_pretrain(args: argparse.Namespace) -> None:
         trained = linprobe(result.checkpoint, device=device, seed=cfg.train.seed)
         print(f"linear probe top-1, pre-trained encoder: {trained.top1:.2f}%")
         if cfg.probe.random_baseline:
-            baseline = linprobe(result.checkpoint, random_init=True, device=device,
-                                seed=cfg.train.seed)
+            baseline = linprobe(
+                result.checkpoint, random_init=True, device=device, seed=cfg.train.seed
+            )
             print(f"linear probe top-1, same encoder at random init: {baseline.top1:.2f}%")
     print(f"pre-training took {result.seconds:.0f} s")
 
 
 def _run_linprobe(args: argparse.Namespace) -> None:
-    from dsmae.evaluation.linprobe import load_encoder, linprobe
+    from dsmae.evaluation.linprobe import linprobe, load_encoder
 
     _, cfg = load_encoder(args.checkpoint)
     changes = {"pool": args.pool, "epochs": args.epochs, "batch_size": args.batch_size}
     probe = dataclasses.replace(cfg.probe, **{k: v for k, v in changes.items() if v is not None})
     result = linprobe(
-        args.checkpoint, data=args.data, data_root=args.data_root,
-        download=args.download or None, random_init=args.random_init, probe=probe,
-        device=args.device, seed=args.seed,
+        args.checkpoint,
+        data=args.data,
+        data_root=args.data_root,
+        download=args.download or None,
+        random_init=args.random_init,
+        probe=probe,
+        device=args.device,
+        seed=args.seed,
     )
     label = "random-init encoder" if args.random_init else "pre-trained encoder"
     print(f"linear probe top-1 ({label}, last epoch of {result.epochs}): {result.top1:.2f}%")

@@ -368,7 +368,7 @@ def validate(cfg: Config) -> None:
     """Refuse impossible settings anywhere in a resolved Config."""
     validate_model(cfg.model)
     d, t, p = cfg.data, cfg.train, cfg.probe
-    lo, hi = (d.crop_scale + [None, None])[:2]
+    lo, hi = ([*d.crop_scale, None, None])[:2]
     _require(
         len(d.crop_scale) == 2 and 0 < lo <= hi <= 1,
         "data.crop_scale",

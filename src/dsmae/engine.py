@@ -138,9 +138,13 @@ def pretrain(cfg: Config) -> PretrainResult:
     warmup_steps = steps_per_epoch * t.warmup_epochs
     log.info(
         "pre-training %s (%s, %.1fM parameters in the encoder) on %d images, %s, %d steps of %d",
-        cfg.model.method, cfg.model.arch,
+        cfg.model.method,
+        cfg.model.arch,
         sum(p.numel() for p in model.encoder.parameters()) / 1e6,
-        len(images), device, total_steps, t.batch_size,
+        len(images),
+        device,
+        total_steps,
+        t.batch_size,
     )
     step = 0
     last: dict[str, Any] = {}
@@ -153,7 +157,11 @@ def pretrain(cfg: Config) -> PretrainResult:
                     group["lr"] = lr
                 batch = augmented_batch(
                     images[idx].to(device, non_blocking=True),
-                    cfg.model.img_size, cfg.data, cfg.data.mean, cfg.data.std, rng,
+                    cfg.model.img_size,
+                    cfg.data,
+                    cfg.data.mean,
+                    cfg.data.std,
+                    rng,
                 )
                 losses = train_step(
                     model, optimizer, batch, accum_steps=t.accum_steps, generator=rng, amp=amp
@@ -175,14 +183,23 @@ def pretrain(cfg: Config) -> PretrainResult:
                     log.debug("%s", last)
             if t.ema_every == "epoch":
                 model.update_teacher(momentum_at(epoch, t.epochs, t.momentum_start, t.momentum_end))
-            if t.checkpoint_every and (epoch + 1) % t.checkpoint_every == 0 and epoch + 1 < t.epochs:
-                _save(out / f"checkpoint-epoch{epoch + 1:04d}.pt", model, optimizer, cfg, step, epoch)
+            if (
+                t.checkpoint_every
+                and (epoch + 1) % t.checkpoint_every == 0
+                and epoch + 1 < t.epochs
+            ):
+                _save(
+                    out / f"checkpoint-epoch{epoch + 1:04d}.pt", model, optimizer, cfg, step, epoch
+                )
         checkpoint = _save(out / "last.pt", model, optimizer, cfg, step, t.epochs - 1)
     shown = eval_batch(images[:8].to(device), cfg.model.img_size, cfg.data.mean, cfg.data.std)
-    save_denoise_figure(model, shown, out / "denoise.png", cfg.data.mean, cfg.data.std,
-                        generator(t.seed, device))
+    save_denoise_figure(
+        model, shown, out / "denoise.png", cfg.data.mean, cfg.data.std, generator(t.seed, device)
+    )
     seconds = time.perf_counter() - started
-    log.info("pre-training done in %.0f s; last loss %.4f; %s", seconds, last.get("loss", 0), checkpoint)
+    log.info(
+        "pre-training done in %.0f s; last loss %.4f; %s", seconds, last.get("loss", 0), checkpoint
+    )
     return PretrainResult(out, checkpoint, cfg, last, seconds)
 
 

@@ -1,4 +1,4 @@
-"""How chosen patches are corrupted: Gaussian noise for DSMAE (SPEC step 3), zeros for MAE's display."""
+"""How chosen patches are corrupted: Gaussian noise (SPEC step 3), or zeros for MAE's display."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def pixel_mask(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
         (B, 1, H, W) bool with H = W = sqrt(N) * p.
     """
     b, n = mask.shape
-    g = int(round(n**0.5))
+    g = round(n**0.5)
     m = mask.reshape(b, 1, g, 1, g, 1).expand(b, 1, g, patch_size, g, patch_size)
     return m.reshape(b, 1, g * patch_size, g * patch_size)
 

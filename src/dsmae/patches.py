@@ -47,7 +47,7 @@ def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.T
         (B, C, H, W) with H = W = sqrt(N) * p.
     """
     b, n, _ = patches.shape
-    g = int(round(n**0.5))
+    g = round(n**0.5)
     if g * g != n:
         raise ValueError(f"{n} patches do not form a square grid")
     x = patches.reshape(b, g, g, patch_size, patch_size, channels)
@@ -69,7 +69,7 @@ def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def scatter_tokens(tokens: torch.Tensor, indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Inverse of :func:`gather_tokens`: place (B, K, D) tokens at ``indices`` in a zero (B, N, D)."""
+    """Inverse of :func:`gather_tokens`: (B, K, D) tokens put at ``indices`` of zeros (B, N, D)."""
     b, _, d = tokens.shape
     out = tokens.new_zeros(b, num_tokens, d)
     return out.scatter(1, indices.unsqueeze(-1).expand(-1, -1, d), tokens)

@@ -12,7 +12,7 @@ def _half_cosine(progress: float) -> float:
 
 
 def momentum_at(step: int, total_steps: int, start: float = 0.96, end: float = 0.99) -> float:
-    """Teacher EMA momentum: ``start`` at step 0 rising along a half-cosine to ``end`` at ``total_steps``.
+    """Teacher EMA momentum: ``start`` at step 0, rising on a half-cosine to ``end`` at the last.
 
     ``m(s) = end - (end - start) * (1 + cos(pi * s / S)) / 2``, as BYOL/DINO/SdAE.
     """

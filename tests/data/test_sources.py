@@ -9,15 +9,8 @@ which urllib's file responses lack.)
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import http.server
-import pickle
 import socket
-import tarfile
-import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +19,18 @@ import torch
 import torchvision.datasets as tvd
 import torchvision.transforms as T
 from PIL import Image
+from torchvision_fakes import (
+    Serve,
+    patch_cifar10,
+    patch_stl10,
+    write_fake_cifar10,
+    write_fake_stl10,
+)
 
 from dsmae.data.sources import DATASETS, DataError, ImageTensors, load_images
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 def _save_image(path: Path, width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -55,149 +51,6 @@ def _pil_grey(hwc: np.ndarray) -> np.ndarray:
     flat = hwc.reshape(-1, *hwc.shape[-3:])
     grey = [np.asarray(Image.fromarray(x).convert("L")) for x in flat]
     return np.stack(grey).reshape(hwc.shape[:-1])
-
-
-def _tar_gz(folder: Path, archive: Path) -> Path:
-    """Pack ``folder`` into ``archive`` with the folder name at the top."""
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(folder, arcname=folder.name)
-    return archive
-
-
-def _write_fake_cifar10(src: Path, seed: int = 0) -> dict[str, object]:
-    """A 5 x 2 train + 3 test CIFAR-10 in torchvision's pickle format, packed as .tar.gz.
-
-    Returns the archive path, md5 of every file, and the raw (N, 3072) rows and labels.
-    """
-    rng = np.random.default_rng(seed)
-    base = src / "cifar-10-batches-py"
-    base.mkdir(parents=True)
-    md5s: dict[str, str] = {}
-
-    def dump(name: str, obj: dict[str, object]) -> None:
-        (base / name).write_bytes(pickle.dumps(obj))
-        md5s[name] = _md5(base / name)
-
-    train_rows, train_labels = [], []
-    for i in range(1, 6):
-        rows = rng.integers(0, 256, (2, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, 2).tolist()
-        dump(f"data_batch_{i}", {"data": rows, "labels": labels})
-        train_rows.append(rows)
-        train_labels += labels
-    test_rows = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
-    test_labels = rng.integers(0, 10, 3).tolist()
-    dump("test_batch", {"data": test_rows, "labels": test_labels})
-    class_names = [f"class{i}" for i in range(10)]
-    dump("batches.meta", {"label_names": class_names})
-
-    archive = _tar_gz(base, src / "cifar-10-python.tar.gz")
-    return {
-        "archive": archive,
-        "md5s": md5s,
-        "train": (np.concatenate(train_rows), train_labels),
-        "test": (test_rows, test_labels),
-        "classes": class_names,
-    }
-
-
-Serve = Callable[[Path], str]
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def serve(monkeypatch: pytest.MonkeyPatch) -> Iterator[Serve]:
-    """``serve(path)`` -> an http://127.0.0.1 URL of that file, served until the test ends."""
-    monkeypatch.setenv("no_proxy", "*")  # never send the local requests through a proxy
-    monkeypatch.setenv("NO_PROXY", "*")
-    servers: list[http.server.ThreadingHTTPServer] = []
-
-    def start(path: Path) -> str:
-        handler = functools.partial(_QuietHandler, directory=str(path.parent))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/{path.name}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
-def _patch_cifar10(monkeypatch: pytest.MonkeyPatch, fake: dict[str, object], serve: Serve) -> None:
-    """Point torchvision's CIFAR10 at the served fake archive and its checksums."""
-    md5s = fake["md5s"]
-    archive = fake["archive"]
-    assert isinstance(md5s, dict) and isinstance(archive, Path)
-    cls = tvd.CIFAR10
-    monkeypatch.setattr(cls, "url", serve(archive))
-    monkeypatch.setattr(cls, "tgz_md5", _md5(archive))
-    monkeypatch.setattr(
-        cls, "train_list", [[f"data_batch_{i}", md5s[f"data_batch_{i}"]] for i in range(1, 6)]
-    )
-    monkeypatch.setattr(cls, "test_list", [["test_batch", md5s["test_batch"]]])
-    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5s["batches.meta"]})
-
-
-def _write_fake_stl10(src: Path, seed: int = 0) -> dict[str, object]:
-    """A 4 train + 3 test + 5 unlabelled STL-10 in torchvision's binary format, as .tar.gz.
-
-    Images are generated as (N, 3, 96, 96) = (N, C, row, column) and written column-major
-    per channel, as in the real STL-10 files.
-    """
-    rng = np.random.default_rng(seed)
-    base = src / "stl10_binary"
-    base.mkdir(parents=True)
-
-    def images(n: int) -> np.ndarray:
-        return rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8)
-
-    def write_x(name: str, x: np.ndarray) -> None:
-        (base / name).write_bytes(np.ascontiguousarray(x.transpose(0, 1, 3, 2)).tobytes())
-
-    def write_y(name: str, y: np.ndarray) -> None:
-        (base / name).write_bytes((y + 1).astype(np.uint8).tobytes())  # stored 1-based
-
-    train_x, test_x, unlabeled_x = images(4), images(3), images(5)
-    train_y, test_y = rng.integers(0, 10, 4), rng.integers(0, 10, 3)
-    write_x("train_X.bin", train_x)
-    write_y("train_y.bin", train_y)
-    write_x("test_X.bin", test_x)
-    write_y("test_y.bin", test_y)
-    write_x("unlabeled_X.bin", unlabeled_x)
-    class_names = [f"thing{i}" for i in range(10)]
-    (base / "class_names.txt").write_text("\n".join(class_names) + "\n")
-    (base / "fold_indices.txt").write_text("\n".join("0 1 2" for _ in range(10)) + "\n")
-
-    archive = _tar_gz(base, src / "stl10_binary.tar.gz")
-    names = ["train_X.bin", "train_y.bin", "unlabeled_X.bin", "test_X.bin", "test_y.bin"]
-    return {
-        "archive": archive,
-        "md5s": {n: _md5(base / n) for n in names},
-        "train": (train_x, train_y),
-        "test": (test_x, test_y),
-        "unlabeled": unlabeled_x,
-        "classes": class_names,
-    }
-
-
-def _patch_stl10(monkeypatch: pytest.MonkeyPatch, fake: dict[str, object], serve: Serve) -> None:
-    """Point torchvision's STL10 at the served fake archive and its checksums."""
-    md5s = fake["md5s"]
-    archive = fake["archive"]
-    assert isinstance(md5s, dict) and isinstance(archive, Path)
-    cls = tvd.STL10
-    monkeypatch.setattr(cls, "url", serve(archive))
-    monkeypatch.setattr(cls, "tgz_md5", _md5(archive))
-    monkeypatch.setattr(
-        cls, "train_list", [[n, md5s[n]] for n in ("train_X.bin", "train_y.bin", "unlabeled_X.bin")]
-    )
-    monkeypatch.setattr(cls, "test_list", [[n, md5s[n]] for n in ("test_X.bin", "test_y.bin")])
 
 
 def _check_layout(data: ImageTensors, channels: int) -> None:
@@ -396,8 +249,8 @@ def test_bad_split() -> None:
 def test_cifar10_download_and_load(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Serve
 ) -> None:
-    fake = _write_fake_cifar10(tmp_path / "server")
-    _patch_cifar10(monkeypatch, fake, serve)
+    fake = write_fake_cifar10(tmp_path / "server")
+    patch_cifar10(monkeypatch, fake, serve)
     root = tmp_path / "data"
 
     train = load_images("cifar10", "train", root=root, download=True)
@@ -425,8 +278,8 @@ def test_cifar10_download_and_load(
 def test_stl10_download_and_load(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Serve
 ) -> None:
-    fake = _write_fake_stl10(tmp_path / "server")
-    _patch_stl10(monkeypatch, fake, serve)
+    fake = write_fake_stl10(tmp_path / "server")
+    patch_stl10(monkeypatch, fake, serve)
     root = tmp_path / "data"
 
     train = load_images("stl10", "train", root=root, download=True)
@@ -474,8 +327,8 @@ def test_download_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_download_corrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Serve) -> None:
-    fake = _write_fake_cifar10(tmp_path / "server")
-    _patch_cifar10(monkeypatch, fake, serve)
+    fake = write_fake_cifar10(tmp_path / "server")
+    patch_cifar10(monkeypatch, fake, serve)
     monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", "0" * 32)
     with pytest.raises(DataError, match="could not be downloaded intact"):
         load_images("cifar10", "train", root=tmp_path / "data", download=True)

@@ -35,10 +35,12 @@ def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize float (B, C, H, W) to (B, C, size, size), bilinear with antialiasing; a no-op at size."""
+    """Float (B, C, H, W) -> (B, C, size, size), bilinear, antialiased; no-op at that size."""
     if images.shape[-2:] == (size, size):
         return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(
+        images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
 
 
 def crop_boxes(

@@ -41,8 +41,13 @@ def load_split(data: DataConfig, model: ModelConfig, split: str) -> ImageTensors
         small = resize(to_unit_float(tensors.images), model.img_size)
         images = small.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
         tensors = ImageTensors(images, tensors.labels, tensors.classes)
-    log.info("%s split of %s: %d images of %s", split, data.source, len(tensors),
-             tuple(tensors.images.shape[1:]))
+    log.info(
+        "%s split of %s: %d images of %s",
+        split,
+        data.source,
+        len(tensors),
+        tuple(tensors.images.shape[1:]),
+    )
     return tensors
 
 

@@ -100,14 +100,17 @@ def train_linear_probe(
         the last epoch's test top-1 (%) and the per-epoch test top-1 history.
     """
     torch.manual_seed(seed)
-    head = nn.Sequential(nn.BatchNorm1d(train_x.shape[1], affine=False, eps=1e-6),
-                         nn.Linear(train_x.shape[1], num_classes))
+    head = nn.Sequential(
+        nn.BatchNorm1d(train_x.shape[1], affine=False, eps=1e-6),
+        nn.Linear(train_x.shape[1], num_classes),
+    )
     nn.init.trunc_normal_(head[1].weight, std=0.01)
     nn.init.zeros_(head[1].bias)
     batch = min(probe.batch_size, len(train_x))
     peak_lr = probe.base_lr * batch / 256
-    optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=0.9,
-                                weight_decay=probe.weight_decay)
+    optimizer = torch.optim.SGD(
+        head.parameters(), lr=peak_lr, momentum=0.9, weight_decay=probe.weight_decay
+    )
     steps_per_epoch = max(len(train_x) // batch, 1)
     total, warmup = probe.epochs * steps_per_epoch, probe.warmup_epochs * steps_per_epoch
     order_rng = generator(seed)
@@ -142,7 +145,7 @@ def load_encoder(
     encoder = create_encoder(cfg.model)
     if not random_init:
         prefix = "encoder."
-        weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+        weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
         encoder.load_state_dict(weights)
     return encoder, cfg
 
@@ -164,8 +167,9 @@ def linprobe(
     probe = probe or cfg.probe
     data_cfg = cfg.data
     overrides = {"source": data, "root": data_root, "download": download}
-    data_cfg = type(data_cfg)(**{**asdict(data_cfg),
-                                 **{k: v for k, v in overrides.items() if v is not None}})
+    data_cfg = type(data_cfg)(
+        **{**asdict(data_cfg), **{k: v for k, v in overrides.items() if v is not None}}
+    )
     dev = resolve_device(device)
     train, test = (load_split(data_cfg, cfg.model, split) for split in ("train", "test"))
     for split, tensors in (("train", train), ("test", test)):
@@ -175,25 +179,49 @@ def linprobe(
                 "needs class labels (for a folder: one sub-folder per class)"
             )
     features = {
-        name: extract_features(encoder, tensors.images, size=cfg.model.img_size,
-                               mean=cfg.data.mean, std=cfg.data.std, pool=probe.pool, device=dev)
+        name: extract_features(
+            encoder,
+            tensors.images,
+            size=cfg.model.img_size,
+            mean=cfg.data.mean,
+            std=cfg.data.std,
+            pool=probe.pool,
+            device=dev,
+        )
         for name, tensors in (("train", train), ("test", test))
     }
     top1, history = train_linear_probe(
-        features["train"], train.labels, features["test"], test.labels,
-        len(train.classes), probe, seed=seed,
+        features["train"],
+        train.labels,
+        features["test"],
+        test.labels,
+        len(train.classes),
+        probe,
+        seed=seed,
     )
     best = max(range(len(history)), key=history.__getitem__)
     result = ProbeResult(
-        top1=top1, best_top1=history[best], best_epoch=best + 1, epochs=probe.epochs,
-        pool=probe.pool, num_train=len(train), num_test=len(test),
-        num_classes=len(train.classes), data=data_cfg.source, random_init=random_init,
+        top1=top1,
+        best_top1=history[best],
+        best_epoch=best + 1,
+        epochs=probe.epochs,
+        pool=probe.pool,
+        num_train=len(train),
+        num_test=len(test),
+        num_classes=len(train.classes),
+        data=data_cfg.source,
+        random_init=random_init,
         checkpoint=str(checkpoint),
     )
     path = Path(checkpoint)
     suffix = ".linprobe-random-init.json" if random_init else ".linprobe.json"
     out = path.with_name(path.stem + suffix)
     out.write_text(json.dumps(asdict(result), indent=2) + "\n")
-    log.info("linear probe top-1 %.2f%% (last epoch; best %.2f%% at epoch %d) -> %s",
-             top1, history[best], best + 1, out)
+    log.info(
+        "linear probe top-1 %.2f%% (last epoch; best %.2f%% at epoch %d) -> %s",
+        top1,
+        history[best],
+        best + 1,
+        out,
+    )
     return result

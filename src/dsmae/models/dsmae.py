@@ -96,7 +96,9 @@ class DSMAE(nn.Module):
             self.teacher.eval()
         return self
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> PretrainOutput:
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> PretrainOutput:
         """One pre-training forward pass: corrupt, encode, decode and compare.
 
         Args:
@@ -154,7 +156,9 @@ class DSMAE(nn.Module):
         if self.teacher is not None and self.regressor is not None:
             with torch.no_grad():
                 target = gather_tokens(patch_tokens(self.teacher, images), corrupted)  # Z_o'
-            loss_z = feature_loss(self.regressor(tokens), target, target_norm=self.config.target_norm)
+            loss_z = feature_loss(
+                self.regressor(tokens), target, target_norm=self.config.target_norm
+            )
         return pred, loss_z
 
     def _forward_mae(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

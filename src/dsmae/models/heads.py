@@ -99,4 +99,3 @@ class FeatureRegressor(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.norm(self.blocks(tokens))
-

@@ -78,7 +78,9 @@ def create_encoder(cfg: ModelConfig) -> VisionTransformer:
     return encoder
 
 
-def encode_visible(encoder: VisionTransformer, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def encode_visible(
+    encoder: VisionTransformer, images: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
     """Encode only some patches of each image (MAE's encoder): the others are dropped.
 
     Args:

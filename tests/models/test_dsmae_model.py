@@ -1,0 +1,210 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY
+from timm.models.vision_transformer import VisionTransformer
+
+import dsmae
+from dsmae.models.vit import patch_tokens
+from dsmae.patches import patchify
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _selected(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) rows where mask is True -> (B, K, D), in patch order."""
+    return x[mask].reshape(x.shape[0], -1, x.shape[-1])
+
+
+@pytest.mark.parametrize(
+    "arch,img,p,chans", [("vit_tiny", 32, 2, 3), ("vit_small", 96, 6, 3), ("vit_tiny", 32, 2, 1)]
+)
+def test_paper_shapes(arch, img, p, chans):
+    model = dsmae.build("dsmae", arch=arch, img_size=img, patch_size=p, in_chans=chans)
+    assert model.num_patches == 256 and model.num_corrupted == 230
+    images = torch.randn(2, chans, img, img)
+    with torch.no_grad():
+        out = model(images, generator=_gen())
+    assert out.loss.shape == () and out.loss_y.shape == () and out.loss_z.shape == ()
+    assert out.mask.shape == (2, 256) and out.mask.sum(1).tolist() == [230, 230]
+    assert out.noisy.shape == images.shape
+    assert out.pred.shape == (2, 256, p * p * chans)
+
+
+def test_encoders_are_timm_vision_transformers():
+    model = dsmae.build("dsmae", **TINY)
+    assert isinstance(model.encoder, VisionTransformer)
+    assert isinstance(model.teacher, VisionTransformer)
+    assert model.encoder.num_classes == 0
+    # the teacher starts as an exact copy of the student
+    for t, s in zip(model.teacher.state_dict().values(), model.encoder.state_dict().values()):
+        assert torch.equal(t, s)
+    feats = model.encoder(torch.randn(2, 3, 16, 16))  # plain timm use: pooled [CLS] features
+    assert feats.shape == (2, 32)
+
+
+def test_teacher_gets_no_gradient_and_stays_in_eval():
+    model = dsmae.build("dsmae", **TINY).train()
+    assert not model.teacher.training
+    out = model(torch.randn(2, 3, 16, 16), generator=_gen())
+    out.loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+    assert model.encoder.blocks[0].attn.qkv.weight.grad is not None
+    assert model.regressor.blocks[0].mlp.fc1.weight.grad is not None
+    assert model.decoder.head.weight.grad is not None
+
+
+def test_ema_update_is_exact():
+    model = dsmae.build("dsmae", **TINY)
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in model.teacher.parameters()]
+    model.update_teacher(0.9)
+    for t, t0, s in zip(model.teacher.parameters(), before, model.encoder.parameters()):
+        expected = 0.9 * t0.double() + 0.1 * s.double()
+        assert torch.allclose(t.double(), expected, rtol=0, atol=1e-6)
+    snapshot = [p.clone() for p in model.teacher.parameters()]
+    model.update_teacher(1.0)  # m = 1: unchanged, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(model.teacher.parameters(), snapshot))
+    model.update_teacher(0.0)  # m = 0: a copy of the student, bit for bit
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.teacher.parameters(), model.encoder.parameters())
+    )
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_pixel_loss_uses_only_the_noisy_patches(norm_pix):
+    model = dsmae.build("dsmae-ly", norm_pix_loss=norm_pix, **TINY)
+    images = torch.randn(3, 3, 16, 16)
+    out = model(images, generator=_gen())
+    pred, target = _selected(out.pred, out.mask), _selected(patchify(images, 4), out.mask)
+    if norm_pix:
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, unbiased=False, keepdim=True)
+        target = (target - mean) / torch.sqrt(var + 1e-6)
+    assert torch.allclose(out.loss_y, ((pred - target) ** 2).mean(), rtol=1e-5)
+
+
+def test_feature_loss_is_cosine_on_noisy_tokens_against_the_clean_teacher():
+    model = dsmae.build("dsmae", target_norm="none", **TINY)
+    with torch.no_grad():  # make teacher and student differ
+        for p in model.encoder.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    images = torch.randn(2, 3, 16, 16)
+    out = model(images, generator=_gen(3))
+    student = _selected(patch_tokens(model.encoder, out.noisy), out.mask)
+    teacher = _selected(patch_tokens(model.teacher, images), out.mask)
+    expected = (1 - F.cosine_similarity(model.regressor(student), teacher, dim=-1)).mean()
+    assert torch.allclose(out.loss_z, expected, rtol=1e-5)
+    assert torch.allclose(out.loss, 0.6 * out.loss_y + 0.4 * out.loss_z, rtol=1e-6)
+
+
+def test_lambda_weights_the_two_terms():
+    out = dsmae.build("dsmae", lam=0.25, **TINY)(torch.randn(2, 3, 16, 16), generator=_gen())
+    assert torch.allclose(out.loss, 0.25 * out.loss_y + 0.75 * out.loss_z)
+
+
+def test_variants_drop_exactly_their_parts():
+    images = torch.randn(2, 3, 16, 16)
+    ly = dsmae.build("dsmae-ly", **TINY)
+    assert ly.teacher is None and ly.regressor is None and ly.decoder.mask_token is None
+    out = ly(images, generator=_gen())
+    assert out.loss_z is None and torch.equal(out.loss, out.loss_y)
+
+    lz = dsmae.build("dsmae-lz", **TINY)
+    assert lz.decoder is None and lz.teacher is not None and lz.regressor is not None
+    out = lz(images, generator=_gen())
+    assert out.loss_y is None and out.pred is None and torch.equal(out.loss, out.loss_z)
+
+    mae = dsmae.build("mae", **TINY)
+    assert mae.teacher is None and mae.regressor is None and mae.decoder.mask_token is not None
+    assert mae.config.noise_ratio == 0.75
+    out = mae(images, generator=_gen())
+    assert out.loss_z is None and torch.equal(out.loss, out.loss_y)
+    before = [p.clone() for p in mae.parameters()]
+    mae.update_teacher(0.5)  # no teacher: no-op
+    assert all(torch.equal(a, b) for a, b in zip(before, mae.parameters()))
+
+
+def _tokens_seen(model: dsmae.DSMAE, images: torch.Tensor) -> int:
+    seen = []
+    handle = model.encoder.blocks[0].register_forward_pre_hook(
+        lambda _, args: seen.append(args[0].shape[1])
+    )
+    model(images, generator=_gen())
+    handle.remove()
+    return seen[0]
+
+
+def test_mae_encoder_sees_only_the_visible_tokens():
+    images = torch.randn(2, 3, 32, 32)
+    small = dict(depth=1, embed_dim=32, num_heads=2, decoder_depth=1, regressor_depth=1)
+    mae = dsmae.build("mae", img_size=32, patch_size=2, noise_ratio=0.75, **small)
+    assert _tokens_seen(mae, images) == 1 + 64  # 1 + (1 - r) * N
+    ds = dsmae.build("dsmae", img_size=32, patch_size=2, **small)
+    assert _tokens_seen(ds, images) == 1 + 256  # DSMAE's student sees every patch
+
+
+def test_mae_student_input_zeroes_the_masked_patches():
+    images = torch.randn(2, 3, 16, 16) + 5
+    out = dsmae.build("mae", **TINY)(images, generator=_gen())
+    zeroed = _selected(patchify(out.noisy, 4), out.mask)
+    kept = _selected(patchify(out.noisy, 4), ~out.mask)
+    assert zeroed.abs().sum() == 0
+    assert torch.equal(kept, _selected(patchify(images, 4), ~out.mask))
+
+
+def test_dsmae_student_input_is_noisy_only_on_the_mask():
+    images = torch.randn(2, 3, 16, 16)
+    out = dsmae.build("dsmae", **TINY)(images, generator=_gen())
+    noisy, clean = patchify(out.noisy, 4), patchify(images, 4)
+    assert torch.equal(_selected(noisy, ~out.mask), _selected(clean, ~out.mask))
+    assert (_selected(noisy, out.mask) != _selected(clean, out.mask)).all()
+
+
+def test_seeded_forward_is_deterministic():
+    model = dsmae.build("dsmae", **TINY)
+    images = torch.randn(2, 3, 16, 16)
+    a, b = model(images, generator=_gen(7)), model(images, generator=_gen(7))
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.mask, b.mask)
+
+
+def test_custom_sizes_and_bf16_autocast():
+    model = dsmae.build(
+        "dsmae",
+        img_size=24,
+        patch_size=3,
+        in_chans=1,
+        depth=1,
+        embed_dim=48,
+        num_heads=4,
+        decoder_dim=32,
+        decoder_heads=2,
+        decoder_depth=1,
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 1, 24, 24), generator=_gen())
+    assert out.pred.shape == (2, 64, 9) and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize(
+    "options,key",
+    [
+        (dict(img_size=32, patch_size=3), "model.patch_size"),
+        (dict(noise_ratio=0.0), "model.noise_ratio"),
+        (dict(noise_ratio=1.5), "model.noise_ratio"),
+        (dict(lam=1.2), "model.lam"),
+        (dict(arch="vit_huge"), "model.arch"),
+        (dict(colour=True), "model.colour"),
+    ],
+)
+def test_build_refuses_bad_options_naming_the_key(options, key):
+    with pytest.raises(dsmae.ConfigError, match=key.replace(".", r"\.")):
+        dsmae.build("dsmae", **options)
+
+
+def test_mae_refuses_masking_everything():
+    with pytest.raises(dsmae.ConfigError, match="visible"):
+        dsmae.build("mae", img_size=16, patch_size=4, noise_ratio=1.0)

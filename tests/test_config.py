@@ -1,0 +1,98 @@
+import pytest
+import yaml
+
+from dsmae.config import (
+    Config,
+    ConfigError,
+    available_presets,
+    build_config,
+    config_from_dict,
+    parse_assignment,
+)
+
+
+def test_defaults_are_the_papers_cifar_setting():
+    cfg = build_config()
+    m, t = cfg.model, cfg.train
+    assert (m.method, m.arch, m.img_size, m.patch_size) == ("dsmae", "vit_tiny", 32, 2)
+    assert (m.depth, m.embed_dim, m.num_heads, m.mlp_ratio) == (12, 192, 3, 4.0)
+    assert (m.noise_ratio, m.lam, m.decoder_depth, m.regressor_depth) == (0.9, 0.6, 4, 2)
+    assert (m.decoder_dim, m.decoder_heads) == (192, 3)
+    assert (t.batch_size, t.epochs, t.warmup_epochs, t.base_lr) == (2048, 500, 20, 1.5e-4)
+    assert t.lr == pytest.approx(1.5e-4 * 2048 / 256)
+    assert (t.betas, t.weight_decay, t.momentum_start, t.momentum_end) == (
+        [0.9, 0.95],
+        0.05,
+        0.96,
+        0.99,
+    )
+    assert cfg.data.crop_scale == [0.2, 1.0] and cfg.data.hflip
+
+
+def test_mae_defaults_to_masking_three_quarters():
+    assert build_config(overrides={"model.method": "mae"}).model.noise_ratio == 0.75
+
+
+def test_layers_apply_in_order(tmp_path):
+    user = tmp_path / "mine.yaml"
+    user.write_text("train:\n  epochs: 7\n  base_lr: 1e-3\nmodel:\n  lam: 0.3\n")
+    cfg = build_config("quickstart", [user], {"model.lam": 0.5})
+    assert cfg.data.source == "digits"  # from the preset
+    assert cfg.train.epochs == 7 and cfg.train.base_lr == 1e-3  # from the file ("1e-3" is str)
+    assert cfg.model.lam == 0.5  # the override wins
+
+
+def test_resolved_config_round_trips_through_yaml():
+    cfg = build_config("quickstart")
+    again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+
+
+def test_presets_are_listed_and_unknown_ones_refused():
+    assert "quickstart" in available_presets()
+    with pytest.raises(ConfigError, match=r"unknown preset 'nope'.*quickstart"):
+        build_config("nope")
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        ({"train.epoch": 3}, "train.epoch"),
+        ({"trainer.epochs": 3}, "trainer"),
+        ({"model.patch_size": 5}, "model.patch_size"),
+        ({"model.noise_ratio": 0}, "model.noise_ratio"),
+        ({"model.noise_ratio": 1.01}, "model.noise_ratio"),
+        ({"model.lam": -0.1}, "model.lam"),
+        ({"train.momentum_end": 1.0}, "train.momentum_end"),
+        ({"model.method": "simclr"}, "model.method"),
+        ({"model.arch": "vit_giant"}, "model.arch"),
+        ({"model.in_chans": 2}, "model.in_chans"),
+        ({"train.epochs": "many"}, "train.epochs"),
+        ({"train.accum_steps": 3}, "train.accum_steps"),
+        ({"train.ema_every": "hour"}, "train.ema_every"),
+        ({"model.noise_mode": "blur"}, "model.noise_mode"),
+        ({"data.crop_scale": [0.5, 0.2]}, "data.crop_scale"),
+        ({"probe.pool": "max"}, "probe.pool"),
+    ],
+)
+def test_impossible_values_are_refused_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_config(overrides=overrides)
+
+
+def test_unknown_key_in_a_file_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  noise_raito: 0.8\n")
+    with pytest.raises(ConfigError, match=r"model\.noise_raito"):
+        build_config(files=[bad])
+
+
+def test_parse_assignment():
+    assert parse_assignment("train.epochs=100") == ("train.epochs", 100)
+    assert parse_assignment("data.crop_scale=[0.3, 1.0]") == ("data.crop_scale", [0.3, 1.0])
+    with pytest.raises(ConfigError):
+        parse_assignment("train.epochs")
+
+
+def test_config_dataclass_defaults_need_no_resolution_to_serialise():
+    assert "model" in Config().to_dict()

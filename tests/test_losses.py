@@ -1,0 +1,61 @@
+import math
+
+import pytest
+import torch
+
+from dsmae.losses import combine_losses, feature_loss, normalize_patches, pixel_loss
+
+
+def test_normalize_patches_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    # mean 2.5, population variance 1.25
+    expected = (x - 2.5) / math.sqrt(1.25 + 1e-6)
+    assert torch.allclose(normalize_patches(x), expected)
+    out = normalize_patches(torch.randn(5, 7, 12) * 3 + 2)
+    assert torch.allclose(out.mean(-1), torch.zeros(5, 7), atol=1e-5)
+    assert torch.allclose(out.var(-1, unbiased=False), torch.ones(5, 7), atol=1e-4)
+
+
+def test_pixel_loss_by_hand():
+    pred = torch.tensor([[[1.0, 2.0], [0.0, 0.0]]])  # (B=1, K=2, P=2)
+    target = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    # squared errors: [0, 4] and [1, 1] -> mean 1.5
+    assert pixel_loss(pred, target, norm_pix=False).item() == pytest.approx(1.5)
+    # normalised target: patch [1, 0] -> [1, -1]; patch [1, 1] -> [0, 0]
+    # errors: [0, 9] and [0, 0] -> mean 2.25
+    assert pixel_loss(pred, target, norm_pix=True).item() == pytest.approx(2.25, rel=1e-5)
+
+
+def test_feature_loss_is_one_minus_cosine_per_token():
+    pred = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    target = torch.tensor([[[0.0, 2.0], [3.0, 3.0]]])
+    # token 0: cos 0 -> 1; token 1: cos 1 -> 0; mean 0.5
+    assert feature_loss(pred, target).item() == pytest.approx(0.5)
+
+
+def test_feature_loss_stops_the_gradient_to_the_target():
+    pred = torch.randn(2, 3, 8, requires_grad=True)
+    target = torch.randn(2, 3, 8, requires_grad=True)
+    feature_loss(pred, target).backward()
+    assert pred.grad is not None and target.grad is None
+
+
+def test_feature_loss_layernorm_target():
+    pred = torch.randn(2, 3, 8)
+    target = torch.randn(2, 3, 8) * 5 + 3
+    normed = (target - target.mean(-1, keepdim=True)) / torch.sqrt(
+        target.var(-1, unbiased=False, keepdim=True) + 1e-5
+    )
+    expected = (1 - torch.nn.functional.cosine_similarity(pred, normed, dim=-1)).mean()
+    assert feature_loss(pred, target, target_norm="layernorm").item() == pytest.approx(
+        expected.item(), rel=1e-5
+    )
+
+
+def test_combine():
+    ly, lz = torch.tensor(2.0), torch.tensor(1.0)
+    assert combine_losses(ly, lz, 0.6).item() == pytest.approx(0.6 * 2 + 0.4 * 1)
+    assert combine_losses(ly, None, 0.6) is ly
+    assert combine_losses(None, lz, 0.6) is lz
+    with pytest.raises(ValueError):
+        combine_losses(None, None, 0.5)
