@@ -20,6 +20,7 @@ class _Evil:
         return (exec, ("open('PWNED', 'w').write('x')",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_loading_never_runs_code_from_the_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pt"

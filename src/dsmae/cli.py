@@ -7,7 +7,6 @@ section.key=value`` or a YAML file (``--config``), on top of a ``--preset``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -128,18 +127,16 @@ def _run_pretrain(args: argparse.Namespace) -> None:
 
 
 def _run_linprobe(args: argparse.Namespace) -> None:
-    from dsmae.evaluation.linprobe import linprobe, load_encoder
+    from dsmae.evaluation.linprobe import linprobe
 
-    _, cfg = load_encoder(args.checkpoint)
     changes = {"pool": args.pool, "epochs": args.epochs, "batch_size": args.batch_size}
-    probe = dataclasses.replace(cfg.probe, **{k: v for k, v in changes.items() if v is not None})
     result = linprobe(
         args.checkpoint,
         data=args.data,
         data_root=args.data_root,
         download=args.download or None,
         random_init=args.random_init,
-        probe=probe,
+        probe_overrides={k: v for k, v in changes.items() if v is not None},
         device=args.device,
         seed=args.seed,
     )

@@ -106,16 +106,32 @@ def resolve_data_stats(cfg: Config, images: torch.Tensor) -> Config:
     return dataclasses.replace(cfg, data=data)
 
 
-def pretrain(cfg: Config) -> PretrainResult:
-    """Pre-train ``cfg.model`` on ``cfg.data``; writes into ``cfg.out``: ``config.yaml``,
-    ``metrics.jsonl``, ``tensorboard/``, ``checkpoint-epochNNNN.pt`` every
-    ``train.checkpoint_every`` epochs, and ``last.pt`` at the end."""
-    started = time.perf_counter()
-    t = cfg.train
-    out = Path(cfg.out)
-    device = resolve_device(t.device)
-    amp = use_amp(device, t.amp)
+@dataclass
+class _Run:
+    """The state of one pre-training run."""
 
+    cfg: Config
+    out: Path
+    device: torch.device
+    amp: bool
+    images: torch.Tensor  # (N, C, H, W) uint8, the pre-training split
+    model: DSMAE
+    optimizer: torch.optim.Optimizer
+    order_rng: torch.Generator  # data order (CPU)
+    rng: torch.Generator  # augmentation, mask and noise (on the device)
+    steps_per_epoch: int
+    step: int = 0
+    last: dict[str, Any] = dataclasses.field(default_factory=dict)  # last metrics line
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.train.epochs
+
+
+def _setup(cfg: Config) -> _Run:
+    """Load the data, fill in its statistics, save the resolved config, build the model."""
+    t = cfg.train
+    device = resolve_device(t.device)
     images = load_split(cfg.data, cfg.model, "pretrain").images
     steps_per_epoch = len(images) // t.batch_size
     if steps_per_epoch == 0:
@@ -123,96 +139,128 @@ def pretrain(cfg: Config) -> PretrainResult:
             f"train.batch_size={t.batch_size} is larger than the {len(images)} pre-training images"
         )
     cfg = resolve_data_stats(cfg, images)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
 
     torch.manual_seed(t.seed)  # weight initialisation
     model = DSMAE(cfg.model).to(device).train()
-    optimizer = build_optimizer(model, t, device)
-    order_rng = generator(t.seed, "cpu")  # data order
-    rng = generator(t.seed + 1, device)  # augmentation, mask and noise
-    if device.type == "cuda":
-        images = images.pin_memory()
+    return _Run(
+        cfg=cfg,
+        out=out,
+        device=device,
+        amp=use_amp(device, t.amp),
+        images=images.pin_memory() if device.type == "cuda" else images,
+        model=model,
+        optimizer=build_optimizer(model, t, device),
+        order_rng=generator(t.seed, "cpu"),
+        rng=generator(t.seed + 1, device),
+        steps_per_epoch=steps_per_epoch,
+    )
 
-    total_steps = steps_per_epoch * t.epochs
-    warmup_steps = steps_per_epoch * t.warmup_epochs
+
+def _train_epoch(run: _Run, epoch: int, metrics: MetricsLog, bar: Any) -> None:
+    """One pass over the data: schedules, step, teacher update, metrics every log_every steps."""
+    cfg, t = run.cfg, run.cfg.train
+    timer = (time.perf_counter(), run.step)  # (time, step) of the last metrics line
+    warmup_steps = run.steps_per_epoch * t.warmup_epochs
+    for idx in epoch_batches(len(run.images), t.batch_size, run.order_rng):
+        lr = lr_at(run.step, run.total_steps, warmup_steps, t.lr, t.min_lr)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        uint8 = run.images[idx].to(run.device, non_blocking=True)
+        batch = augmented_batch(
+            uint8, cfg.model.img_size, cfg.data, cfg.data.mean, cfg.data.std, run.rng
+        )
+        losses = train_step(
+            run.model,
+            run.optimizer,
+            batch,
+            accum_steps=t.accum_steps,
+            generator=run.rng,
+            amp=run.amp,
+        )
+        momentum = momentum_at(run.step, run.total_steps, t.momentum_start, t.momentum_end)
+        if t.ema_every == "step":
+            run.model.update_teacher(momentum)
+        run.step += 1
+        bar.update(t.batch_size)
+        if run.step % t.log_every == 0 or run.step == run.total_steps:
+            now = time.perf_counter()
+            rate = (run.step - timer[1]) * t.batch_size / (now - timer[0])
+            timer = (now, run.step)
+            run.last = {"step": run.step, "epoch": epoch, "lr": lr, "momentum": momentum}
+            run.last.update({k: v.item() for k, v in losses.items()})  # synchronises
+            run.last["img_per_s"] = rate
+            metrics.write(run.last)
+            bar.set_postfix(epoch=epoch, loss=f"{run.last['loss']:.4f}")
+
+
+def pretrain(cfg: Config) -> PretrainResult:
+    """Pre-train ``cfg.model`` on ``cfg.data``; writes into ``cfg.out``: ``config.yaml``,
+    ``metrics.jsonl``, ``tensorboard/``, ``checkpoint-epochNNNN.pt`` every
+    ``train.checkpoint_every`` epochs, ``last.pt`` and ``denoise.png`` at the end."""
+    started = time.perf_counter()
+    run = _setup(cfg)
+    cfg, t = run.cfg, run.cfg.train
     log.info(
-        "pre-training %s (%s, %.1fM parameters in the encoder) on %d images, %s, %d steps of %d",
+        "pre-training %s (%s, %.1fM encoder parameters) on %d images, %s, %d steps of %d",
         cfg.model.method,
         cfg.model.arch,
-        sum(p.numel() for p in model.encoder.parameters()) / 1e6,
-        len(images),
-        device,
-        total_steps,
+        sum(p.numel() for p in run.model.encoder.parameters()) / 1e6,
+        len(run.images),
+        run.device,
+        run.total_steps,
         t.batch_size,
     )
-    step = 0
-    last: dict[str, Any] = {}
-    timer = (time.perf_counter(), 0)  # (time, step) of the last metrics line
-    with MetricsLog(out) as metrics, progress(total_steps * t.batch_size, "pretrain") as bar:
+    with (
+        MetricsLog(run.out) as metrics,
+        progress(run.total_steps * t.batch_size, "pretrain") as bar,
+    ):
         for epoch in range(t.epochs):
-            for idx in epoch_batches(len(images), t.batch_size, order_rng):
-                lr = lr_at(step, total_steps, warmup_steps, t.lr, t.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                batch = augmented_batch(
-                    images[idx].to(device, non_blocking=True),
-                    cfg.model.img_size,
-                    cfg.data,
-                    cfg.data.mean,
-                    cfg.data.std,
-                    rng,
-                )
-                losses = train_step(
-                    model, optimizer, batch, accum_steps=t.accum_steps, generator=rng, amp=amp
-                )
-                momentum = momentum_at(step, total_steps, t.momentum_start, t.momentum_end)
-                if t.ema_every == "step":
-                    model.update_teacher(momentum)
-                step += 1
-                bar.update(t.batch_size)
-                if step % t.log_every == 0 or step == total_steps:
-                    now = time.perf_counter()
-                    rate = (step - timer[1]) * t.batch_size / (now - timer[0])
-                    timer = (now, step)
-                    last = {"step": step, "epoch": epoch, "lr": lr, "momentum": momentum}
-                    last.update({k: v.item() for k, v in losses.items()})
-                    last["img_per_s"] = rate
-                    metrics.write(last)
-                    bar.set_postfix(epoch=epoch, loss=f"{last['loss']:.4f}")
-                    log.debug("%s", last)
+            _train_epoch(run, epoch, metrics, bar)
             if t.ema_every == "epoch":
-                model.update_teacher(momentum_at(epoch, t.epochs, t.momentum_start, t.momentum_end))
-            if (
-                t.checkpoint_every
-                and (epoch + 1) % t.checkpoint_every == 0
-                and epoch + 1 < t.epochs
-            ):
-                _save(
-                    out / f"checkpoint-epoch{epoch + 1:04d}.pt", model, optimizer, cfg, step, epoch
+                run.model.update_teacher(
+                    momentum_at(epoch, t.epochs, t.momentum_start, t.momentum_end)
                 )
-        checkpoint = _save(out / "last.pt", model, optimizer, cfg, step, t.epochs - 1)
-    shown = eval_batch(images[:8].to(device), cfg.model.img_size, cfg.data.mean, cfg.data.std)
+            done = epoch + 1
+            if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.epochs:
+                _save(run, run.out / f"checkpoint-epoch{done:04d}.pt", epoch)
+            elapsed = time.perf_counter() - started
+            log.info(
+                "epoch %d/%d: loss %.4f, %.0f img/s, %.0f s elapsed, ETA %.0f s",
+                done,
+                t.epochs,
+                run.last.get("loss", float("nan")),
+                run.last.get("img_per_s", 0.0),
+                elapsed,
+                elapsed / done * (t.epochs - done),
+            )
+        checkpoint = _save(run, run.out / "last.pt", t.epochs - 1)
+    shown = eval_batch(
+        run.images[:8].to(run.device), cfg.model.img_size, cfg.data.mean, cfg.data.std
+    )
     save_denoise_figure(
-        model, shown, out / "denoise.png", cfg.data.mean, cfg.data.std, generator(t.seed, device)
+        run.model,
+        shown,
+        run.out / "denoise.png",
+        cfg.data.mean,
+        cfg.data.std,
+        generator(t.seed, run.device),
     )
     seconds = time.perf_counter() - started
-    log.info(
-        "pre-training done in %.0f s; last loss %.4f; %s", seconds, last.get("loss", 0), checkpoint
-    )
-    return PretrainResult(out, checkpoint, cfg, last, seconds)
+    log.info("pre-training done in %.0f s: %s", seconds, checkpoint)
+    return PretrainResult(run.out, checkpoint, cfg, run.last, seconds)
 
 
-def _save(
-    path: Path, model: DSMAE, optimizer: torch.optim.Optimizer, cfg: Config, step: int, epoch: int
-) -> Path:
+def _save(run: _Run, path: Path, epoch: int) -> Path:
     return save_checkpoint(
         path,
         {
-            "config": cfg.to_dict(),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
+            "config": run.cfg.to_dict(),
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "step": run.step,
             "epoch": epoch,
         },
     )

@@ -9,6 +9,8 @@ import sys
 import torch
 from tqdm import tqdm
 
+from dsmae.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -18,7 +20,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available")
+        raise ConfigError(f"train.device={name!r}, but CUDA is not available here")
     return device
 
 

@@ -59,9 +59,10 @@ def tiny_checkpoint(tmp_path_factory):
 def test_features_are_frozen_encoder_outputs(tiny_checkpoint):
     encoder, cfg = load_encoder(tiny_checkpoint)
     images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
-    token = extract_features(encoder, images, size=16, mean=cfg.data.mean, std=cfg.data.std)
+    size = cfg.model.img_size
+    token = extract_features(encoder, images, size=size, mean=cfg.data.mean, std=cfg.data.std)
     avg = extract_features(
-        encoder, images, size=16, mean=cfg.data.mean, std=cfg.data.std, pool="avg", batch_size=2
+        encoder, images, size=size, mean=cfg.data.mean, std=cfg.data.std, pool="avg", batch_size=2
     )
     assert token.shape == avg.shape == (5, 32) and not torch.allclose(token, avg)
 

@@ -9,11 +9,13 @@ result. The best epoch's top-1 is recorded beside it, labelled as such.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -158,18 +160,20 @@ def linprobe(
     download: bool | None = None,
     random_init: bool = False,
     probe: ProbeConfig | None = None,
+    probe_overrides: Mapping[str, Any] | None = None,
     device: str = "auto",
     seed: int = 0,
 ) -> ProbeResult:
     """Linear-probe the encoder of ``checkpoint`` on ``data`` (default: the data set it was
-    pre-trained on) and write ``<checkpoint stem>.linprobe[-random-init].json`` beside it."""
+    pre-trained on) and write ``<checkpoint stem>.linprobe[-random-init].json`` beside it.
+
+    The probe's settings are ``probe`` (default: the checkpoint's ``probe`` section) with
+    ``probe_overrides`` (field name -> value) on top.
+    """
     encoder, cfg = load_encoder(checkpoint, random_init=random_init, seed=seed)
-    probe = probe or cfg.probe
-    data_cfg = cfg.data
-    overrides = {"source": data, "root": data_root, "download": download}
-    data_cfg = type(data_cfg)(
-        **{**asdict(data_cfg), **{k: v for k, v in overrides.items() if v is not None}}
-    )
+    probe = dataclasses.replace(probe or cfg.probe, **(probe_overrides or {}))
+    given = {"source": data, "root": data_root, "download": download}
+    data_cfg = dataclasses.replace(cfg.data, **{k: v for k, v in given.items() if v is not None})
     dev = resolve_device(device)
     train, test = (load_split(data_cfg, cfg.model, split) for split in ("train", "test"))
     for split, tensors in (("train", train), ("test", test)):
