@@ -1,10 +1,13 @@
 """End-to-end tests of every ``dsmae`` command, on tiny models and real or fake data."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 import yaml
 from torchvision_fakes import patch_cifar10, patch_stl10, write_fake_cifar10, write_fake_stl10
 
@@ -142,3 +145,49 @@ def test_module_entry_point():
         "--seed",
     ):
         assert flag in done.stdout
+
+
+def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path):
+    run = [
+        "pretrain",
+        "--preset",
+        "quickstart",
+        "--epochs",
+        "6",
+        "--batch-size",
+        "32",
+        "--set",
+        "data.subset=256",
+        "--set",
+        "probe.after_pretrain=false",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.keep_checkpoints=2",
+        *SMALL[:-4],
+    ]
+    assert main([*run, "--out", str(tmp_path / "straight")]) == 0
+
+    out = tmp_path / "killed"
+    every_step = ["--set", "train.checkpoint_minutes=1e-9", "--out", str(out)]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "dsmae", *run, *every_step],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)  # in the middle of epoch 2 of 6 (8 steps an epoch)
+    child.wait()
+    assert not (out / "last.pt").exists(), "the run ended before it could be killed"
+
+    assert main([*run, *every_step, "--resume", "auto"]) == 0
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed = load_checkpoint(out / "last.pt")
+    assert straight["step"] == resumed["step"] == 48
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name

@@ -68,7 +68,7 @@ def test_presets_are_listed_and_unknown_ones_refused():
         ({"model.arch": "vit_giant"}, "model.arch"),
         ({"model.in_chans": 2}, "model.in_chans"),
         ({"train.epochs": "many"}, "train.epochs"),
-        ({"train.accum_steps": 3}, "train.accum_steps"),
+        ({"train.micro_batch": 3}, "train.micro_batch"),
         ({"train.ema_every": "hour"}, "train.ema_every"),
         ({"model.noise_mode": "blur"}, "model.noise_mode"),
         ({"data.crop_scale": [0.5, 0.2]}, "data.crop_scale"),

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,11 +38,11 @@ def test_gradient_accumulation_equals_the_full_batch():
     images = torch.randn(8, 3, 16, 16)
     params = []
     losses = []
-    for accum in (1, 4):
+    for micro_batch in (8, 2):
         torch.manual_seed(0)
         model = dsmae.build("dsmae", **options)
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        losses.append(train_step(model, optimizer, images, accum_steps=accum)["loss"])
+        losses.append(train_step(model, optimizer, images, micro_batch=micro_batch)["loss"])
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.allclose(losses[0], losses[1], rtol=1e-5)
     assert torch.allclose(params[0], params[1], atol=1e-5)
@@ -67,7 +68,7 @@ def test_pretrain_writes_checkpoint_metrics_config_and_figure(tmp_path):
     out = result.out
     assert result.checkpoint == out / "last.pt"
     assert (out / "config.yaml").is_file() and (out / "denoise.png").is_file()
-    assert (out / "checkpoint-epoch0001.pt").is_file()
+    assert (out / "checkpoint-00000004.pt").is_file()  # after epoch 1 = step 4
     assert any((out / "tensorboard").iterdir())
     state = load_checkpoint(out / "last.pt")
     assert state["step"] == 8 and set(state) >= {"config", "model", "optimizer", "epoch"}
@@ -76,7 +77,7 @@ def test_pretrain_writes_checkpoint_metrics_config_and_figure(tmp_path):
     assert state["config"]["data"]["mean"] is not None  # measured and recorded
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))
-    keys = {"step", "epoch", "lr", "momentum", "loss", "loss_y", "loss_z", "img_per_s"}
+    keys = {"step", "epoch", "lr", "momentum", "loss", "loss_y", "loss_z", "img_per_s", "grad_norm"}
     assert keys <= set(records[0])
     peak = cfg.train.lr
     for r in records:  # schedules: lr and momentum of the step that was taken
@@ -99,3 +100,86 @@ def test_teacher_updated_once_per_epoch_in_epoch_mode(tmp_path):
 def test_batch_larger_than_the_data_is_refused(tmp_path):
     with pytest.raises(dsmae.ConfigError, match=r"train\.batch_size"):
         pretrain(_tiny_run(tmp_path, **{"train.batch_size": 512}))
+
+
+def _weights(path):
+    state = load_checkpoint(path)
+    return state["model"], state["optimizer"]["state"], state["step"]
+
+
+def _assert_identical(a, b):
+    model_a, opt_a, step_a = _weights(a)
+    model_b, opt_b, step_b = _weights(b)
+    assert step_a == step_b
+    for name, tensor in model_a.items():
+        assert torch.equal(tensor, model_b[name]), name
+    for key, slots in opt_a.items():
+        for slot, value in slots.items():
+            assert torch.equal(value, opt_b[key][slot]), (key, slot)
+
+
+def test_resume_from_the_middle_of_an_epoch_is_exact(tmp_path):
+    straight = _tiny_run(tmp_path / "a", **{"train.epochs": 3})
+    pretrain(straight)
+    # the same run, checkpointing after every step; then go back to step 6 of 12
+    broken = _tiny_run(
+        tmp_path / "b",
+        **{"train.epochs": 3, "train.checkpoint_minutes": 1e-9, "train.keep_checkpoints": 0},
+    )
+    pretrain(broken)
+    out = Path(broken.out)
+    assert (out / "checkpoint-00000006.pt").is_file()
+    for path in out.glob("*.pt"):
+        if path.name in ("last.pt", "checkpoint-00000007.pt") or path.name > "checkpoint-00000007":
+            path.unlink()
+    pretrain(broken, resume="auto")
+    _assert_identical(Path(straight.out) / "last.pt", out / "last.pt")
+
+
+def test_resume_with_other_settings_is_refused_unless_forced(tmp_path):
+    cfg = _tiny_run(tmp_path, **{"train.epochs": 1})
+    pretrain(cfg)
+    changed = _tiny_run(tmp_path, **{"train.epochs": 1, "model.lam": 0.5})
+    with pytest.raises(dsmae.ConfigError, match=r"model\.lam: 0\.6 -> 0\.5"):
+        pretrain(changed, resume="auto")
+    pretrain(changed, resume="auto", force=True)  # nothing left to do, but allowed
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    cfg = _tiny_run(
+        tmp_path,
+        **{
+            "train.epochs": 4,
+            "train.checkpoint_every": 1,
+            "train.checkpoint_minutes": 0,
+            "train.keep_checkpoints": 2,
+        },
+    )
+    pretrain(cfg)
+    names = sorted(p.name for p in Path(cfg.out).glob("checkpoint-*.pt"))
+    assert names == ["checkpoint-00000008.pt", "checkpoint-00000012.pt"]
+
+
+def test_knn_monitor_and_flops_are_logged(tmp_path):
+    cfg = _tiny_run(tmp_path, **{"monitor.knn_every": 1, "monitor.images_every": 1})
+    pretrain(cfg)
+    records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").open()]
+    knn = [r for r in records if "knn_top1" in r]
+    assert [r["epoch"] for r in knn] == [1, 2]
+    assert all(0 <= r["knn_top1"] <= 100 and r["wall_s"] > 0 for r in knn)
+    assert knn[1]["flops"] == pytest.approx(2 * knn[0]["flops"])  # twice the images seen
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    images = torch.randn(4, 3, 16, 16)
+    grads = []
+    for method in ("dsmae", "mae"):
+        for checkpointing in (False, True):
+            torch.manual_seed(0)
+            model = dsmae.build(method, **TINY)
+            model.encoder.set_grad_checkpointing(checkpointing)
+            out = model(images, generator=torch.Generator().manual_seed(0))
+            out.loss.backward()
+            grads.append(model.encoder.blocks[0].mlp.fc1.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert torch.allclose(grads[2], grads[3], atol=1e-6)

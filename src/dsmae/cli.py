@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +29,7 @@ COMMON_FLAGS: dict[str, tuple[str, type]] = {
     "--in-chans": ("model.in_chans", int),
     "--epochs": ("train.epochs", int),
     "--batch-size": ("train.batch_size", int),
-    "--accum-steps": ("train.accum_steps", int),
+    "--micro-batch": ("train.micro_batch", int),
     "--noise-ratio": ("model.noise_ratio", float),
     "--lam": ("model.lam", float),
     "--out": ("out", str),
@@ -64,6 +65,14 @@ def _add_pretrain(sub: Any) -> None:
     for flag, (key, kind) in COMMON_FLAGS.items():
         p.add_argument(flag, type=kind, dest=_dest(flag), help=f"sets {key}")
     p.add_argument("--download", action="store_true", help="download a torchvision data set")
+    p.add_argument(
+        "--resume",
+        metavar="CHECKPOINT|auto",
+        help="continue from a checkpoint; auto: the newest one in --out (none: start afresh)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="resume from a checkpoint made with other settings"
+    )
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
     )
@@ -109,7 +118,9 @@ def _run_pretrain(args: argparse.Namespace) -> None:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return
-    result = pretrain(cfg)
+    result = pretrain(cfg, resume=args.resume, force=args.force)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 reports
     print(f"checkpoint: {result.checkpoint}")
     figure = result.out / "denoise.png"
     if figure.exists():

@@ -12,6 +12,7 @@ saved with every run and inside every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -78,12 +79,12 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation of pre-training (SPEC section 5)."""
+    """Optimisation of pre-training (SPEC section 5) and how it runs."""
 
     epochs: int = 500
     warmup_epochs: int = 20
-    batch_size: int = 2048  # the effective batch of one optimizer step
-    accum_steps: int = 1  # micro-batches per step (gradient accumulation)
+    batch_size: int = 2048  # the global (effective) batch of one optimizer step
+    micro_batch: int | None = None  # per device; None: batch_size / devices (no accumulation)
     base_lr: float = 1.5e-4
     lr: float | None = None  # None: base_lr * batch_size / 256
     min_lr: float = 0.0
@@ -92,11 +93,27 @@ class TrainConfig:
     momentum_start: float = 0.96
     momentum_end: float = 0.99
     ema_every: str = "step"  # "step" | "epoch"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each rank's GPU)
     amp: bool | None = None  # bf16 autocast; None: on for CUDA, off on CPU
+    compile: bool = False  # torch.compile the model (forward, loss and backward)
+    grad_checkpointing: bool = False  # recompute encoder block activations in backward
+    data_on_device: bool | None = None  # keep the uint8 data set on the GPU; None: on CUDA
     seed: int = 0
-    checkpoint_every: int = 50  # epochs; 0: only at the end
+    checkpoint_every: int = 50  # epochs; 0: off
+    checkpoint_minutes: float = 30.0  # also every this many minutes; 0: off
+    keep_checkpoints: int = 3  # periodic checkpoints kept (the newest); 0: all
     log_every: int = 10  # optimizer steps between metric lines
+
+
+@dataclass
+class MonitorConfig:
+    """What is watched during pre-training, every N epochs (0: never)."""
+
+    knn_every: int = 20  # k-NN top-1 on encoder features of the train/test splits
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    images_every: int = 20  # Fig. 2 grid of fixed images to TensorBoard
+    num_images: int = 8
 
 
 @dataclass
@@ -120,6 +137,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     out: str = "runs/dsmae"
 
@@ -283,12 +301,28 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 # ----------------------------------------------------------------------------- resolving
 
 
-def resolve(cfg: Config) -> Config:
-    """Fill every ``None`` that has a derived default, then validate; returns a new Config."""
+def world_size_from_env() -> int:
+    """The number of processes of this run (torchrun's ``WORLD_SIZE``; 1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve(cfg: Config, world_size: int | None = None) -> Config:
+    """Fill every ``None`` that has a derived default, then validate; returns a new Config.
+
+    ``world_size`` (default: from the environment) sets the per-device micro-batch.
+    """
     t = cfg.train
-    train = dataclasses.replace(t, lr=t.lr if t.lr is not None else t.base_lr * t.batch_size / 256)
+    world = world_size or world_size_from_env()
+    per_device, rest = divmod(t.batch_size, world)
+    if rest:
+        raise ConfigError(f"train.batch_size={t.batch_size} does not split over {world} processes")
+    train = dataclasses.replace(
+        t,
+        lr=t.lr if t.lr is not None else t.base_lr * t.batch_size / 256,
+        micro_batch=t.micro_batch if t.micro_batch is not None else per_device,
+    )
     out = dataclasses.replace(cfg, model=resolve_model(cfg.model), train=train)
-    validate(out)
+    validate(out, world)
     return out
 
 
@@ -364,10 +398,10 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.mlp_ratio > 0, "model.mlp_ratio", f"must be positive, got {m.mlp_ratio}")
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, world_size: int = 1) -> None:
     """Refuse impossible settings anywhere in a resolved Config."""
     validate_model(cfg.model)
-    d, t, p = cfg.data, cfg.train, cfg.probe
+    d, t, p, mon = cfg.data, cfg.train, cfg.probe, cfg.monitor
     lo, hi = ([*d.crop_scale, None, None])[:2]
     _require(
         len(d.crop_scale) == 2 and 0 < lo <= hi <= 1,
@@ -386,10 +420,12 @@ def validate(cfg: Config) -> None:
     _require(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
     _require(t.warmup_epochs >= 0, "train.warmup_epochs", f"must be >= 0, got {t.warmup_epochs}")
     _require(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    per_device = t.batch_size // world_size
     _require(
-        t.accum_steps >= 1 and t.batch_size % t.accum_steps == 0,
-        "train.accum_steps",
-        f"must be >= 1 and divide train.batch_size={t.batch_size}, got {t.accum_steps}",
+        t.micro_batch is not None and t.micro_batch >= 1 and per_device % t.micro_batch == 0,
+        "train.micro_batch",
+        f"must divide the per-device batch {per_device} (train.batch_size={t.batch_size} over "
+        f"{world_size} processes), got {t.micro_batch}",
     )
     _require(t.lr is not None and t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
     _require(len(t.betas) == 2, "train.betas", f"must be two numbers, got {t.betas}")
@@ -404,6 +440,13 @@ def validate(cfg: Config) -> None:
     )
     _require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
     _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    _require(t.checkpoint_minutes >= 0, "train.checkpoint_minutes", "must be >= 0")
+    _require(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0")
+    for key in ("knn_every", "images_every"):
+        _require(getattr(mon, key) >= 0, f"monitor.{key}", "must be >= 0")
+    _require(mon.knn_k >= 1, "monitor.knn_k", f"must be >= 1, got {mon.knn_k}")
+    _require(mon.knn_temperature > 0, "monitor.knn_temperature", "must be positive")
+    _require(mon.num_images >= 1, "monitor.num_images", "must be >= 1")
     _check_choice("probe.pool", p.pool, ("token", "avg"))
     _require(p.epochs >= 1, "probe.epochs", f"must be >= 1, got {p.epochs}")
     _require(p.batch_size >= 1, "probe.batch_size", f"must be >= 1, got {p.batch_size}")

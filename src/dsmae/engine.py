@@ -1,15 +1,20 @@
 """The pre-training engine (SPEC section 5): AdamW, warm-up + cosine learning rate, the
-teacher's momentum schedule, gradient accumulation, bf16 autocast on GPU, metrics and
-checkpoints.
+teacher's momentum schedule, gradient accumulation, bf16 autocast on GPU, metrics,
+monitoring, checkpoints and exact resume, on one process or many under ``torchrun``.
 
-``pretrain(cfg)`` is the whole job; :func:`train_step` is one optimizer step and is
-what tests and benchmarks call directly.
+Every random choice of a step (crop boxes, flips, noise mask, noise) is drawn for the
+GLOBAL batch from a generator seeded by ``(seed, step)``, and the data order of an
+epoch depends only on ``(seed, epoch)``. So a run resumed from any step, or run on
+another number of processes with the same global batch, takes the same steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,23 +22,47 @@ from typing import Any
 
 import torch
 from timm.optim import param_groups_weight_decay
+from torch.nn.parallel import DistributedDataParallel
 
-from dsmae.checkpoint import save_checkpoint
-from dsmae.config import Config, ConfigError, TrainConfig
+from dsmae import distributed
+from dsmae.checkpoint import load_checkpoint, save_checkpoint
+from dsmae.config import Config, ConfigError, TrainConfig, config_from_dict
+from dsmae.data.augment import crop_boxes
 from dsmae.data.pipeline import (
     augmented_batch,
     channel_stats,
-    epoch_batches,
+    epoch_order,
     eval_batch,
     load_split,
 )
+from dsmae.flops import train_flops_per_image
 from dsmae.metrics import MetricsLog
 from dsmae.models import DSMAE
-from dsmae.runtime import autocast, generator, progress, resolve_device, use_amp
+from dsmae.monitor import Monitor
+from dsmae.runtime import autocast, generator, progress, use_amp
 from dsmae.schedules import lr_at, momentum_at
 from dsmae.visualize import save_denoise_figure
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pt")
+# Settings that may differ between a run and its resumption.
+RESUMABLE_CHANGES = (
+    "out",
+    "data.root",
+    "data.download",
+    "train.device",
+    "train.micro_batch",
+    "train.compile",
+    "train.grad_checkpointing",
+    "train.data_on_device",
+    "train.checkpoint_every",
+    "train.checkpoint_minutes",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "monitor",
+    "probe",
+)
 
 
 @dataclass
@@ -58,37 +87,94 @@ def build_optimizer(model: DSMAE, train: TrainConfig, device: torch.device) -> t
     )
 
 
+@dataclass
+class Corruption:
+    """The random choices of one step for a batch: crop boxes (B, 4), flips (B,), the
+    noise mask (B, N) and the noise (B, C, H, W) (None for mae)."""
+
+    boxes: torch.Tensor
+    flips: torch.Tensor
+    mask: torch.Tensor
+    eps: torch.Tensor | None
+
+    def __getitem__(self, part: slice) -> Corruption:
+        return Corruption(
+            self.boxes[part],
+            self.flips[part],
+            self.mask[part],
+            None if self.eps is None else self.eps[part],
+        )
+
+
+def draw_step(model: DSMAE, cfg: Config, step: int, device: torch.device) -> Corruption:
+    """Every random choice of optimizer step ``step`` for the whole global batch, from a
+    generator seeded by (seed, step) alone."""
+    rng = generator((cfg.train.seed * 1_000_003 + 7) * 1_000_000_007 % 2**62 + step, device)
+    b = cfg.train.batch_size
+    boxes = crop_boxes(b, cfg.data.crop_scale, generator=rng, device=device)
+    if cfg.data.hflip:
+        flips = torch.rand(b, generator=rng, device=device) < 0.5
+    else:
+        flips = torch.zeros(b, dtype=torch.bool, device=device)
+    mask, eps = model.sample_corruption(b, rng, device)
+    return Corruption(boxes, flips, mask, eps)
+
+
 def train_step(
-    model: DSMAE,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     images: torch.Tensor,
     *,
-    accum_steps: int = 1,
+    micro_batch: int | None = None,
+    mask: torch.Tensor | None = None,
+    eps: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     amp: bool = False,
+    grad_clip: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """One optimizer step on a batch, split into ``accum_steps`` equal micro-batches.
+    """One optimizer step on a batch, in micro-batches of ``micro_batch`` images.
 
     Every micro-batch loss is a mean over the same number of tokens, so the accumulated
-    gradient equals the full batch's. The teacher is NOT updated here.
+    gradient equals the full batch's. Under DistributedDataParallel, gradients are
+    all-reduced once, on the last micro-batch. The teacher is NOT updated here.
 
     Args:
+        model: a DSMAE, possibly wrapped in DistributedDataParallel or compiled.
         images: (B, C, H, W) augmented, normalised, on the model's device.
+        mask, eps: the corruption of these images (see ``DSMAE.sample_corruption``);
+            drawn from ``generator`` inside the model when None.
+        grad_clip: clip the gradient norm to this value (0: no clipping).
 
     Returns:
-        the batch's mean ``loss`` (and ``loss_y``/``loss_z`` where the method has them),
-        as detached 0-d tensors on the device (reading them synchronises).
+        the batch's mean ``loss`` (and ``loss_y``/``loss_z`` where the method has them) and
+        ``grad_norm``, as detached 0-d tensors on the device (reading them synchronises).
     """
+    micro_batch = micro_batch or images.shape[0]
+    chunks = range(0, images.shape[0], micro_batch)
+    accum = len(chunks)
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, torch.Tensor] = {}
-    for chunk in images.chunk(accum_steps):
-        with autocast(images.device, amp):
-            out = model(chunk, generator=generator)
-        (out.loss / accum_steps).backward()
+    for i, start in enumerate(chunks):
+        part = slice(start, start + micro_batch)
+        last = i == accum - 1
+        sync = contextlib.nullcontext()
+        if isinstance(model, DistributedDataParallel) and not last:
+            sync = model.no_sync()
+        with sync:  # no all-reduce until the last micro-batch's backward
+            with autocast(images.device, amp):
+                out = model(
+                    images[part],
+                    generator=generator,
+                    mask=None if mask is None else mask[part],
+                    eps=None if eps is None else eps[part],
+                )
+            (out.loss / accum).backward()
         for name in ("loss", "loss_y", "loss_z"):
             value = getattr(out, name)
             if value is not None:
-                totals[name] = totals.get(name, 0) + value.detach().float() / accum_steps
+                totals[name] = totals.get(name, 0) + value.detach().float() / accum
+    params = [p for p in model.parameters() if p.grad is not None]
+    totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
     optimizer.step()
     return totals
 
@@ -106,32 +192,62 @@ def resolve_data_stats(cfg: Config, images: torch.Tensor) -> Config:
     return dataclasses.replace(cfg, data=data)
 
 
+def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts, as ``key: a -> b``."""
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        name = f"{prefix}{key}"
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diffs += config_differences(va, vb, prefix=f"{name}.")
+        elif va != vb:
+            diffs.append(f"{name}: {va!r} -> {vb!r}")
+    return diffs
+
+
+def find_resume_checkpoint(out: Path) -> Path | None:
+    """The checkpoint of ``out`` with the most steps (periodic ones or ``last.pt``)."""
+    best: tuple[int, Path] | None = None
+    for path in out.glob("checkpoint-*.pt"):
+        match = CHECKPOINT_PATTERN.fullmatch(path.name)
+        if match and (best is None or int(match.group(1)) > best[0]):
+            best = (int(match.group(1)), path)
+    last = out / "last.pt"
+    if last.is_file():
+        step = int(load_checkpoint(last)["step"])
+        if best is None or step >= best[0]:
+            best = (step, last)
+    return None if best is None else best[1]
+
+
 @dataclass
 class _Run:
-    """The state of one pre-training run."""
+    """The state of one pre-training run (in this process)."""
 
     cfg: Config
+    proc: distributed.Process
     out: Path
     device: torch.device
     amp: bool
     images: torch.Tensor  # (N, C, H, W) uint8, the pre-training split
     model: DSMAE
+    forward: torch.nn.Module  # the model as trained: DDP-wrapped and/or compiled
     optimizer: torch.optim.Optimizer
-    order_rng: torch.Generator  # data order (CPU)
-    rng: torch.Generator  # augmentation, mask and noise (on the device)
     steps_per_epoch: int
+    flops_per_image: float
     step: int = 0
     last: dict[str, Any] = dataclasses.field(default_factory=dict)  # last metrics line
+    last_save: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.cfg.train.epochs
 
 
-def _setup(cfg: Config) -> _Run:
-    """Load the data, fill in its statistics, save the resolved config, build the model."""
+def _setup(cfg: Config, resume: str | None, force: bool) -> _Run:
+    """Join the processes, load the data, build the model, restore a checkpoint."""
     t = cfg.train
-    device = resolve_device(t.device)
+    proc, device = distributed.setup(t.device)
     images = load_split(cfg.data, cfg.model, "pretrain").images
     steps_per_epoch = len(images) // t.batch_size
     if steps_per_epoch == 0:
@@ -140,127 +256,240 @@ def _setup(cfg: Config) -> _Run:
         )
     cfg = resolve_data_stats(cfg, images)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    state = _resume_state(cfg, out, resume, force)
 
-    torch.manual_seed(t.seed)  # weight initialisation
+    torch.manual_seed(t.seed)  # weight initialisation, identical on every process
     model = DSMAE(cfg.model).to(device).train()
+    if t.grad_checkpointing:
+        model.encoder.set_grad_checkpointing(True)
+    optimizer = build_optimizer(model, t, device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    sample = eval_batch(images[:2], cfg.model.img_size, cfg.data.mean, cfg.data.std).to(device)
+    flops = train_flops_per_image(model, sample)
+
+    forward: torch.nn.Module = model
+    if proc.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        forward = DistributedDataParallel(model, device_ids=ids)
+    if t.compile:
+        forward = torch.compile(forward)
+    on_device = t.data_on_device if t.data_on_device is not None else device.type == "cuda"
+    if on_device:
+        images = images.to(device)
+    elif device.type == "cuda":
+        images = images.pin_memory()
+    if proc.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
     return _Run(
         cfg=cfg,
+        proc=proc,
         out=out,
         device=device,
         amp=use_amp(device, t.amp),
-        images=images.pin_memory() if device.type == "cuda" else images,
+        images=images,
         model=model,
-        optimizer=build_optimizer(model, t, device),
-        order_rng=generator(t.seed, "cpu"),
-        rng=generator(t.seed + 1, device),
+        forward=forward,
+        optimizer=optimizer,
         steps_per_epoch=steps_per_epoch,
+        flops_per_image=flops,
+        step=0 if state is None else int(state["step"]),
     )
 
 
-def _train_epoch(run: _Run, epoch: int, metrics: MetricsLog, bar: Any) -> None:
-    """One pass over the data: schedules, step, teacher update, metrics every log_every steps."""
-    cfg, t = run.cfg, run.cfg.train
-    timer = (time.perf_counter(), run.step)  # (time, step) of the last metrics line
-    warmup_steps = run.steps_per_epoch * t.warmup_epochs
-    for idx in epoch_batches(len(run.images), t.batch_size, run.order_rng):
-        lr = lr_at(run.step, run.total_steps, warmup_steps, t.lr, t.min_lr)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        uint8 = run.images[idx].to(run.device, non_blocking=True)
-        batch = augmented_batch(
-            uint8, cfg.model.img_size, cfg.data, cfg.data.mean, cfg.data.std, run.rng
+def _resume_state(cfg: Config, out: Path, resume: str | None, force: bool) -> dict | None:
+    """The checkpoint to resume from (``resume``: a path, or "auto" for the newest in
+    ``out``), after checking that it was made with the same settings."""
+    if resume is None:
+        return None
+    path = find_resume_checkpoint(out) if resume == "auto" else Path(resume)
+    if path is None:
+        log.info("no checkpoint in %s: starting from scratch", out)
+        return None
+    state = load_checkpoint(path)
+    saved = config_from_dict(state["config"]).to_dict()
+    current = cfg.to_dict()
+    for key in RESUMABLE_CHANGES:
+        *parents, leaf = key.split(".")
+        for tree in (saved, current):
+            node = tree
+            for part in parents:
+                node = node[part]
+            node.pop(leaf)
+    diffs = config_differences(saved, current)
+    if diffs and not force:
+        raise ConfigError(
+            f"{path} was made with other settings (add --force to resume anyway): "
+            + "; ".join(diffs)
         )
-        losses = train_step(
-            run.model,
-            run.optimizer,
-            batch,
-            accum_steps=t.accum_steps,
-            generator=run.rng,
-            amp=run.amp,
-        )
-        momentum = momentum_at(run.step, run.total_steps, t.momentum_start, t.momentum_end)
-        if t.ema_every == "step":
-            run.model.update_teacher(momentum)
-        run.step += 1
-        bar.update(t.batch_size)
-        if run.step % t.log_every == 0 or run.step == run.total_steps:
-            now = time.perf_counter()
-            rate = (run.step - timer[1]) * t.batch_size / (now - timer[0])
-            timer = (now, run.step)
-            run.last = {"step": run.step, "epoch": epoch, "lr": lr, "momentum": momentum}
-            run.last.update({k: v.item() for k, v in losses.items()})  # synchronises
-            run.last["img_per_s"] = rate
-            metrics.write(run.last)
-            bar.set_postfix(epoch=epoch, loss=f"{run.last['loss']:.4f}")
+    log.info("resuming from %s at step %d", path, state["step"])
+    return state
 
 
-def pretrain(cfg: Config) -> PretrainResult:
-    """Pre-train ``cfg.model`` on ``cfg.data``; writes into ``cfg.out``: ``config.yaml``,
-    ``metrics.jsonl``, ``tensorboard/``, ``checkpoint-epochNNNN.pt`` every
-    ``train.checkpoint_every`` epochs, ``last.pt`` and ``denoise.png`` at the end."""
+def _batch(run: _Run, step: int, order: torch.Tensor) -> tuple[torch.Tensor, Corruption]:
+    """This process's share of the global batch of ``step``, augmented, and its corruption."""
+    cfg, proc = run.cfg, run.proc
+    b = cfg.train.batch_size
+    start = (step % run.steps_per_epoch) * b
+    mine = slice(proc.rank * b // proc.world_size, (proc.rank + 1) * b // proc.world_size)
+    idx = order[start : start + b][mine]
+    corruption = draw_step(run.model, cfg, step, run.device)[mine]
+    uint8 = run.images[idx.to(run.images.device)].to(run.device, non_blocking=True)
+    images = augmented_batch(
+        uint8, cfg.model.img_size, corruption.boxes, corruption.flips, cfg.data.mean, cfg.data.std
+    )
+    return images, corruption
+
+
+def _save(run: _Run, path: Path) -> Path:
+    """Write a checkpoint (rank 0 only) and drop periodic ones beyond ``keep_checkpoints``."""
+    run.last_save = time.monotonic()
+    if not run.proc.is_main:
+        return path
+    state = {
+        "config": run.cfg.to_dict(),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "step": run.step,
+        "epoch": run.step // run.steps_per_epoch,
+    }
+    save_checkpoint(path, state)
+    keep = run.cfg.train.keep_checkpoints
+    periodic = sorted(run.out.glob("checkpoint-*.pt"))
+    for old in periodic[: max(len(periodic) - keep, 0)] if keep else []:
+        old.unlink()
+    return path
+
+
+def pretrain(cfg: Config, resume: str | None = None, force: bool = False) -> PretrainResult:
+    """Pre-train ``cfg.model`` on ``cfg.data``.
+
+    Writes into ``cfg.out`` (rank 0): ``config.yaml``, ``metrics.jsonl``, ``tensorboard/``,
+    ``checkpoint-NNNNNNNN.pt`` (step-numbered) every ``train.checkpoint_every`` epochs and
+    every ``train.checkpoint_minutes``, the newest ``train.keep_checkpoints`` kept, and
+    ``last.pt`` and ``denoise.png`` at the end.
+
+    Args:
+        resume: a checkpoint path, or "auto" for the newest one in ``cfg.out``.
+        force: resume even if the checkpoint was made with other settings.
+    """
     started = time.perf_counter()
-    run = _setup(cfg)
-    cfg, t = run.cfg, run.cfg.train
+    run = _setup(cfg, resume, force)
+    try:
+        return _train(run, started)
+    finally:
+        distributed.teardown()
+
+
+def _train(run: _Run, started: float) -> PretrainResult:
+    cfg, t, proc = run.cfg, run.cfg.train, run.proc
     log.info(
-        "pre-training %s (%s, %.1fM encoder parameters) on %d images, %s, %d steps of %d",
+        "pre-training %s (%s, %.1fM encoder parameters, %.2f GFLOP per image) on %d images, "
+        "%d process(es) on %s, steps %d to %d of %d images",
         cfg.model.method,
         cfg.model.arch,
         sum(p.numel() for p in run.model.encoder.parameters()) / 1e6,
+        run.flops_per_image / 1e9,
         len(run.images),
+        proc.world_size,
         run.device,
+        run.step,
         run.total_steps,
         t.batch_size,
     )
-    with (
-        MetricsLog(run.out) as metrics,
-        progress(run.total_steps * t.batch_size, "pretrain") as bar,
-    ):
-        for epoch in range(t.epochs):
-            _train_epoch(run, epoch, metrics, bar)
-            if t.ema_every == "epoch":
-                run.model.update_teacher(
-                    momentum_at(epoch, t.epochs, t.momentum_start, t.momentum_end)
-                )
-            done = epoch + 1
-            if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.epochs:
-                _save(run, run.out / f"checkpoint-epoch{done:04d}.pt", epoch)
-            elapsed = time.perf_counter() - started
-            log.info(
-                "epoch %d/%d: loss %.4f, %.0f img/s, %.0f s elapsed, ETA %.0f s",
-                done,
-                t.epochs,
-                run.last.get("loss", float("nan")),
-                run.last.get("img_per_s", 0.0),
-                elapsed,
-                elapsed / done * (t.epochs - done),
+    monitor = Monitor(cfg, run.device) if proc.is_main else None
+    metrics = MetricsLog(run.out) if proc.is_main else None
+    warmup_steps = run.steps_per_epoch * t.warmup_epochs
+    timer = (time.perf_counter(), run.step)  # (time, step) of the last metrics line
+    order = epoch_order(len(run.images), t.seed, run.step // run.steps_per_epoch)
+    bar = progress(
+        (run.total_steps - run.step) * t.batch_size, "pretrain", disable=not proc.is_main
+    )
+    with bar:
+        while run.step < run.total_steps:
+            step = run.step
+            epoch, in_epoch = divmod(step, run.steps_per_epoch)
+            if in_epoch == 0 and step > 0:
+                order = epoch_order(len(run.images), t.seed, epoch)
+            lr = lr_at(step, run.total_steps, warmup_steps, t.lr, t.min_lr)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            images, corruption = _batch(run, step, order)
+            losses = train_step(
+                run.forward,
+                run.optimizer,
+                images,
+                micro_batch=t.micro_batch,
+                mask=corruption.mask,
+                eps=corruption.eps,
+                amp=run.amp,
             )
-        checkpoint = _save(run, run.out / "last.pt", t.epochs - 1)
-    shown = eval_batch(
-        run.images[:8].to(run.device), cfg.model.img_size, cfg.data.mean, cfg.data.std
-    )
-    save_denoise_figure(
-        run.model,
-        shown,
-        run.out / "denoise.png",
-        cfg.data.mean,
-        cfg.data.std,
-        generator(t.seed, run.device),
-    )
+            momentum = momentum_at(step, run.total_steps, t.momentum_start, t.momentum_end)
+            if t.ema_every == "step":
+                run.model.update_teacher(momentum)
+            run.step = step + 1
+            bar.update(t.batch_size)
+            if run.step % t.log_every == 0 or run.step == run.total_steps:
+                now = time.perf_counter()
+                losses = distributed.mean_over_processes(losses, proc)
+                run.last = {"step": run.step, "epoch": epoch, "lr": lr, "momentum": momentum}
+                run.last.update({k: v.item() for k, v in losses.items()})  # synchronises
+                run.last["img_per_s"] = (run.step - timer[1]) * t.batch_size / (now - timer[0])
+                if run.device.type == "cuda":
+                    run.last["peak_mem_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
+                timer = (now, run.step)
+                if metrics is not None:
+                    metrics.write(run.last)
+                bar.set_postfix(epoch=epoch, loss=f"{run.last['loss']:.4f}")
+            if in_epoch == run.steps_per_epoch - 1:
+                _end_of_epoch(run, epoch, started, monitor, metrics)
+            elif (
+                t.checkpoint_minutes
+                and time.monotonic() - run.last_save > 60 * t.checkpoint_minutes
+            ):
+                _save(run, run.out / f"checkpoint-{run.step:08d}.pt")
+    checkpoint = _save(run, run.out / "last.pt")
+    if proc.is_main:
+        shown = eval_batch(run.images[:8], cfg.model.img_size, cfg.data.mean, cfg.data.std)
+        save_denoise_figure(
+            run.model,
+            shown.to(run.device),
+            run.out / "denoise.png",
+            cfg.data.mean,
+            cfg.data.std,
+            generator(t.seed, run.device),
+        )
+        metrics.close()
+    distributed.barrier(proc)
     seconds = time.perf_counter() - started
     log.info("pre-training done in %.0f s: %s", seconds, checkpoint)
     return PretrainResult(run.out, checkpoint, cfg, run.last, seconds)
 
 
-def _save(run: _Run, path: Path, epoch: int) -> Path:
-    return save_checkpoint(
-        path,
-        {
-            "config": run.cfg.to_dict(),
-            "model": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "step": run.step,
-            "epoch": epoch,
-        },
+def _end_of_epoch(
+    run: _Run, epoch: int, started: float, monitor: Monitor | None, metrics: MetricsLog | None
+) -> None:
+    """Epoch-wise teacher update, monitoring, checkpoint and progress line."""
+    t = run.cfg.train
+    done = epoch + 1
+    if t.ema_every == "epoch":
+        run.model.update_teacher(momentum_at(epoch, t.epochs, t.momentum_start, t.momentum_end))
+    elapsed = time.perf_counter() - started
+    if monitor is not None and metrics is not None:
+        flops = run.flops_per_image * run.step * t.batch_size
+        monitor.after_epoch(run.model, done, run.step, elapsed, flops, metrics)
+    due_epoch = t.checkpoint_every and done % t.checkpoint_every == 0
+    due_time = t.checkpoint_minutes and time.monotonic() - run.last_save > 60 * t.checkpoint_minutes
+    if (due_epoch or due_time) and done < t.epochs:
+        _save(run, run.out / f"checkpoint-{run.step:08d}.pt")
+    log.info(
+        "epoch %d/%d: loss %.4f, %.0f img/s, %.0f s elapsed, ETA %.0f s",
+        done,
+        t.epochs,
+        run.last.get("loss", float("nan")),
+        run.last.get("img_per_s", 0.0),
+        elapsed,
+        elapsed / done * (t.epochs - done) if done else 0.0,
     )

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
 
@@ -30,6 +31,10 @@ class MetricsLog:
         for key, value in record.items():
             if key != "step" and isinstance(value, int | float) and math.isfinite(value):
                 self._tb.add_scalar(f"{self.prefix}/{key}", value, step)
+
+    def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """An (H, W, C) uint8 image to TensorBoard under ``<prefix>/<tag>``."""
+        self._tb.add_image(f"{self.prefix}/{tag}", image, step, dataformats="HWC")
 
     def close(self) -> None:
         self._jsonl.close()

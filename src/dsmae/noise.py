@@ -32,6 +32,7 @@ def add_patch_noise(
     *,
     std: float = 1.0,
     mode: NoiseMode = "add",
+    eps: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Corrupt the selected patches with Gaussian noise; the others stay bit-identical.
@@ -45,14 +46,17 @@ def add_patch_noise(
         patch_size: p, with H = W = sqrt(N) * p.
         std: sigma.
         mode: "add" or "replace".
-        generator: source of the noise; its device is where the draw happens.
+        eps: (B, C, H, W) standard-normal noise drawn beforehand; drawn here when None.
+        generator: source of the noise when ``eps`` is None; its device is where the draw
+            happens.
 
     Returns:
         (B, C, H, W), same dtype and device as ``images``.
     """
-    draw_device = generator.device if generator is not None else images.device
-    eps = torch.randn(images.shape, generator=generator, device=draw_device, dtype=images.dtype)
-    noise = std * eps.to(images.device)
+    if eps is None:
+        draw_device = generator.device if generator is not None else images.device
+        eps = torch.randn(images.shape, generator=generator, device=draw_device)
+    noise = std * eps.to(device=images.device, dtype=images.dtype)
     if mode == "add":
         corrupted = images + noise
     elif mode == "replace":

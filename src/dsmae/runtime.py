@@ -41,7 +41,7 @@ def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def progress(total: int, desc: str, unit: str = "img") -> tqdm:
+def progress(total: int, desc: str, unit: str = "img", disable: bool = False) -> tqdm:
     """A progress bar counting ``unit``s: shows the rate (e.g. img/s) and the ETA.
 
     Drawn on stderr when it is a terminal; silent otherwise (logs carry the metrics).
@@ -52,5 +52,5 @@ def progress(total: int, desc: str, unit: str = "img") -> tqdm:
         unit=unit,
         unit_scale=True,
         dynamic_ncols=True,
-        disable=not sys.stderr.isatty(),
+        disable=disable or not sys.stderr.isatty(),
     )

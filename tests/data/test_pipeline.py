@@ -1,14 +1,15 @@
 import torch
 
 from dsmae.config import build_config
-from dsmae.data.pipeline import augmented_batch, channel_stats, epoch_batches, load_split
+from dsmae.data.augment import crop_boxes
+from dsmae.data.pipeline import augmented_batch, channel_stats, epoch_order, load_split
 
 
-def test_epoch_batches_drop_the_last_partial_batch_and_cover_without_repeats():
-    batches = list(epoch_batches(10, 3, torch.Generator().manual_seed(0)))
-    assert [len(b) for b in batches] == [3, 3, 3]
-    seen = torch.cat(batches)
-    assert len(set(seen.tolist())) == 9
+def test_epoch_order_is_a_permutation_fixed_by_seed_and_epoch():
+    a, b = epoch_order(10, seed=0, epoch=3), epoch_order(10, seed=0, epoch=3)
+    assert torch.equal(a, b) and sorted(a.tolist()) == list(range(10))
+    assert not torch.equal(a, epoch_order(10, seed=0, epoch=4))
+    assert not torch.equal(a, epoch_order(10, seed=1, epoch=3))
 
 
 def test_channel_stats_by_hand():
@@ -25,7 +26,9 @@ def test_digits_pipeline_gives_normalised_batches_at_the_model_size():
     data = load_split(cfg.data, cfg.model, "pretrain")
     assert data.images.shape[1:] == (1, 8, 8)
     mean, std = channel_stats(data.images)
-    batch = augmented_batch(data.images[:16], 16, cfg.data, mean, std, torch.Generator())
+    boxes = crop_boxes(16, cfg.data.crop_scale, generator=torch.Generator().manual_seed(0))
+    flips = torch.zeros(16, dtype=torch.bool)
+    batch = augmented_batch(data.images[:16], 16, boxes, flips, mean, std)
     assert batch.shape == (16, 1, 16, 16) and batch.dtype == torch.float32
 
 

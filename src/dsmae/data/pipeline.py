@@ -8,12 +8,12 @@ step gathers a batch of it, moves it to the training device and augments it ther
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from dsmae.config import DataConfig, ModelConfig
-from dsmae.data.augment import normalize, random_resized_crop_flip, resize, to_unit_float
+from dsmae.data.augment import crop_flip_resize, normalize, resize, to_unit_float
 from dsmae.data.sources import ImageTensors, load_images
 
 log = logging.getLogger(__name__)
@@ -66,29 +66,25 @@ def channel_stats(
     return x.mean(dim=1).tolist(), x.std(dim=1).clamp(min=1e-3).tolist()
 
 
-def epoch_batches(
-    num_items: int, batch_size: int, generator: torch.Generator
-) -> Iterator[torch.Tensor]:
-    """Indices of the full batches of one epoch, in a random order (the last partial batch
-    is dropped, as MAE does). Yields (batch_size,) int64 tensors."""
-    order = torch.randperm(num_items, generator=generator)
-    for start in range(0, num_items - batch_size + 1, batch_size):
-        yield order[start : start + batch_size]
+def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch: a permutation that depends only on (seed, epoch), so a
+    resumed run, or one with another number of processes, sees the same order. (N,) int64."""
+    return torch.randperm(
+        num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
+    )
 
 
 def augmented_batch(
     images: torch.Tensor,
     size: int,
-    data: DataConfig,
+    boxes: torch.Tensor,
+    flips: torch.Tensor,
     mean: Sequence[float],
     std: Sequence[float],
-    generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """uint8 (B, C, H, W) on the training device -> augmented, normalised (B, C, size, size)."""
-    x = random_resized_crop_flip(
-        to_unit_float(images), size, data.crop_scale, data.hflip, generator=generator
-    )
-    return normalize(x, mean, std)
+    """uint8 (B, C, H, W) -> cropped to ``boxes`` ((B, 4), see ``crop_boxes``), mirrored
+    where ``flips`` ((B,) bool), resized to ``size`` and normalised: (B, C, size, size)."""
+    return normalize(crop_flip_resize(to_unit_float(images), boxes, flips, size), mean, std)
 
 
 def eval_batch(

@@ -96,22 +96,53 @@ class DSMAE(nn.Module):
             self.teacher.eval()
         return self
 
+    def sample_corruption(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draw what corrupts a batch: the patch mask, and the standard-normal noise
+        (None for mae, which masks instead).
+
+        Drawing these for a whole global batch and slicing it lets several processes
+        (or micro-batches) reproduce a single process's step exactly.
+
+        Returns:
+            mask (B, N) bool and eps (B, C, H, W) float32 or None.
+        """
+        mask = random_patch_mask(
+            batch_size,
+            self.num_patches,
+            self.config.noise_ratio,
+            generator=generator,
+            device=device,
+        )
+        if self.method == "mae":
+            return mask, None
+        c, size = self.config.in_chans, self.config.img_size
+        draw_device = generator.device if generator is not None else device
+        eps = torch.randn(batch_size, c, size, size, generator=generator, device=draw_device)
+        return mask, eps.to(device) if device is not None else eps
+
     def forward(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        eps: torch.Tensor | None = None,
     ) -> PretrainOutput:
         """One pre-training forward pass: corrupt, encode, decode and compare.
 
         Args:
             images: (B, C, H, W) normalised images.
             generator: source of the mask and noise (None: the global RNG).
+            mask, eps: a corruption drawn beforehand by :meth:`sample_corruption`
+                ((B, N) bool and (B, C, H, W)); drawn here when not given.
         """
-        mask = random_patch_mask(
-            images.shape[0],
-            self.num_patches,
-            self.config.noise_ratio,
-            generator=generator,
-            device=images.device,
-        )
+        if mask is None:
+            mask, eps = self.sample_corruption(images.shape[0], generator, images.device)
         corrupted, clean = split_indices(mask, self.num_corrupted)
         if self.method == "mae":
             student_input = zero_patches(images, mask, self.patch_size)
@@ -124,6 +155,7 @@ class DSMAE(nn.Module):
                 self.patch_size,
                 std=self.config.noise_std,
                 mode=self.config.noise_mode,
+                eps=eps,
                 generator=generator,
             )
             pred_corrupted, loss_z = self._forward_denoise(images, student_input, corrupted)

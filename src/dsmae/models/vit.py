@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from timm.layers import build_sincos2d_pos_embed
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -95,7 +96,10 @@ def encode_visible(
     prefix = encoder.num_prefix_tokens
     x = torch.cat([x[:, :prefix], gather_tokens(x[:, prefix:], keep)], dim=1)
     x = encoder.norm_pre(x)
-    x = encoder.blocks(x)
+    if encoder.grad_checkpointing and torch.is_grad_enabled():
+        x = checkpoint_seq(encoder.blocks, x)
+    else:
+        x = encoder.blocks(x)
     return encoder.norm(x)
 
 
