@@ -19,36 +19,45 @@ RUN = [
 ]  # fmt: skip
 
 
-def test_two_ranks_with_half_batches_match_one_process_with_the_full_batch(tmp_path):
-    assert main([*RUN, "--out", str(tmp_path / "one")]) == 0
+def _torchrun(*args: str) -> None:
+    """``torchrun --standalone --nproc_per_node=2 -m dsmae ARGS`` (gloo on the CPU)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "dsmae",
-        *RUN,
-        "--micro-batch",
-        "8",
-        "--out",
-        str(tmp_path / "two"),
-    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "dsmae", *args]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _assert_close_weights(a, b) -> None:
+    # Float tolerance: summing in another order moves gradients by rounding errors, and
+    # Adam scales an update by 1/sqrt(v), so parameters whose gradient is ~0 (the key bias
+    # of attention, which softmax ignores) move by up to lr per step either way.
+    weights = [load_checkpoint(path)["model"] for path in (a, b)]
+    for name, tensor in weights[0].items():
+        assert torch.allclose(tensor, weights[1][name], atol=1e-4), name
+
+
+def test_two_ranks_with_half_batches_match_one_process_with_the_full_batch(tmp_path):
+    assert main([*RUN, "--out", str(tmp_path / "one")]) == 0
+    # 2 ranks x 16 images, in micro-batches of 8: accumulation without extra all-reduces
+    _torchrun(*RUN, "--micro-batch", "8", "--out", str(tmp_path / "two"))
 
     one, two = (read_metrics(tmp_path / n / "metrics.jsonl") for n in ("one", "two"))
     assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 9))
     for a, b in zip(one, two):
         for key in ("loss", "loss_y", "loss_z"):
             assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a["step"], key)
-    weights = [load_checkpoint(tmp_path / n / "last.pt")["model"] for n in ("one", "two")]
-    # float tolerance: summing in another order moves gradients by rounding errors, and
-    # Adam scales an update by 1/sqrt(v), so parameters whose gradient is ~0 (the key bias
-    # of attention, which softmax ignores) move by up to lr per step either way.
-    for name, tensor in weights[0].items():
-        assert torch.allclose(tensor, weights[1][name], atol=1e-4), name
-    # only rank 0 wrote: one metrics line per step, one config
+    _assert_close_weights(tmp_path / "one" / "last.pt", tmp_path / "two" / "last.pt")
+    # only rank 0 wrote: one metrics line per step (checked above), one config
     assert sorted(p.name for p in (tmp_path / "two").glob("*.yaml")) == ["config.yaml"]
+
+
+def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path):
+    assert main([*RUN, "--out", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "moved"
+    assert main([*RUN, "--set", "train.checkpoint_every=1", "--out", str(out)]) == 0
+    (out / "last.pt").unlink()  # keep only the checkpoint after epoch 1 (step 4 of 8)
+    assert [p.name for p in out.glob("*.pt")] == ["checkpoint-00000004.pt"]
+    _torchrun(*RUN, "--set", "train.checkpoint_every=1", "--out", str(out), "--resume", "auto")
+    assert load_checkpoint(out / "last.pt")["step"] == 8
+    _assert_close_weights(tmp_path / "straight" / "last.pt", out / "last.pt")

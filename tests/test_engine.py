@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dsmae
 from dsmae.checkpoint import load_checkpoint
@@ -160,7 +161,7 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert names == ["checkpoint-00000008.pt", "checkpoint-00000012.pt"]
 
 
-def test_knn_monitor_and_flops_are_logged(tmp_path):
+def test_monitors_knn_images_and_flops_are_logged(tmp_path):
     cfg = _tiny_run(tmp_path, **{"monitor.knn_every": 1, "monitor.images_every": 1})
     pretrain(cfg)
     records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").open()]
@@ -168,6 +169,12 @@ def test_knn_monitor_and_flops_are_logged(tmp_path):
     assert [r["epoch"] for r in knn] == [1, 2]
     assert all(0 <= r["knn_top1"] <= 100 and r["wall_s"] > 0 for r in knn)
     assert knn[1]["flops"] == pytest.approx(2 * knn[0]["flops"])  # twice the images seen
+    board = EventAccumulator(str(Path(cfg.out) / "tensorboard"))
+    board.Reload()
+    assert "pretrain/denoise" in board.Tags()["images"]  # the Fig. 2 grid, every epoch
+    assert {"pretrain/loss", "pretrain/grad_norm", "pretrain/knn_top1"} <= set(
+        board.Tags()["scalars"]
+    )
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
