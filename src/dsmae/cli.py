@@ -1,4 +1,4 @@
-"""The ``dsmae`` command: ``dsmae pretrain`` and ``dsmae linprobe``.
+"""The ``dsmae`` command: ``dsmae pretrain``, ``dsmae linprobe`` and ``dsmae bench``.
 
 Common options are flags; any other config value is reachable with ``--set
 section.key=value`` or a YAML file (``--config``), on top of a ``--preset``.
@@ -98,6 +98,35 @@ def _add_linprobe(sub: Any) -> None:
     p.set_defaults(run=_run_linprobe)
 
 
+def _add_bench(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench", help="time one pre-training step on a synthetic batch: img/s, memory, FLOPs, MFU"
+    )
+    p.add_argument("--method", required=True, help="dsmae, dsmae-ly, dsmae-lz or mae")
+    p.add_argument("--arch", required=True, help="vit_tiny, vit_small or vit_base")
+    p.add_argument("--img-size", type=int, required=True)
+    p.add_argument("--patch-size", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (default)")
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--depth", type=int, help="encoder depth (default: from --arch)")
+    p.add_argument("--embed-dim", type=int, help="encoder width (default: from --arch)")
+    p.add_argument("--num-heads", type=int, help="encoder heads (default: from --arch)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="assign",
+        help="any other config value, e.g. model.decoder_depth=2 (repeatable)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(run=_run_bench)
+
+
 def config_from_args(args: argparse.Namespace) -> Any:
     """The resolved Config of ``dsmae pretrain``'s arguments."""
     overrides = dict(parse_assignment(a) for a in args.assign)
@@ -155,12 +184,36 @@ def _run_linprobe(args: argparse.Namespace) -> None:
     print(f"linear probe top-1 ({label}, last epoch of {result.epochs}): {result.top1:.2f}%")
 
 
+def _run_bench(args: argparse.Namespace) -> None:
+    from dsmae.bench import format_report, run_bench, to_json
+
+    overrides = dict(parse_assignment(a) for a in args.assign)
+    for key in ("depth", "embed_dim", "num_heads"):
+        if getattr(args, key) is not None:
+            overrides[f"model.{key}"] = getattr(args, key)
+    result = run_bench(
+        args.method,
+        args.arch,
+        args.img_size,
+        args.patch_size,
+        args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=args.device,
+        in_chans=args.in_chans,
+        seed=args.seed,
+        overrides=overrides,
+    )
+    print(to_json(result) if args.json else format_report(result))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsmae", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_pretrain(sub)
     _add_linprobe(sub)
+    _add_bench(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

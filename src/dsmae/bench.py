@@ -1,0 +1,415 @@
+"""``dsmae bench``: throughput, memory, FLOPs and MFU of one full pre-training step.
+
+One step is what the engine does per batch: forward, backward and optimizer step
+(:func:`dsmae.engine.train_step`) and the teacher's EMA update, on a synthetic batch of
+normalised images (standard normal, seeded), bf16 autocast on CUDA and fp32 on CPU.
+Steps are timed one by one after a few warm-up steps; the median is reported.
+
+FLOPs are counted by PyTorch's ``FlopCounterMode`` (matmul-like ops only: every linear
+layer, the patch-embedding convolution and attention's two batched matmuls), per
+part of the model. MFU is the achieved model FLOP rate over the best rate of a large
+square matmul in the step's dtype, measured in the same process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from dsmae.config import ConfigError, build_config
+from dsmae.engine import build_optimizer, train_step
+from dsmae.flops import flop_counter_mode
+from dsmae.masking import split_indices
+from dsmae.models import DSMAE, encode_visible, patch_tokens
+from dsmae.runtime import autocast, generator, resolve_device, use_amp
+
+log = logging.getLogger(__name__)
+
+PARTS = ("student_fwd_bwd", "teacher_fwd", "decoder_fwd_bwd", "regressor_fwd_bwd")
+MATMUL_SIZE = 4096  # side of the square matmul that measures the peak FLOP rate
+FLOP_COUNT_BATCH = 8  # images the FLOPs are counted on (FLOPs are linear in the batch)
+TEACHER_MOMENTUM = 0.99
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _counted(fn: Any) -> int:
+    counter = flop_counter_mode()
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def count_step_flops(
+    model: DSMAE,
+    images: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    amp: bool = False,
+) -> dict[str, float]:
+    """FLOPs per image of one training step (forward and backward; the optimizer and the
+    teacher update do no matmuls), in total and per part.
+
+    The whole step (``model(images).loss.backward()``) is counted once for the total.
+    The parts are counted by running the model's pieces, each under its own counter, on
+    the same shapes: the student encoder forward and backward, the teacher forward (no
+    gradient), the decoder and the regressor forward and backward (their input needs a
+    gradient, as in the step). FLOPs depend on shapes only, so the student is fed the
+    clean images. The parts must add up to the total, else this raises.
+
+    What FlopCounterMode counts for a backward pass: the matmuls actually run. A linear
+    layer whose input needs a gradient costs 2x its forward (grad input, grad weight);
+    the patch embedding costs 1x (the image needs no gradient); the fused attention
+    backward costs 2.5x its forward (five batched matmuls, QK^T recomputed).
+
+    Args:
+        model: a DSMAE in train mode; the gradients it is left with are cleared.
+        images: (B, C, H, W) on the model's device.
+        mask: (B, N) bool corruption mask; drawn from a generator seeded 0 when None.
+        amp: count under bf16 autocast (as the step runs on CUDA).
+
+    Returns:
+        ``{"total": ..., "student_fwd_bwd": ..., "teacher_fwd": ..., "decoder_fwd_bwd":
+        ..., "regressor_fwd_bwd": ...}`` in FLOPs per image (absent parts 0).
+    """
+    device, batch = images.device, images.shape[0]
+    eps = None
+    if mask is None:
+        mask, eps = model.sample_corruption(batch, generator(0, device), device)
+    elif model.method != "mae":
+        eps = torch.zeros_like(images)
+
+    def whole_step() -> None:
+        with autocast(device, amp):
+            out = model(images, mask=mask, eps=eps)
+        out.loss.backward()
+
+    total = _counted(whole_step)
+    model.zero_grad(set_to_none=True)
+
+    corrupted, clean = split_indices(mask, model.num_corrupted)
+    parts = dict.fromkeys(PARTS, 0)
+    tokens: list[torch.Tensor] = []
+
+    def student() -> None:
+        with autocast(device, amp):
+            if model.method == "mae":
+                out = encode_visible(model.encoder, images, clean)  # (B, 1 + V, D)
+            else:
+                out = patch_tokens(model.encoder, images)  # (B, N, D), as from the noisy images
+        out.float().sum().backward()
+        tokens.append(out.detach())
+
+    parts["student_fwd_bwd"] = _counted(student)
+    latent = tokens[0]
+    if model.method != "mae":
+        latent = latent.gather(1, corrupted.unsqueeze(-1).expand(-1, -1, latent.shape[-1]))
+
+    if model.teacher is not None:
+        teacher = model.teacher
+
+        def teacher_fwd() -> None:
+            with torch.no_grad(), autocast(device, amp):
+                patch_tokens(teacher, images)
+
+        parts["teacher_fwd"] = _counted(teacher_fwd)
+
+    if model.decoder is not None:
+        decoder = model.decoder
+
+        def decoder_fwd_bwd() -> None:
+            x = latent.clone().requires_grad_(True)
+            with autocast(device, amp):
+                if model.method == "mae":
+                    pred = decoder.forward_masked(x, clean)
+                else:
+                    pred = decoder(x, corrupted)
+            pred.float().sum().backward()
+
+        parts["decoder_fwd_bwd"] = _counted(decoder_fwd_bwd)
+
+    if model.regressor is not None:
+        regressor = model.regressor
+
+        def regressor_fwd_bwd() -> None:
+            x = latent.clone().requires_grad_(True)
+            with autocast(device, amp):
+                out = regressor(x)
+            out.float().sum().backward()
+
+        parts["regressor_fwd_bwd"] = _counted(regressor_fwd_bwd)
+    model.zero_grad(set_to_none=True)
+
+    if sum(parts.values()) != total:
+        raise RuntimeError(
+            f"FLOPs of the parts {parts} add up to {sum(parts.values())}, but the whole step "
+            f"counts {total}: count_step_flops no longer mirrors DSMAE.forward"
+        )
+    return {"total": total / batch, **{k: v / batch for k, v in parts.items()}}
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def matmul_peak_gflops(
+    device: torch.device, dtype: torch.dtype, size: int = MATMUL_SIZE, repeats: int = 5
+) -> float:
+    """The best GFLOP/s of ``repeats`` (at least 5) timed ``size x size @ size x size``
+    matmuls in ``dtype`` (``2 * size**3`` FLOPs each), after two untimed ones.
+
+    Timed with CUDA events on CUDA, the wall clock elsewhere.
+    """
+    repeats = max(repeats, 5)
+    rng = generator(0, device)
+    a = torch.randn(size, size, generator=rng, device=device).to(dtype)
+    b = torch.randn(size, size, generator=rng, device=device).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        torch.mm(a, b, out=out)
+    _synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            with torch.cuda.device(device):  # events record on the current device's stream
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                torch.mm(a, b, out=out)
+                end.record()
+                end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            begin = time.perf_counter()
+            torch.mm(a, b, out=out)
+            seconds = time.perf_counter() - begin
+        best = min(best, seconds)
+    return 2 * size**3 / best / 1e9
+
+
+def time_steps(
+    model: DSMAE,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    *,
+    steps: int = 10,
+    warmup: int = 3,
+    rng: torch.Generator | None = None,
+    amp: bool = False,
+    momentum: float = TEACHER_MOMENTUM,
+) -> list[float]:
+    """Seconds of each of ``steps`` training steps, after ``warmup`` untimed ones.
+
+    A step is ``train_step`` (forward, backward, optimizer) and ``model.update_teacher``;
+    its corruption (mask and noise) is drawn from ``rng`` before the clock starts. On
+    CUDA the device is synchronised before and after each step, and the peak memory
+    statistics are reset after the warm-up.
+    """
+    device = images.device
+    times = []
+    for i in range(warmup + steps):
+        if i == warmup and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        mask, eps = model.sample_corruption(images.shape[0], rng, device)
+        _synchronize(device)
+        start = time.perf_counter()
+        train_step(model, optimizer, images, mask=mask, eps=eps, amp=amp)
+        model.update_teacher(momentum)
+        _synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: ``torch.cuda.max_memory_allocated`` on CUDA, else this
+    process's peak resident set size (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model and the number of threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine() or "CPU"
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def run_bench(
+    method: str,
+    arch: str,
+    img_size: int,
+    patch_size: int,
+    batch_size: int,
+    *,
+    steps: int = 10,
+    warmup: int = 3,
+    device: str = "auto",
+    in_chans: int = 3,
+    seed: int = 0,
+    overrides: Mapping[str, Any] | None = None,
+    matmul_size: int | None = None,
+) -> dict[str, Any]:
+    """Benchmark one pre-training step of a model on a synthetic batch.
+
+    Args:
+        overrides: further dotted config values, e.g. ``{"model.depth": 6}``.
+        matmul_size: side of the peak-rate matmul (default :data:`MATMUL_SIZE`).
+
+    Returns:
+        a JSON-ready dict: the settings (``method``, ``arch``, ``img_size``,
+        ``patch_size``, ``in_chans``, ``depth``, ``embed_dim``, ``num_heads``,
+        ``batch_size``, ``steps``, ``warmup``, ``device``, ``dtype``, ``torch``) and
+        ``step_ms`` (median), ``img_per_s``, ``peak_mem_mb``, ``gflop_per_img``, ``parts``
+        (GFLOP per image of each part), ``achieved_gflops``, ``matmul_peak_gflops``,
+        ``matmul_size`` and ``mfu``.
+    """
+    if steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    if warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {warmup}")
+    values = {
+        "model.method": method,
+        "model.arch": arch,
+        "model.img_size": img_size,
+        "model.patch_size": patch_size,
+        "model.in_chans": in_chans,
+        "train.batch_size": batch_size,
+        "train.device": device,
+        "train.seed": seed,
+        **(overrides or {}),
+    }
+    cfg = build_config(overrides=values)
+    m = cfg.model
+    dev = resolve_device(cfg.train.device)
+    amp = use_amp(dev, None)
+    dtype = torch.bfloat16 if amp else torch.float32
+    torch.manual_seed(seed)
+    model = DSMAE(m).to(dev).train()
+    images = torch.randn(
+        batch_size, m.in_chans, m.img_size, m.img_size, generator=generator(seed)
+    ).to(dev)
+    log.info(
+        "bench %s %s (depth %d, width %d), %d px, patch %d, batch %d on %s, %s",
+        m.method,
+        m.arch,
+        m.depth,
+        m.embed_dim,
+        m.img_size,
+        m.patch_size,
+        batch_size,
+        dev,
+        str(dtype).removeprefix("torch."),
+    )
+
+    sample = images[:FLOP_COUNT_BATCH]
+    mask, _ = model.sample_corruption(sample.shape[0], generator(seed + 1, dev), dev)
+    flops = count_step_flops(model, sample, mask=mask, amp=amp)
+    optimizer = build_optimizer(model, cfg.train, dev)
+    times = time_steps(
+        model,
+        optimizer,
+        images,
+        steps=steps,
+        warmup=warmup,
+        rng=generator(seed + 2, dev),
+        amp=amp,
+    )
+    peak_mem = peak_memory_mb(dev)  # before the matmuls: CPU's peak RSS never goes down
+    size = matmul_size or MATMUL_SIZE
+    log.info("timing %dx%d matmuls for the peak rate", size, size)
+    peak = matmul_peak_gflops(dev, dtype, size=size)
+
+    step_s = statistics.median(times)
+    img_per_s = batch_size / step_s
+    parts = {name: flops[name] / 1e9 for name in PARTS}
+    gflop_per_img = sum(parts.values())  # = flops["total"] / 1e9
+    achieved = gflop_per_img * img_per_s
+    return {
+        "method": m.method,
+        "arch": m.arch,
+        "img_size": m.img_size,
+        "patch_size": m.patch_size,
+        "in_chans": m.in_chans,
+        "depth": m.depth,
+        "embed_dim": m.embed_dim,
+        "num_heads": m.num_heads,
+        "batch_size": batch_size,
+        "steps": steps,
+        "warmup": warmup,
+        "device": device_name(dev),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "step_ms": step_s * 1e3,
+        "img_per_s": img_per_s,
+        "peak_mem_mb": peak_mem,
+        "gflop_per_img": gflop_per_img,
+        "parts": parts,
+        "achieved_gflops": achieved,
+        "matmul_peak_gflops": peak,
+        "matmul_size": size,
+        "mfu": achieved / peak,
+    }
+
+
+def format_report(result: Mapping[str, Any]) -> str:
+    """The human-readable table of a :func:`run_bench` result."""
+    r = result
+    total = r["gflop_per_img"]
+    rows = [
+        (
+            "step time (median)",
+            f"{r['step_ms']:.2f} ms  ({r['steps']} steps, {r['warmup']} warm-up)",
+        ),
+        ("throughput", f"{r['img_per_s']:.1f} img/s"),
+        ("peak memory", f"{r['peak_mem_mb']:.0f} MiB"),
+        ("FLOPs per image", f"{total:.4g} GFLOP"),
+        *((f"  {k}", f"{v:.4g} GFLOP  ({100 * v / total:.1f}%)") for k, v in r["parts"].items()),
+        ("achieved", f"{r['achieved_gflops']:.1f} GFLOP/s"),
+        (f"matmul peak ({r['matmul_size']}^3)", f"{r['matmul_peak_gflops']:.1f} GFLOP/s"),
+        ("MFU", f"{100 * r['mfu']:.1f}%"),
+    ]
+    head = (
+        f"dsmae bench: {r['method']} {r['arch']} (depth {r['depth']}, width {r['embed_dim']}, "
+        f"{r['num_heads']} heads), {r['img_size']} px, patch {r['patch_size']}, "
+        f"{r['in_chans']} channel(s), batch {r['batch_size']}\n"
+        f"device: {r['device']}; {r['dtype']}; torch {r['torch']}"
+    )
+    width = max(len(name) for name, _ in rows)
+    return "\n".join([head, *(f"  {name:<{width}}  {value}" for name, value in rows)])
+
+
+def to_json(result: Mapping[str, Any]) -> str:
+    """One line of JSON of a :func:`run_bench` result."""
+    return json.dumps(result)
