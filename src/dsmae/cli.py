@@ -42,6 +42,13 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
+def _add_set_flag(p: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable): any config value, collected in ``args.assign``."""
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="assign", help=help
+    )
+
+
 def _add_pretrain(sub: Any) -> None:
     p = sub.add_parser("pretrain", help="pre-train an encoder (DSMAE, its ablations or MAE)")
     p.add_argument(
@@ -54,14 +61,7 @@ def _add_pretrain(sub: Any) -> None:
         metavar="FILE",
         help="YAML file of config values, applied after the preset (repeatable)",
     )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        dest="assign",
-        help="any config value, e.g. train.warmup_epochs=5 (repeatable)",
-    )
+    _add_set_flag(p, "any config value, e.g. train.warmup_epochs=5 (repeatable)")
     for flag, (key, kind) in COMMON_FLAGS.items():
         p.add_argument(flag, type=kind, dest=_dest(flag), help=f"sets {key}")
     p.add_argument("--download", action="store_true", help="download a torchvision data set")
@@ -114,14 +114,7 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--depth", type=int, help="encoder depth (default: from --arch)")
     p.add_argument("--embed-dim", type=int, help="encoder width (default: from --arch)")
     p.add_argument("--num-heads", type=int, help="encoder heads (default: from --arch)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        dest="assign",
-        help="any other config value, e.g. model.decoder_depth=2 (repeatable)",
-    )
+    _add_set_flag(p, "any other config value, e.g. model.decoder_depth=2 (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(run=_run_bench)
