@@ -212,6 +212,7 @@ def time_steps(
     warmup: int = 3,
     rng: torch.Generator | None = None,
     amp: bool = False,
+    micro_batch: int | None = None,
     momentum: float = TEACHER_MOMENTUM,
 ) -> list[float]:
     """Seconds of each of ``steps`` training steps, after ``warmup`` untimed ones.
@@ -229,7 +230,7 @@ def time_steps(
         mask, eps = model.sample_corruption(images.shape[0], rng, device)
         _synchronize(device)
         start = time.perf_counter()
-        train_step(model, optimizer, images, mask=mask, eps=eps, amp=amp)
+        train_step(model, optimizer, images, micro_batch=micro_batch, mask=mask, eps=eps, amp=amp)
         model.update_teacher(momentum)
         _synchronize(device)
         if i >= warmup:
@@ -341,6 +342,7 @@ def run_bench(
         model,
         optimizer,
         images,
+        micro_batch=cfg.train.micro_batch,
         steps=steps,
         warmup=warmup,
         rng=generator(seed + 2, dev),

@@ -111,6 +111,7 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (default)")
     p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--micro-batch", type=int, help="micro-batch (default: the whole batch)")
     p.add_argument("--depth", type=int, help="encoder depth (default: from --arch)")
     p.add_argument("--embed-dim", type=int, help="encoder width (default: from --arch)")
     p.add_argument("--num-heads", type=int, help="encoder heads (default: from --arch)")
@@ -181,6 +182,8 @@ def _run_bench(args: argparse.Namespace) -> None:
     from dsmae.bench import format_report, run_bench, to_json
 
     overrides = dict(parse_assignment(a) for a in args.assign)
+    if args.micro_batch is not None:
+        overrides["train.micro_batch"] = args.micro_batch
     for key in ("depth", "embed_dim", "num_heads"):
         if getattr(args, key) is not None:
             overrides[f"model.{key}"] = getattr(args, key)

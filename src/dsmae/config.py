@@ -70,7 +70,7 @@ class DataConfig:
     source: str = "cifar10"  # digits | cifar10 | cifar100 | stl10 | path to a folder
     root: str = "~/.cache/dsmae/datasets"  # torchvision data sets live here
     download: bool = False
-    subset: int | None = None  # use only the first N pre-training images
+    subset: int | None = None  # pre-train on a fixed random sample of N images
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     hflip: bool = True
     mean: list[float] | None = None  # None: measured on the pre-training images

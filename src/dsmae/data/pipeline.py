@@ -23,7 +23,8 @@ def load_split(data: DataConfig, model: ModelConfig, split: str) -> ImageTensors
     """The images of ``split`` ("pretrain", "train" or "test") at most ``img_size`` wide.
 
     Larger images are resized once (antialiased) to ``img_size`` so that every later
-    random crop only ever up-samples.
+    random crop only ever up-samples. ``data.subset`` keeps a fixed random sample of the
+    pre-training images.
     """
     tensors = load_images(
         data.source,
@@ -33,10 +34,11 @@ def load_split(data: DataConfig, model: ModelConfig, split: str) -> ImageTensors
         channels=model.in_chans,
         size=model.img_size,
     )
-    if split == "pretrain" and data.subset is not None:
-        tensors = ImageTensors(
-            tensors.images[: data.subset], tensors.labels[: data.subset], tensors.classes
-        )
+    if split == "pretrain" and data.subset is not None and data.subset < len(tensors):
+        # a fixed random sample (folders are read in class order, so not the first N)
+        keep = torch.randperm(len(tensors), generator=torch.Generator().manual_seed(0))
+        keep = keep[: data.subset].sort().values
+        tensors = ImageTensors(tensors.images[keep], tensors.labels[keep], tensors.classes)
     if tensors.images.shape[-1] > model.img_size or tensors.images.shape[-2] > model.img_size:
         small = resize(to_unit_float(tensors.images), model.img_size)
         images = small.mul_(255).round_().clamp_(0, 255).to(torch.uint8)

@@ -1,0 +1,215 @@
+"""The equal-budget study: DSMAE, its two ablations and MAE pre-trained for the SAME
+wall-clock time on real CIFAR-10, then k-NN and linear-probe top-1 on the test split.
+
+    python benchmarks/equal_budget.py [--archive ../shared/data/cifar10-jpeg.tar.gz]
+        [--minutes 10] [--subset 10000] [--out runs/equal_budget]
+
+Each method's throughput is measured first (``dsmae bench``, same model, same batch); its
+number of epochs is then the most that fits the budget, so every run completes its own
+learning-rate and momentum schedule within the budget. Every method is also evaluated at
+the same number of epochs: the checkpoint after the epoch count the slowest method
+reached (its schedule not yet finished for the faster methods). The encoder at random
+initialisation is the baseline. Results: ``<out>/results.json`` and a markdown table on
+stdout (``benchmarks/RESULTS.md`` holds the one that was run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsmae.bench import run_bench
+from dsmae.config import ProbeConfig, build_config
+from dsmae.data.pipeline import eval_batch, load_split
+from dsmae.engine import pretrain
+from dsmae.evaluation.knn import knn_accuracy
+from dsmae.evaluation.linprobe import load_encoder, train_linear_probe
+
+log = logging.getLogger("equal_budget")
+METHODS = ("dsmae", "mae", "dsmae-ly", "dsmae-lz")
+# A small ViT: 32x32 CIFAR images in 4x4 patches (64 tokens), 6 blocks of width 128.
+IMG, PATCH, BATCH, MICRO = 32, 4, 128, 32
+MODEL = {
+    "model.depth": 6,
+    "model.embed_dim": 128,
+    "model.num_heads": 4,
+    "model.decoder_depth": 2,
+    "model.regressor_depth": 2,
+}
+TRAIN = {
+    "model.img_size": IMG,
+    "model.patch_size": PATCH,
+    "train.batch_size": BATCH,
+    "train.micro_batch": MICRO,  # faster per image than 128 at once on a 2-core CPU
+    "train.base_lr": 1.5e-3,
+    "train.warmup_epochs": 1,
+    "train.device": "cpu",
+    "train.checkpoint_every": 1,  # keep every epoch, for the same-epochs comparison
+    "train.checkpoint_minutes": 0,
+    "train.keep_checkpoints": 0,
+    "train.log_every": 20,
+    "monitor.knn_every": 0,
+    "monitor.images_every": 0,
+}
+
+
+def extract(archive: Path, cache: Path) -> Path:
+    """The image folder of the CIFAR-10 archive, extracted once into ``cache``."""
+    folder = cache / "cifar10"
+    if not (folder / "test").is_dir():
+        log.info("extracting %s into %s", archive, cache)
+        cache.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(cache, filter="data")
+    return folder
+
+
+def epochs_in_budget(method: str, seconds: float, images: int) -> tuple[int, float]:
+    """Epochs of ``images`` that ``method`` trains in ``seconds``, from a timed step."""
+    result = run_bench(
+        method,
+        "vit_tiny",
+        IMG,
+        PATCH,
+        BATCH,
+        steps=4,
+        warmup=2,
+        device="cpu",
+        overrides={**MODEL, "train.micro_batch": MICRO},
+    )
+    rate = result["img_per_s"]
+    return max(1, int(0.95 * seconds * rate / images)), rate
+
+
+@torch.no_grad()
+def features(encoder: torch.nn.Module, images: torch.Tensor, mean: list, std: list) -> dict:
+    """[CLS] and mean-of-patch-token features, (N, D) each, from one pass over the images."""
+    encoder.eval()
+    cls, avg = [], []
+    for start in range(0, len(images), 512):
+        tokens = encoder.forward_features(eval_batch(images[start : start + 512], IMG, mean, std))
+        cls.append(tokens[:, 0])
+        avg.append(tokens[:, 1:].mean(dim=1))
+    return {"token": torch.cat(cls), "avg": torch.cat(avg)}
+
+
+def evaluate(checkpoint: Path, data: Any, random_init: bool = False) -> dict[str, float]:
+    """k-NN (k=20) and linear-probe top-1 (%) of a checkpoint's encoder, on [CLS] and on
+    the mean of patch tokens, trained on the full train split, tested on the test split."""
+    encoder, cfg = load_encoder(checkpoint, random_init=random_init)
+    train, test = data
+    feats = [features(encoder, split.images, cfg.data.mean, cfg.data.std) for split in data]
+    probe = ProbeConfig(epochs=30, warmup_epochs=3, batch_size=256)
+    scores = {}
+    for pool in ("token", "avg"):
+        x_train, x_test = feats[0][pool], feats[1][pool]
+        scores[f"knn_{pool}"] = knn_accuracy(x_train, train.labels, x_test, test.labels, 10)
+        top1, _ = train_linear_probe(x_train, train.labels, x_test, test.labels, 10, probe)
+        scores[f"linprobe_{pool}"] = top1
+    return scores
+
+
+def main() -> None:
+    here = Path(__file__).resolve().parent
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--archive", type=Path, default=here.parent.parent / "shared/data/cifar10-jpeg.tar.gz"
+    )
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/dsmae/cifar10-jpeg")
+    parser.add_argument("--minutes", type=float, default=10.0, help="budget per method")
+    parser.add_argument("--subset", type=int, default=10_000, help="pre-training images")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--out", type=Path, default=Path("runs/equal_budget"))
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    torch.set_num_threads(torch.get_num_threads())
+    folder = extract(args.archive, args.cache)
+    runs: dict[str, dict[str, Any]] = {}
+    for method in args.methods:
+        epochs, rate = epochs_in_budget(method, args.minutes * 60, args.subset)
+        log.info("%s: %.1f img/s -> %d epochs of %d images", method, rate, epochs, args.subset)
+        cfg = build_config(
+            overrides={
+                **MODEL,
+                **TRAIN,
+                "model.method": method,
+                "data.source": str(folder),
+                "data.subset": args.subset,
+                "train.epochs": epochs,
+                "out": str(args.out / method),
+            }
+        )
+        started = time.perf_counter()
+        result = pretrain(cfg)
+        runs[method] = {
+            "epochs": epochs,
+            "bench_img_per_s": rate,
+            "seconds": time.perf_counter() - started,
+            "images_seen": epochs * (args.subset // BATCH) * BATCH,
+            "last_loss": result.last_metrics.get("loss"),
+        }
+
+    probe_cfg = build_config(overrides={**MODEL, **TRAIN, "data.source": str(folder)})
+    data = tuple(load_split(probe_cfg.data, probe_cfg.model, s) for s in ("train", "test"))
+    same = min(r["epochs"] for r in runs.values())
+    for method, run in runs.items():
+        out = args.out / method
+        run["budget"] = evaluate(out / "last.pt", data)
+        steps = same * (args.subset // BATCH)
+        at_same = out / "last.pt" if run["epochs"] == same else out / f"checkpoint-{steps:08d}.pt"
+        run["same_epochs"] = {"epochs": same, **evaluate(at_same, data)}
+        log.info("%s: %s", method, run)
+    first = args.out / args.methods[0] / "last.pt"
+    baseline = evaluate(first, data, random_init=True)
+    report = {
+        "minutes": args.minutes,
+        "subset": args.subset,
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "model": MODEL,
+        "train": TRAIN,
+        "runs": runs,
+        "random_init": baseline,
+    }
+    (args.out / "results.json").write_text(json.dumps(report, indent=2))
+    print(markdown(report))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The study's tables."""
+    lines = [
+        f"Budget {report['minutes']:g} min per method, {report['subset']} pre-training images, "
+        f"{report['threads']} threads.",
+        "",
+        "| method | epochs | images seen | wall s | k-NN [CLS] | k-NN avg | linear [CLS] | "
+        "linear avg | same epochs: k-NN avg | same epochs: linear avg |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for method, r in report["runs"].items():
+        b, s = r["budget"], r["same_epochs"]
+        lines.append(
+            f"| {method} | {r['epochs']} | {r['images_seen']} | {r['seconds']:.0f} | "
+            f"{b['knn_token']:.2f} | {b['knn_avg']:.2f} | {b['linprobe_token']:.2f} | "
+            f"{b['linprobe_avg']:.2f} | {s['knn_avg']:.2f} ({s['epochs']} ep) | "
+            f"{s['linprobe_avg']:.2f} |"
+        )
+    z = report["random_init"]
+    lines.append(
+        f"| random init | 0 | 0 | 0 | {z['knn_token']:.2f} | {z['knn_avg']:.2f} | "
+        f"{z['linprobe_token']:.2f} | {z['linprobe_avg']:.2f} | | |"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
