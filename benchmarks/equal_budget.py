@@ -31,7 +31,9 @@ from dsmae.config import ProbeConfig, build_config
 from dsmae.data.pipeline import eval_batch, load_split
 from dsmae.engine import pretrain
 from dsmae.evaluation.knn import knn_accuracy
-from dsmae.evaluation.linprobe import load_encoder, train_linear_probe
+from dsmae.evaluation.linprobe import train_linear_probe
+from dsmae.export import encoder_from_checkpoint
+from dsmae.runtime import keep_freed_memory
 
 log = logging.getLogger("equal_budget")
 METHODS = ("dsmae", "mae", "dsmae-ly", "dsmae-lz")
@@ -104,7 +106,7 @@ def features(encoder: torch.nn.Module, images: torch.Tensor, mean: list, std: li
 def evaluate(checkpoint: Path, data: Any, random_init: bool = False) -> dict[str, float]:
     """k-NN (k=20) and linear-probe top-1 (%) of a checkpoint's encoder, on [CLS] and on
     the mean of patch tokens, trained on the full train split, tested on the test split."""
-    encoder, cfg = load_encoder(checkpoint, random_init=random_init)
+    encoder, cfg = encoder_from_checkpoint(checkpoint, random_init=random_init)
     train, test = data
     feats = [features(encoder, split.images, cfg.data.mean, cfg.data.std) for split in data]
     probe = ProbeConfig(epochs=30, warmup_epochs=3, batch_size=256)
@@ -132,7 +134,7 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    torch.set_num_threads(torch.get_num_threads())
+    keep_freed_memory()  # as the dsmae command does
     folder = extract(args.archive, args.cache)
     runs: dict[str, dict[str, Any]] = {}
     for method in args.methods:

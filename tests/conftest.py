@@ -53,3 +53,44 @@ def serve(monkeypatch: pytest.MonkeyPatch):
     from torchvision_fakes import serve_files
 
     yield from serve_files(monkeypatch)
+
+
+def tiny_digits_run(out: Path, method: str = "dsmae") -> Path:
+    """Pre-train a 1-block ViT on 128 real digits (8x8, patch 4) for 2 epochs, with the
+    k-NN monitor every epoch; returns the run folder (last.pt, metrics.jsonl, ...)."""
+    from dsmae.config import build_config
+    from dsmae.engine import pretrain
+
+    cfg = build_config(
+        "quickstart",
+        overrides={
+            "model.method": method,
+            "model.depth": 1,
+            "model.embed_dim": 32,
+            "model.num_heads": 2,
+            "model.decoder_depth": 1,
+            "model.regressor_depth": 1,
+            "model.patch_size": 4,
+            "data.subset": 128,
+            "train.batch_size": 32,
+            "train.epochs": 2,
+            "train.warmup_epochs": 1,
+            "train.log_every": 1,
+            "train.device": "cpu",
+            "monitor.knn_every": 1,
+            "out": str(out),
+        },
+    )
+    return pretrain(cfg).out
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny finished DSMAE run on real digits (see :func:`tiny_digits_run`)."""
+    return tiny_digits_run(tmp_path_factory.mktemp("digits") / "dsmae")
+
+
+@pytest.fixture(scope="session")
+def digits_mae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny run with MAE."""
+    return tiny_digits_run(tmp_path_factory.mktemp("digits") / "mae", "mae")

@@ -202,3 +202,40 @@ def test_bench_refuses_bad_settings(capsys):
     assert main([*args, "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
     assert main([*args, "--set", "model.nope=1"]) == 2
+
+
+def test_each_part_is_timed_alone(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "MATMUL_SIZE", 64)
+    args = ["bench", "--method", "dsmae", *TINY_ARGS, "--batch-size", "2", "--steps", "2"]
+    assert main([*args, "--warmup", "0", "--parts", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert set(r["parts_ms"]) == set(PARTS) and all(v > 0 for v in r["parts_ms"].values())
+    assert r["sum_parts_ms"] == pytest.approx(sum(r["parts_ms"].values()))
+    assert r["overhead_vs_parts"] == pytest.approx(r["step_ms"] / r["sum_parts_ms"] - 1)
+    for name, ms in r["parts_ms"].items():  # each part's MFU from its own FLOPs and time
+        rate = r["parts"][name] * 2 / (ms / 1e3)
+        assert r["parts_mfu"][name] == pytest.approx(rate / r["matmul_peak_gflops"])
+    assert main([*args, "--warmup", "0", "--parts"]) == 0
+    table = capsys.readouterr().out
+    assert "each part alone" in table and "step over its parts" in table
+
+
+def test_mae_parts_timed_alone_leave_out_what_it_lacks():
+    model = tiny_model("mae")
+    mask, _ = model.sample_corruption(2, torch.Generator().manual_seed(0))
+    seconds = bench.time_parts(model, torch.randn(2, 1, 8, 8), mask, steps=1, warmup=0)
+    assert seconds["teacher_fwd"] == 0 and seconds["regressor_fwd_bwd"] == 0
+    assert seconds["student_fwd_bwd"] > 0 and seconds["decoder_fwd_bwd"] > 0
+    assert all(p.grad is None for p in model.parameters())  # cleared after each run
+
+
+def test_keep_freed_memory_applies_on_glibc():
+    import platform
+
+    from dsmae.runtime import keep_freed_memory
+
+    applied = keep_freed_memory()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied
+    else:
+        assert not applied

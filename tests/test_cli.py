@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +192,183 @@ def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path):
     assert straight["step"] == resumed["step"] == 48
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
+
+
+# ------------------------------------------------------- bad input: a message, no traceback
+
+
+def _broken_folder(cifar_folder, tmp_path):
+    """40 real CIFAR-10 training images (4 classes) plus one truncated file."""
+    import shutil
+
+    folder = tmp_path / "photos"
+    for cls in sorted(p.name for p in (cifar_folder / "train").iterdir())[:4]:
+        shutil.copytree(cifar_folder / "train" / cls, folder / cls)
+    good = next((folder / "airplane").glob("*.jpg")).read_bytes()
+    (folder / "airplane" / "zz-cut.jpg").write_bytes(good[: len(good) // 3])
+    return folder
+
+
+def test_a_bad_image_is_named_and_can_be_skipped(tmp_path, cifar_folder, capsys):
+    folder = _broken_folder(cifar_folder, tmp_path)
+    run = ["pretrain", "--data", str(folder), "--img-size", "16", "--patch-size", "4",
+           "--batch-size", "16", *SMALL, "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(run) == 2
+    err = capsys.readouterr().err
+    assert "zz-cut.jpg" in err and "--skip-bad-images" in err and "Traceback" not in err
+    assert main([*run, "--skip-bad-images"]) == 0
+    assert (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_a_linear_probe_needs_class_folders(tmp_path, cifar_folder, capsys):
+    import shutil
+
+    flat = tmp_path / "flat"
+    for split in ("train", "test"):
+        (flat / split).mkdir(parents=True)
+        for i, image in enumerate(sorted((cifar_folder / split).rglob("*.jpg"))[:20]):
+            shutil.copy(image, flat / split / f"{i}.jpg")
+    run = ["pretrain", "--data", str(flat), "--img-size", "16", "--patch-size", "4",
+           "--batch-size", "10", *SMALL, "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(run) == 0
+    capsys.readouterr()
+    assert main(["linprobe", "--checkpoint", str(tmp_path / "run" / "last.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "needs class labels (for a folder: one sub-folder per class)" in err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--set", "model.noise_ratio=1.5"], "model.noise_ratio: must be in (0, 1], got 1.5"),
+        (["--lam", "2"], "model.lam: must be in [0, 1], got 2.0"),
+        (["--set", "train.momentum_end=1"], "train.momentum_end: must be in [0, 1), got 1"),
+        (["--img-size", "30", "--patch-size", "4"], "4 does not divide model.img_size=30"),
+        (["--arch", "vit_huge"], "vit_tiny, vit_small, vit_base"),
+        (["--method", "beit"], "dsmae, dsmae-ly, dsmae-lz, mae"),
+        (["--preset", "imagenet"], "unknown preset 'imagenet'; available:"),
+        (["--set", "model.lamda=0.5"], "unknown config key 'model.lamda'"),
+        (["--data", ".", "--download"], "data.download: data.source='.' is a folder"),
+    ],
+)
+def test_impossible_settings_are_refused_before_any_work(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert main(["pretrain", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()  # nothing was written, so nothing was run
+
+
+def test_a_yaml_file_with_an_unknown_key_is_refused(tmp_path, capsys):
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("train:\n  epochs: 5\n  warmup_epoch: 1\n")
+    assert main(["pretrain", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
+    assert "unknown config key 'train.warmup_epoch'" in capsys.readouterr().err
+
+
+def test_untrusted_or_mismatched_checkpoints_are_refused(tmp_path, capsys):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open('PWNED', 'w').write('x')",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"config": {}, "model": {"payload": Evil()}}, evil)
+    run = ["pretrain", "--preset", "quickstart", "--patch-size", "4", *SMALL]
+    for command in (
+        ["linprobe", "--checkpoint", str(evil)],
+        [*run, "--out", str(tmp_path / "r"), "--resume", str(evil)],
+    ):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "refused to load" in err and "Traceback" not in err
+    assert not (tmp_path / "PWNED").exists() and not (Path.cwd() / "PWNED").exists()
+
+    # a checkpoint whose weights do not fit the model its config describes
+    assert main([*run, "--out", str(tmp_path / "ok")]) == 0
+    state = load_checkpoint(tmp_path / "ok" / "last.pt")
+    state["config"]["model"]["embed_dim"] = 64
+    torch.save(state, tmp_path / "odd.pt")
+    capsys.readouterr()
+    odd = str(tmp_path / "odd.pt")
+    for command in (
+        ["linprobe", "--checkpoint", odd],
+        ["finetune", "--checkpoint", odd, "--epochs", "1"],
+        ["denoise", "--checkpoint", odd, "x.png"],
+        ["export", "--checkpoint", odd, "--out", str(tmp_path / "e")],
+    ):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert "do not fit the model its config describes" in err, command
+        assert "checkpoint (32,) vs model (64,)" in err and "Traceback" not in err
+
+    # resuming with another architecture lists what differs
+    changed = [*run, "--out", str(tmp_path / "ok"), "--resume", "auto", "--set", "model.depth=2"]
+    assert main(changed) == 2
+    assert "model.depth: 1 -> 2" in capsys.readouterr().err
+
+
+# ------------------------------------------------------- evaluate, look, take away
+
+
+def test_knn_command(digits_run, capsys):
+    checkpoint = str(digits_run / "last.pt")
+    assert main(["knn", "--checkpoint", checkpoint, "--k", "5", "--device", "cpu"]) == 0
+    assert "k-NN top-1 (pre-trained encoder, k=5, token):" in capsys.readouterr().out
+    saved = json.loads((digits_run / "last.knn.json").read_text())
+    assert saved["k"] == 5 and saved["num_classes"] == 10 and saved["num_test"] == 449
+    assert 10 < saved["top1"] <= 100
+    assert main(["knn", "--checkpoint", checkpoint, "--random-init", "--pool", "avg"]) == 0
+    assert json.loads((digits_run / "last.knn-random-init.json").read_text())["pool"] == "avg"
+
+
+def test_export_command(digits_run, tmp_path, capsys):
+    out = tmp_path / "exported"
+    assert main(["export", "--checkpoint", str(digits_run / "last.pt"), "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_features_command(digits_run, cifar_folder, tmp_path, capsys):
+    import numpy as np
+
+    from dsmae.data.sources import find_image_files
+
+    folder = cifar_folder / "test"  # any folder: RGB photos into a grey 8x8 digits model
+    out = tmp_path / "feats.npy"
+    run = ["features", "--checkpoint", str(digits_run / "last.pt"), "--data", str(folder)]
+    assert main([*run, "--out", str(out), "--device", "cpu"]) == 0
+    feats = np.load(out)
+    names = (tmp_path / "feats.files.txt").read_text().splitlines()
+    files = find_image_files(folder)
+    assert feats.shape == (len(files), 32) and feats.dtype == np.float32
+    assert names == [p.relative_to(folder).as_posix() for p in files]
+    assert "feats.files.txt" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fixture,first", [("digits_run", "noisy"), ("digits_mae_run", "masked")])
+def test_denoise_command(request, fixture, first, cifar_folder, tmp_path, capsys):
+    from PIL import Image
+
+    run = request.getfixturevalue(fixture)
+    images = sorted((cifar_folder / "test").rglob("*.jpg"))[:3]
+    out = tmp_path / "fig.png"
+    command = ["denoise", "--checkpoint", str(run / "last.pt"), *map(str, images)]
+    assert main([*command, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 image(s); PSNR on the corrupted patches: input" in printed
+    with Image.open(out) as figure:
+        assert figure.width > 3 * 96  # two triplets per row, each image scaled to 96 px
+
+
+def test_denoise_refuses_a_model_without_decoder(tmp_path, capsys):
+    from conftest import tiny_digits_run
+
+    run = tiny_digits_run(tmp_path / "lz", "dsmae-lz")
+    assert main(["denoise", "--checkpoint", str(run / "last.pt"), "x.png"]) == 2
+    assert "no pixel decoder" in capsys.readouterr().err
+
+
+def test_plot_command(digits_run, capsys):
+    assert main(["plot", str(digits_run)]) == 0
+    assert (digits_run / "curves.png").is_file()
+    assert "curves.png" in capsys.readouterr().out

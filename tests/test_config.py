@@ -73,11 +73,34 @@ def test_presets_are_listed_and_unknown_ones_refused():
         ({"model.noise_mode": "blur"}, "model.noise_mode"),
         ({"data.crop_scale": [0.5, 0.2]}, "data.crop_scale"),
         ({"probe.pool": "max"}, "probe.pool"),
+        ({"model.img_size": 30, "model.patch_size": 4}, "model.patch_size"),
+        ({"model.lam": 1.5}, "model.lam"),
+        ({"train.momentum_start": -0.1}, "train.momentum_start"),
+        ({"train.grad_clip": -1}, "train.grad_clip"),
+        ({"train.max_bad_steps": -1}, "train.max_bad_steps"),
+        ({"data.source": ".", "data.download": True}, "data.download"),
     ],
 )
 def test_impossible_values_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         build_config(overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides,allowed",
+    [
+        ({"model.method": "simclr"}, "dsmae, dsmae-ly, dsmae-lz, mae"),
+        ({"model.arch": "vit_giant"}, "vit_tiny, vit_small, vit_base"),
+        ({"model.noise_ratio": 0}, "(0, 1]"),
+        ({"model.lam": 1.5}, "[0, 1]"),
+        ({"train.momentum_end": 1.0}, "[0, 1)"),
+        ({"model.img_size": 30, "model.patch_size": 4}, "does not divide model.img_size=30"),
+    ],
+)
+def test_refusals_say_what_is_allowed(overrides, allowed):
+    with pytest.raises(ConfigError) as err:
+        build_config(overrides=overrides)
+    assert allowed in str(err.value)
 
 
 def test_unknown_key_in_a_file_is_refused(tmp_path):

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from conftest import TINY
 from PIL import Image
@@ -49,9 +50,19 @@ def test_denoise_figure_shows_noisy_denoised_original(tmp_path):
 def test_denoised_keeps_clean_patches_and_predicts_the_others():
     model = dsmae.build("dsmae", norm_pix_loss=False, **TINY)
     images = torch.randn(2, 3, 16, 16)
-    noisy, restored = denoise(model, images, torch.Generator().manual_seed(0))
+    noisy, restored, mask = denoise(model, images, torch.Generator().manual_seed(0))
     out = model.eval()(images, generator=torch.Generator().manual_seed(0))
     keep = ~out.mask
     assert torch.equal(patchify(restored, 4)[keep], patchify(images, 4)[keep])
     assert torch.allclose(patchify(restored, 4)[out.mask], out.pred[out.mask], atol=1e-6)
-    assert torch.equal(noisy, out.noisy)
+    assert torch.equal(noisy, out.noisy) and torch.equal(mask, out.mask)
+
+
+def test_psnr_against_a_hand_computation():
+    from dsmae.visualize import psnr
+
+    a = torch.zeros(1, 1, 2, 2)
+    b = torch.tensor([[[[0.1, 0.1], [0.5, 0.0]]]])
+    where = torch.tensor([[[[True, True], [False, False]]]])
+    assert psnr(a, b, where) == pytest.approx(20.0)  # MSE 0.01 -> 10 log10(100)
+    assert psnr(a, a, where) == float("inf")

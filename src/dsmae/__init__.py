@@ -4,6 +4,7 @@
 >>> model = dsmae.build("dsmae", arch="vit_tiny", img_size=32, patch_size=2)
 >>> out = model(images, generator=torch.Generator().manual_seed(0))
 >>> out.loss.backward(); model.update_teacher(dsmae.momentum_at(step, total_steps))
+>>> encoder = dsmae.load_encoder("runs/dsmae/last.pt")  # or an export folder: a timm ViT
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from dsmae.config import ARCHS, METHODS, Config, ConfigError, ModelConfig, model_config
+from dsmae.export import export_encoder, load_encoder
 from dsmae.models import DSMAE, PretrainOutput
 from dsmae.schedules import momentum_at
 
@@ -43,5 +45,7 @@ __all__ = [
     "PretrainOutput",
     "__version__",
     "build",
+    "export_encoder",
+    "load_encoder",
     "momentum_at",
 ]

@@ -20,7 +20,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -50,6 +50,89 @@ def _counted(fn: Any) -> int:
     return counter.get_total_flops()
 
 
+def _default_corruption(
+    model: DSMAE, images: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``mask`` (drawn from a generator seeded 0 when None) and a noise tensor to go
+    with it (None for mae)."""
+    if mask is None:
+        return model.sample_corruption(images.shape[0], generator(0, images.device), images.device)
+    return mask, None if model.method == "mae" else torch.zeros_like(images)
+
+
+def part_steps(
+    model: DSMAE, images: torch.Tensor, mask: torch.Tensor, *, amp: bool = False
+) -> dict[str, Callable[[], None]]:
+    """Each part of a training step as a closure that runs it alone, on the shapes of the
+    step: the student encoder forward and backward, the teacher forward (no gradient),
+    the decoder and the regressor forward and backward (their input needs a gradient, as
+    in the step). Parts a method does not have are absent.
+
+    Shapes are all that matters for counting and timing, so the student is fed the clean
+    images and the heads a fixed latent of the right shape. Running a part leaves
+    gradients in the model; clear them after.
+
+    Args:
+        model: a DSMAE in train mode.
+        images: (B, C, H, W) on the model's device.
+        mask: (B, N) bool corruption mask.
+        amp: run under bf16 autocast (as the step does on CUDA).
+    """
+    device = images.device
+    corrupted, clean = split_indices(mask, model.num_corrupted)
+    mae = model.method == "mae"
+
+    def encode() -> torch.Tensor:
+        if mae:
+            return encode_visible(model.encoder, images, clean)  # (B, 1 + V, D)
+        return patch_tokens(model.encoder, images)  # (B, N, D), as from the noisy images
+
+    def student_fwd_bwd() -> None:
+        with autocast(device, amp):
+            out = encode()
+        out.float().sum().backward()
+
+    with torch.no_grad():
+        tokens = encode()
+    # what the heads get: mae's decoder every encoded token, dsmae's heads the corrupted ones
+    if not mae:
+        tokens = tokens.gather(1, corrupted.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    latent = tokens
+    parts: dict[str, Callable[[], None]] = {"student_fwd_bwd": student_fwd_bwd}
+
+    if model.teacher is not None:
+        teacher = model.teacher
+
+        def teacher_fwd() -> None:
+            with torch.no_grad(), autocast(device, amp):
+                patch_tokens(teacher, images)
+
+        parts["teacher_fwd"] = teacher_fwd
+
+    if model.decoder is not None:
+        decoder = model.decoder
+
+        def decoder_fwd_bwd() -> None:
+            x = latent.clone().requires_grad_(True)
+            with autocast(device, amp):
+                pred = decoder.forward_masked(x, clean) if mae else decoder(x, corrupted)
+            pred.float().sum().backward()
+
+        parts["decoder_fwd_bwd"] = decoder_fwd_bwd
+
+    if model.regressor is not None:
+        regressor = model.regressor
+
+        def regressor_fwd_bwd() -> None:
+            x = latent.clone().requires_grad_(True)
+            with autocast(device, amp):
+                out = regressor(x)
+            out.float().sum().backward()
+
+        parts["regressor_fwd_bwd"] = regressor_fwd_bwd
+    return parts
+
+
 def count_step_flops(
     model: DSMAE,
     images: torch.Tensor,
@@ -58,14 +141,10 @@ def count_step_flops(
     amp: bool = False,
 ) -> dict[str, float]:
     """FLOPs per image of one training step (forward and backward; the optimizer and the
-    teacher update do no matmuls), in total and per part.
+    teacher update do no matmuls), in total and per part (see :func:`part_steps`).
 
-    The whole step (``model(images).loss.backward()``) is counted once for the total.
-    The parts are counted by running the model's pieces, each under its own counter, on
-    the same shapes: the student encoder forward and backward, the teacher forward (no
-    gradient), the decoder and the regressor forward and backward (their input needs a
-    gradient, as in the step). FLOPs depend on shapes only, so the student is fed the
-    clean images. The parts must add up to the total, else this raises.
+    The whole step (``model(images).loss.backward()``) is counted once for the total, and
+    each part under its own counter. The parts must add up to the total, else this raises.
 
     What FlopCounterMode counts for a backward pass: the matmuls actually run. A linear
     layer whose input needs a gradient costs 2x its forward (grad input, grad weight);
@@ -83,11 +162,7 @@ def count_step_flops(
         ..., "regressor_fwd_bwd": ...}`` in FLOPs per image (absent parts 0).
     """
     device, batch = images.device, images.shape[0]
-    eps = None
-    if mask is None:
-        mask, eps = model.sample_corruption(batch, generator(0, device), device)
-    elif model.method != "mae":
-        eps = torch.zeros_like(images)
+    mask, eps = _default_corruption(model, images, mask)
 
     def whole_step() -> None:
         with autocast(device, amp):
@@ -95,65 +170,15 @@ def count_step_flops(
         out.loss.backward()
 
     total = _counted(whole_step)
-    model.zero_grad(set_to_none=True)
-
-    corrupted, clean = split_indices(mask, model.num_corrupted)
     parts = dict.fromkeys(PARTS, 0)
-    tokens: list[torch.Tensor] = []
-
-    def student() -> None:
-        with autocast(device, amp):
-            if model.method == "mae":
-                out = encode_visible(model.encoder, images, clean)  # (B, 1 + V, D)
-            else:
-                out = patch_tokens(model.encoder, images)  # (B, N, D), as from the noisy images
-        out.float().sum().backward()
-        tokens.append(out.detach())
-
-    parts["student_fwd_bwd"] = _counted(student)
-    latent = tokens[0]
-    if model.method != "mae":
-        latent = latent.gather(1, corrupted.unsqueeze(-1).expand(-1, -1, latent.shape[-1]))
-
-    if model.teacher is not None:
-        teacher = model.teacher
-
-        def teacher_fwd() -> None:
-            with torch.no_grad(), autocast(device, amp):
-                patch_tokens(teacher, images)
-
-        parts["teacher_fwd"] = _counted(teacher_fwd)
-
-    if model.decoder is not None:
-        decoder = model.decoder
-
-        def decoder_fwd_bwd() -> None:
-            x = latent.clone().requires_grad_(True)
-            with autocast(device, amp):
-                if model.method == "mae":
-                    pred = decoder.forward_masked(x, clean)
-                else:
-                    pred = decoder(x, corrupted)
-            pred.float().sum().backward()
-
-        parts["decoder_fwd_bwd"] = _counted(decoder_fwd_bwd)
-
-    if model.regressor is not None:
-        regressor = model.regressor
-
-        def regressor_fwd_bwd() -> None:
-            x = latent.clone().requires_grad_(True)
-            with autocast(device, amp):
-                out = regressor(x)
-            out.float().sum().backward()
-
-        parts["regressor_fwd_bwd"] = _counted(regressor_fwd_bwd)
+    for name, run in part_steps(model, images, mask, amp=amp).items():
+        parts[name] = _counted(run)
     model.zero_grad(set_to_none=True)
 
     if sum(parts.values()) != total:
         raise RuntimeError(
             f"FLOPs of the parts {parts} add up to {sum(parts.values())}, but the whole step "
-            f"counts {total}: count_step_flops no longer mirrors DSMAE.forward"
+            f"counts {total}: part_steps no longer mirrors DSMAE.forward"
         )
     return {"total": total / batch, **{k: v / batch for k, v in parts.items()}}
 
@@ -214,13 +239,15 @@ def time_steps(
     amp: bool = False,
     micro_batch: int | None = None,
     momentum: float = TEACHER_MOMENTUM,
+    forward: torch.nn.Module | None = None,
 ) -> list[float]:
     """Seconds of each of ``steps`` training steps, after ``warmup`` untimed ones.
 
     A step is ``train_step`` (forward, backward, optimizer) and ``model.update_teacher``;
     its corruption (mask and noise) is drawn from ``rng`` before the clock starts. On
     CUDA the device is synchronised before and after each step, and the peak memory
-    statistics are reset after the warm-up.
+    statistics are reset after the warm-up. ``forward`` is the module the step calls
+    (e.g. ``torch.compile(model)``; default ``model``).
     """
     device = images.device
     times = []
@@ -230,12 +257,52 @@ def time_steps(
         mask, eps = model.sample_corruption(images.shape[0], rng, device)
         _synchronize(device)
         start = time.perf_counter()
-        train_step(model, optimizer, images, micro_batch=micro_batch, mask=mask, eps=eps, amp=amp)
+        train_step(
+            model if forward is None else forward,
+            optimizer,
+            images,
+            micro_batch=micro_batch,
+            mask=mask,
+            eps=eps,
+            amp=amp,
+        )
         model.update_teacher(momentum)
         _synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
+
+
+def time_parts(
+    model: DSMAE,
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    steps: int = 10,
+    warmup: int = 3,
+    amp: bool = False,
+) -> dict[str, float]:
+    """Median seconds of each part of the step run alone (:func:`part_steps`), after
+    ``warmup`` untimed runs; parts the method does not have are 0.
+
+    Their sum against the whole step's time is what the step costs beyond its parts:
+    corruption, losses, gathers, optimizer and teacher update, and any inefficiency of
+    running them together.
+    """
+    device = images.device
+    seconds = dict.fromkeys(PARTS, 0.0)
+    for name, run in part_steps(model, images, mask, amp=amp).items():
+        times = []
+        for i in range(warmup + steps):
+            _synchronize(device)
+            start = time.perf_counter()
+            run()
+            _synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+        seconds[name] = statistics.median(times)
+    return seconds
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -281,12 +348,19 @@ def run_bench(
     seed: int = 0,
     overrides: Mapping[str, Any] | None = None,
     matmul_size: int | None = None,
+    parts_time: bool = False,
 ) -> dict[str, Any]:
     """Benchmark one pre-training step of a model on a synthetic batch.
+
+    The step runs as ``dsmae pretrain`` runs it: ``train.compile``, ``train.micro_batch``
+    and ``train.grad_checkpointing`` from ``overrides`` apply.
 
     Args:
         overrides: further dotted config values, e.g. ``{"model.depth": 6}``.
         matmul_size: side of the peak-rate matmul (default :data:`MATMUL_SIZE`).
+        parts_time: also time each part alone (:func:`time_parts`, eager, on the whole
+            batch) and report ``parts_ms``, their sum ``sum_parts_ms`` and
+            ``overhead_vs_parts`` (``step_ms / sum_parts_ms - 1``) and ``parts_mfu``.
 
     Returns:
         a JSON-ready dict: the settings (``method``, ``arch``, ``img_size``,
@@ -294,7 +368,7 @@ def run_bench(
         ``batch_size``, ``steps``, ``warmup``, ``device``, ``dtype``, ``torch``) and
         ``step_ms`` (median), ``img_per_s``, ``peak_mem_mb``, ``gflop_per_img``, ``parts``
         (GFLOP per image of each part), ``achieved_gflops``, ``matmul_peak_gflops``,
-        ``matmul_size`` and ``mfu``.
+        ``matmul_size``, ``mfu`` and ``compile``.
     """
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {steps}")
@@ -318,6 +392,9 @@ def run_bench(
     dtype = torch.bfloat16 if amp else torch.float32
     torch.manual_seed(seed)
     model = DSMAE(m).to(dev).train()
+    if cfg.train.grad_checkpointing:
+        model.encoder.set_grad_checkpointing(True)
+    forward = torch.compile(model) if cfg.train.compile else model
     images = torch.randn(
         batch_size, m.in_chans, m.img_size, m.img_size, generator=generator(seed)
     ).to(dev)
@@ -347,7 +424,13 @@ def run_bench(
         warmup=warmup,
         rng=generator(seed + 2, dev),
         amp=amp,
+        forward=forward,
     )
+    parts_ms = None
+    if parts_time:
+        mask, _ = model.sample_corruption(batch_size, generator(seed + 3, dev), dev)
+        seconds = time_parts(model, images, mask, steps=steps, warmup=warmup, amp=amp)
+        parts_ms = {name: 1e3 * value for name, value in seconds.items()}
     peak_mem = peak_memory_mb(dev)  # before the matmuls: CPU's peak RSS never goes down
     size = matmul_size or MATMUL_SIZE
     log.info("timing %dx%d matmuls for the peak rate", size, size)
@@ -358,7 +441,7 @@ def run_bench(
     parts = {name: flops[name] / 1e9 for name in PARTS}
     gflop_per_img = sum(parts.values())  # = flops["total"] / 1e9
     achieved = gflop_per_img * img_per_s
-    return {
+    result = {
         "method": m.method,
         "arch": m.arch,
         "img_size": m.img_size,
@@ -382,7 +465,17 @@ def run_bench(
         "matmul_peak_gflops": peak,
         "matmul_size": size,
         "mfu": achieved / peak,
+        "compile": cfg.train.compile,
     }
+    if parts_ms is not None:
+        result["parts_ms"] = parts_ms
+        result["sum_parts_ms"] = sum(parts_ms.values())
+        result["overhead_vs_parts"] = result["step_ms"] / result["sum_parts_ms"] - 1
+        result["parts_mfu"] = {  # each part's FLOP rate alone, over the matmul peak
+            name: parts[name] * batch_size / (ms / 1e3) / peak if ms else 0.0
+            for name, ms in parts_ms.items()
+        }
+    return result
 
 
 def format_report(result: Mapping[str, Any]) -> str:
@@ -402,11 +495,23 @@ def format_report(result: Mapping[str, Any]) -> str:
         (f"matmul peak ({r['matmul_size']}^3)", f"{r['matmul_peak_gflops']:.1f} GFLOP/s"),
         ("MFU", f"{100 * r['mfu']:.1f}%"),
     ]
+    if "parts_ms" in r:
+        rows += [
+            ("each part alone (eager)", ""),
+            *(
+                (f"  {k}", f"{v:.2f} ms  (MFU {100 * r['parts_mfu'][k]:.1f}%)")
+                for k, v in r["parts_ms"].items()
+                if v
+            ),
+            ("  sum of the parts", f"{r['sum_parts_ms']:.2f} ms"),
+            ("step over its parts", f"{100 * r['overhead_vs_parts']:+.1f}%"),
+        ]
     head = (
         f"dsmae bench: {r['method']} {r['arch']} (depth {r['depth']}, width {r['embed_dim']}, "
         f"{r['num_heads']} heads), {r['img_size']} px, patch {r['patch_size']}, "
         f"{r['in_chans']} channel(s), batch {r['batch_size']}\n"
         f"device: {r['device']}; {r['dtype']}; torch {r['torch']}"
+        + ("; torch.compile" if r["compile"] else "")
     )
     width = max(len(name) for name, _ in rows)
     return "\n".join([head, *(f"  {name:<{width}}  {value}" for name, value in rows)])

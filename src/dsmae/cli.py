@@ -1,4 +1,6 @@
-"""The ``dsmae`` command: ``dsmae pretrain``, ``dsmae linprobe`` and ``dsmae bench``.
+"""The ``dsmae`` command: pre-train (``pretrain``), evaluate (``linprobe``, ``knn``), look
+(``denoise``, ``plot``), take the encoder away (``export``, ``features``) and measure
+(``bench``).
 
 Common options are flags; any other config value is reachable with ``--set
 section.key=value`` or a YAML file (``--config``), on top of a ``--preset``.
@@ -13,8 +15,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from dsmae.checkpoint import CheckpointError
 from dsmae.config import ConfigError, available_presets, build_config, parse_assignment
 from dsmae.data.sources import DataError
+from dsmae.engine import DivergedError
+from dsmae.runtime import keep_freed_memory
 
 log = logging.getLogger("dsmae")
 
@@ -66,6 +71,11 @@ def _add_pretrain(sub: Any) -> None:
         p.add_argument(flag, type=kind, dest=_dest(flag), help=f"sets {key}")
     p.add_argument("--download", action="store_true", help="download a torchvision data set")
     p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip (and count) image files that cannot be read instead of stopping",
+    )
+    p.add_argument(
         "--resume",
         metavar="CHECKPOINT|auto",
         help="continue from a checkpoint; auto: the newest one in --out (none: start afresh)",
@@ -81,21 +91,127 @@ def _add_pretrain(sub: Any) -> None:
 
 def _add_linprobe(sub: Any) -> None:
     p = sub.add_parser("linprobe", help="linear-probe top-1 of a checkpoint's frozen encoder")
+    _add_frozen_data_flags(p)
+    p.add_argument("--epochs", type=int, help="probe epochs")
+    p.add_argument("--batch-size", type=int, help="probe batch size")
+    p.set_defaults(run=_run_linprobe)
+
+
+def _add_frozen_data_flags(p: argparse.ArgumentParser) -> None:
+    """The data flags of the protocols on frozen features (linprobe, knn)."""
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by dsmae pretrain")
     p.add_argument("--data", help="data set or image folder (default: the pre-training data)")
     p.add_argument("--data-root", help="where torchvision data sets live")
     p.add_argument("--download", action="store_true", help="download a torchvision data set")
     p.add_argument(
+        "--skip-bad-images", action="store_true", help="skip image files that cannot be read"
+    )
+    p.add_argument(
         "--random-init",
         action="store_true",
-        help="probe the same architecture at random initialisation (baseline)",
+        help="evaluate the same architecture at random initialisation (baseline)",
     )
     p.add_argument("--pool", choices=("token", "avg"), help="[CLS] token or mean of patch tokens")
-    p.add_argument("--epochs", type=int, help="probe epochs")
-    p.add_argument("--batch-size", type=int, help="probe batch size")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=_run_linprobe)
+
+
+def _add_finetune(sub: Any) -> None:
+    p = sub.add_parser(
+        "finetune", help="fine-tune a checkpoint's encoder fully (MAE's recipe); --random-init"
+    )
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by dsmae pretrain")
+    p.add_argument("--data", help="data set or image folder (default: the pre-training data)")
+    p.add_argument("--data-root", help="where torchvision data sets live")
+    p.add_argument("--download", action="store_true", help="download a torchvision data set")
+    p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument(
+        "--random-init", action="store_true", help="the same recipe from random init (scratch)"
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="YAML file of finetune/data/train values on top of the checkpoint's (repeatable)",
+    )
+    _add_set_flag(p, "any finetune/data/train value, e.g. finetune.layer_decay=0.65")
+    p.add_argument("--epochs", type=int, help="sets finetune.epochs")
+    p.add_argument("--batch-size", type=int, help="sets finetune.batch_size")
+    p.add_argument("--out", help="folder for metrics.jsonl and TensorBoard (default: none)")
+    p.add_argument("--device", help="sets train.device")
+    p.add_argument("--seed", type=int, help="sets train.seed")
+    p.set_defaults(run=_run_finetune)
+
+
+def _add_experiment(sub: Any) -> None:
+    from dsmae.experiments import GRIDS
+
+    p = sub.add_parser("experiment", help="run a grid of the paper (resumable) and write its table")
+    p.add_argument("name", choices=GRIDS, help="which table or figure")
+    p.add_argument("--datasets", nargs="+", help="subset of cifar10 cifar100 stl10")
+    p.add_argument("--archs", nargs="+", help="subset of vit_tiny vit_small vit_base")
+    p.add_argument("--epochs", type=int, help="pre-training epochs of every cell")
+    p.add_argument("--subset", type=int, help="pre-training images of every cell")
+    p.add_argument("--finetune-epochs", type=int)
+    p.add_argument("--probe-epochs", type=int)
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="DATASET=FOLDER",
+        help="read a data set from an image folder, e.g. cifar10=/data/cifar10 (repeatable)",
+    )
+    _add_set_flag(p, "any config value for every cell, e.g. model.patch_size=4")
+    p.add_argument("--device")
+    p.add_argument("--results", default="results", help="where tables and runs go (results)")
+    p.set_defaults(run=_run_experiment)
+
+
+def _add_knn(sub: Any) -> None:
+    p = sub.add_parser("knn", help="k-NN top-1 (cosine, temperature-weighted) on frozen features")
+    _add_frozen_data_flags(p)
+    p.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
+    p.add_argument("--temperature", type=float, default=0.07, help="vote temperature (0.07)")
+    p.set_defaults(run=_run_knn)
+
+
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser("export", help="write the encoder for timm: model.safetensors + config.json")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by dsmae pretrain")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--teacher", action="store_true", help="export the EMA teacher instead")
+    p.set_defaults(run=_run_export)
+
+
+def _add_features(sub: Any) -> None:
+    p = sub.add_parser("features", help="embeddings of every image of a folder, as .npy")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by dsmae pretrain")
+    p.add_argument("--data", required=True, help="a folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help="the .npy file (file names: OUT.files.txt)")
+    p.add_argument("--pool", choices=("token", "avg"), default="token")
+    p.add_argument("--teacher", action="store_true", help="use the EMA teacher")
+    p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_run_features)
+
+
+def _add_denoise(sub: Any) -> None:
+    p = sub.add_parser("denoise", help="noisy / denoised / original figure for any images")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by dsmae pretrain")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--out", default="denoise.png", help="the PNG to write (denoise.png)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corruption")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_run_denoise)
+
+
+def _add_plot(sub: Any) -> None:
+    p = sub.add_parser("plot", help="pre-training curves of a run folder as PNG")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of dsmae pretrain")
+    p.add_argument("--out", help="the PNG to write (default RUN_DIR/curves.png)")
+    p.set_defaults(run=_run_plot)
 
 
 def _add_bench(sub: Any) -> None:
@@ -112,6 +228,10 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (default)")
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--micro-batch", type=int, help="micro-batch (default: the whole batch)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model, as pretrain")
+    p.add_argument(
+        "--parts", action="store_true", help="also time each part alone (student, teacher, heads)"
+    )
     p.add_argument("--depth", type=int, help="encoder depth (default: from --arch)")
     p.add_argument("--embed-dim", type=int, help="encoder width (default: from --arch)")
     p.add_argument("--num-heads", type=int, help="encoder heads (default: from --arch)")
@@ -130,6 +250,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
             overrides[key] = value
     if args.download:
         overrides["data.download"] = True
+    if args.skip_bad_images:
+        overrides["data.skip_bad_images"] = True
     return build_config(args.preset, args.config, overrides)
 
 
@@ -169,6 +291,7 @@ def _run_linprobe(args: argparse.Namespace) -> None:
         data=args.data,
         data_root=args.data_root,
         download=args.download or None,
+        skip_bad_images=args.skip_bad_images or None,
         random_init=args.random_init,
         probe_overrides={k: v for k, v in changes.items() if v is not None},
         device=args.device,
@@ -178,12 +301,129 @@ def _run_linprobe(args: argparse.Namespace) -> None:
     print(f"linear probe top-1 ({label}, last epoch of {result.epochs}): {result.top1:.2f}%")
 
 
+def _run_finetune(args: argparse.Namespace) -> None:
+    from dsmae.checkpoint import load_checkpoint
+    from dsmae.config import config_from_dict, override_config
+    from dsmae.evaluation.finetune import finetune
+
+    overrides = dict(parse_assignment(a) for a in args.assign)
+    flags = {
+        "data.source": args.data,
+        "data.root": args.data_root,
+        "data.download": args.download or None,
+        "data.skip_bad_images": args.skip_bad_images or None,
+        "finetune.epochs": args.epochs,
+        "finetune.batch_size": args.batch_size,
+        "train.device": args.device,
+        "train.seed": args.seed,
+    }
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    saved = config_from_dict(load_checkpoint(args.checkpoint)["config"])
+    cfg = override_config(saved, args.config, overrides)
+    result = finetune(args.checkpoint, cfg, random_init=args.random_init, out=args.out)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    label = "random init (scratch)" if args.random_init else "pre-trained encoder"
+    print(
+        f"fine-tune top-1 ({label}, last epoch of {result.epochs}): {result.top1:.2f}% "
+        f"(best epoch, for reference only: {result.best_top1:.2f}% at epoch {result.best_epoch})"
+    )
+
+
+def _run_experiment(args: argparse.Namespace) -> None:
+    from dsmae.experiments import GridSettings, run_grid
+
+    data = {}
+    for item in args.data:
+        name, sep, folder = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--data {item!r} is not of the form DATASET=FOLDER")
+        data[name] = folder
+    settings = GridSettings(
+        datasets=args.datasets,
+        archs=args.archs,
+        epochs=args.epochs,
+        subset=args.subset,
+        finetune_epochs=args.finetune_epochs,
+        probe_epochs=args.probe_epochs,
+        data=data,
+        overrides=dict(parse_assignment(a) for a in args.assign),
+        device=args.device,
+    )
+    table = run_grid(args.name, settings, args.results)
+    print(table.read_text(), end="")
+    print(f"table: {table} (and {table.with_suffix('.csv')})")
+
+
+def _run_knn(args: argparse.Namespace) -> None:
+    from dsmae.evaluation.knn import knn_eval
+
+    result = knn_eval(
+        args.checkpoint,
+        k=args.k,
+        temperature=args.temperature,
+        pool=args.pool or "token",
+        data=args.data,
+        data_root=args.data_root,
+        download=args.download or None,
+        skip_bad_images=args.skip_bad_images or None,
+        random_init=args.random_init,
+        device=args.device,
+        seed=args.seed,
+    )
+    label = "random-init encoder" if args.random_init else "pre-trained encoder"
+    print(f"k-NN top-1 ({label}, k={result.k}, {result.pool}): {result.top1:.2f}%")
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from dsmae.export import export_encoder
+
+    out = export_encoder(args.checkpoint, args.out, teacher=args.teacher)
+    print(f"encoder written to {out}: model.safetensors, config.json")
+
+
+def _run_features(args: argparse.Namespace) -> None:
+    from dsmae.evaluation.frozen import folder_features
+
+    feats, names = folder_features(
+        args.checkpoint,
+        args.data,
+        args.out,
+        pool=args.pool,
+        teacher=args.teacher,
+        skip_bad_images=args.skip_bad_images,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    print(f"features: {feats}; their image files, in order: {names}")
+
+
+def _run_denoise(args: argparse.Namespace) -> None:
+    from dsmae.visualize import denoise_files
+
+    report = denoise_files(
+        args.checkpoint, args.images, args.out, seed=args.seed, device=args.device
+    )
+    print(
+        f"{report.figure}: {report.images} image(s); PSNR on the corrupted patches: input "
+        f"{report.psnr_input:.2f} dB, reconstruction {report.psnr_output:.2f} dB"
+    )
+
+
+def _run_plot(args: argparse.Namespace) -> None:
+    from dsmae.plots import plot_run
+
+    print(f"curves: {plot_run(args.run_dir, args.out)}")
+
+
 def _run_bench(args: argparse.Namespace) -> None:
     from dsmae.bench import format_report, run_bench, to_json
 
     overrides = dict(parse_assignment(a) for a in args.assign)
     if args.micro_batch is not None:
         overrides["train.micro_batch"] = args.micro_batch
+    if args.compile:
+        overrides["train.compile"] = True
     for key in ("depth", "embed_dim", "num_heads"):
         if getattr(args, key) is not None:
             overrides[f"model.{key}"] = getattr(args, key)
@@ -199,6 +439,7 @@ def _run_bench(args: argparse.Namespace) -> None:
         in_chans=args.in_chans,
         seed=args.seed,
         overrides=overrides,
+        parts_time=args.parts,
     )
     print(to_json(result) if args.json else format_report(result))
 
@@ -209,6 +450,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_pretrain(sub)
     _add_linprobe(sub)
+    _add_finetune(sub)
+    _add_knn(sub)
+    _add_experiment(sub)
+    _add_denoise(sub)
+    _add_plot(sub)
+    _add_export(sub)
+    _add_features(sub)
     _add_bench(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -216,9 +464,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    keep_freed_memory()
     try:
         args.run(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, CheckpointError, DivergedError, FileNotFoundError) as err:
         print(f"dsmae {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -75,6 +75,7 @@ class DataConfig:
     hflip: bool = True
     mean: list[float] | None = None  # None: measured on the pre-training images
     std: list[float] | None = None
+    skip_bad_images: bool = False  # skip (and count) unreadable files of a folder
 
 
 @dataclass
@@ -99,6 +100,9 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute encoder block activations in backward
     data_on_device: bool | None = None  # keep the uint8 data set on the GPU; None: on CUDA
     seed: int = 0
+    grad_clip: float = 0.0  # clip the gradient norm to this; 0: off
+    max_bad_steps: int = 10  # stop after this many consecutive non-finite steps; 0: never
+    dist_timeout_minutes: float = 15.0  # a rank waiting longer on the others fails
     checkpoint_every: int = 50  # epochs; 0: off
     checkpoint_minutes: float = 30.0  # also every this many minutes; 0: off
     keep_checkpoints: int = 3  # periodic checkpoints kept (the newest); 0: all
@@ -131,6 +135,30 @@ class ProbeConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Full fine-tuning (SPEC section 6): MAE's recipe, with its defaults for small data."""
+
+    epochs: int = 100
+    warmup_epochs: int = 5
+    batch_size: int = 128  # global; even (mixup pairs images)
+    base_lr: float = 1e-3  # AdamW, lr = base_lr * batch_size / 256
+    lr: float | None = None  # None: from base_lr
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75  # layer-wise lr decay; 1: none
+    drop_path: float = 0.1
+    mixup: float = 0.8  # alpha; 0: off
+    cutmix: float = 1.0  # alpha; 0: off
+    label_smoothing: float = 0.1
+    randaug_n: int = 2  # RandAugment ops per image; 0: off
+    randaug_m: int = 9  # and their magnitude
+    random_erase: float = 0.25  # probability
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    pool: str = "token"  # "token" ([CLS]) | "avg" (mean of patch tokens)
+    grad_clip: float = 0.0  # 0: off
+
+
+@dataclass
 class Config:
     """Everything one run needs; ``out`` is its output folder."""
 
@@ -139,6 +167,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     out: str = "runs/dsmae"
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,6 +239,31 @@ def build_config(
         _set_dotted(tree, key, value)
     cfg = config_from_dict(tree)
     return resolve(cfg)
+
+
+def override_config(
+    cfg: Config,
+    files: typing.Sequence[str | Path] = (),
+    overrides: typing.Mapping[str, Any] | None = None,
+    *,
+    fixed: tuple[str, ...] = ("model",),
+) -> Config:
+    """``cfg`` (e.g. a checkpoint's) with YAML files and dotted overrides on top, resolved.
+
+    Keys under the ``fixed`` sections are refused: a checkpoint's model cannot change.
+    """
+    tree = cfg.to_dict()
+    layers = [read_yaml(f) for f in files]
+    for layer in layers:
+        for section in fixed:
+            if section in layer:
+                raise ConfigError(f"{section}: fixed by the checkpoint; it cannot be changed")
+        _merge(tree, layer, prefix="")
+    for key, value in (overrides or {}).items():
+        if key.split(".")[0] in fixed:
+            raise ConfigError(f"{key}: fixed by the checkpoint; it cannot be changed")
+        _set_dotted(tree, key, value)
+    return resolve(config_from_dict(tree))
 
 
 def config_from_dict(tree: typing.Mapping[str, Any]) -> Config:
@@ -321,7 +375,11 @@ def resolve(cfg: Config, world_size: int | None = None) -> Config:
         lr=t.lr if t.lr is not None else t.base_lr * t.batch_size / 256,
         micro_batch=t.micro_batch if t.micro_batch is not None else per_device,
     )
-    out = dataclasses.replace(cfg, model=resolve_model(cfg.model), train=train)
+    f = cfg.finetune
+    finetune = dataclasses.replace(
+        f, lr=f.lr if f.lr is not None else f.base_lr * f.batch_size / 256
+    )
+    out = dataclasses.replace(cfg, model=resolve_model(cfg.model), train=train, finetune=finetune)
     validate(out, world)
     return out
 
@@ -438,6 +496,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         "train.device",
         f"must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}",
     )
+    _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0: off), got {t.grad_clip}")
+    _require(t.max_bad_steps >= 0, "train.max_bad_steps", f"must be >= 0, got {t.max_bad_steps}")
+    _require(t.dist_timeout_minutes > 0, "train.dist_timeout_minutes", "must be positive")
+    _require(
+        not (d.download and os.path.isdir(os.path.expanduser(d.source))),
+        "data.download",
+        f"data.source={d.source!r} is a folder; there is nothing to download",
+    )
     _require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
     _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
     _require(t.checkpoint_minutes >= 0, "train.checkpoint_minutes", "must be >= 0")
@@ -448,5 +514,31 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(mon.knn_temperature > 0, "monitor.knn_temperature", "must be positive")
     _require(mon.num_images >= 1, "monitor.num_images", "must be >= 1")
     _check_choice("probe.pool", p.pool, ("token", "avg"))
+    ft = cfg.finetune
+    _check_choice("finetune.pool", ft.pool, ("token", "avg"))
+    _require(ft.epochs >= 1, "finetune.epochs", f"must be >= 1, got {ft.epochs}")
+    _require(
+        ft.batch_size >= 2 and ft.batch_size % (2 * world_size) == 0,
+        "finetune.batch_size",
+        f"must be a positive multiple of 2 x {world_size} processes (mixup pairs images), "
+        f"got {ft.batch_size}",
+    )
+    _require(ft.lr is not None and ft.lr > 0, "finetune.lr", f"must be positive, got {ft.lr}")
+    _require(
+        0 < ft.layer_decay <= 1, "finetune.layer_decay", f"must be in (0, 1], got {ft.layer_decay}"
+    )
+    _require(0 <= ft.drop_path < 1, "finetune.drop_path", f"must be in [0, 1), got {ft.drop_path}")
+    for key in ("mixup", "cutmix"):
+        _require(getattr(ft, key) >= 0, f"finetune.{key}", "must be >= 0 (0: off)")
+    _require(0 <= ft.label_smoothing < 1, "finetune.label_smoothing", "must be in [0, 1)")
+    _require(ft.randaug_n >= 0, "finetune.randaug_n", "must be >= 0 (0: off)")
+    _require(0 <= ft.randaug_m <= 30, "finetune.randaug_m", "must be in [0, 30]")
+    _require(0 <= ft.random_erase <= 1, "finetune.random_erase", "must be in [0, 1]")
+    flo, fhi = ([*ft.crop_scale, None, None])[:2]
+    _require(
+        len(ft.crop_scale) == 2 and 0 < flo <= fhi <= 1,
+        "finetune.crop_scale",
+        f"must be [min, max] with 0 < min <= max <= 1, got {ft.crop_scale}",
+    )
     _require(p.epochs >= 1, "probe.epochs", f"must be >= 1, got {p.epochs}")
     _require(p.batch_size >= 1, "probe.batch_size", f"must be >= 1, got {p.batch_size}")

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
 
 from dsmae import distributed
-from dsmae.checkpoint import load_checkpoint, save_checkpoint
+from dsmae.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from dsmae.config import Config, ConfigError, TrainConfig, config_from_dict
 from dsmae.data.augment import crop_boxes
 from dsmae.data.pipeline import (
@@ -60,9 +61,16 @@ RESUMABLE_CHANGES = (
     "train.checkpoint_minutes",
     "train.keep_checkpoints",
     "train.log_every",
+    "train.max_bad_steps",
+    "train.dist_timeout_minutes",
     "monitor",
     "probe",
+    "finetune",
 )
+
+
+class DivergedError(RuntimeError):
+    """Pre-training stopped: too many consecutive steps with a non-finite loss or gradient."""
 
 
 @dataclass
@@ -145,9 +153,15 @@ def train_step(
             drawn from ``generator`` inside the model when None.
         grad_clip: clip the gradient norm to this value (0: no clipping).
 
+    A step whose gradient norm is not finite (a NaN or infinite loss or gradient,
+    overflow under bf16) changes nothing: the optimizer does not step. Under
+    DistributedDataParallel the norm is that of the all-reduced gradient, so every process
+    makes the same choice.
+
     Returns:
-        the batch's mean ``loss`` (and ``loss_y``/``loss_z`` where the method has them) and
-        ``grad_norm``, as detached 0-d tensors on the device (reading them synchronises).
+        the batch's mean ``loss`` (and ``loss_y``/``loss_z`` where the method has them),
+        ``grad_norm`` (before clipping) and ``finite`` (bool: whether the optimizer
+        stepped), as detached 0-d tensors on the device.
     """
     micro_batch = micro_batch or images.shape[0]
     chunks = range(0, images.shape[0], micro_batch)
@@ -175,7 +189,11 @@ def train_step(
                 totals[name] = totals.get(name, 0) + value.detach().float() / accum
     params = [p for p in model.parameters() if p.grad is not None]
     totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
-    optimizer.step()
+    totals["finite"] = torch.isfinite(totals["grad_norm"])
+    if totals["finite"]:  # synchronises with the device once per step
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
     return totals
 
 
@@ -206,18 +224,24 @@ def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -
 
 
 def find_resume_checkpoint(out: Path) -> Path | None:
-    """The checkpoint of ``out`` with the most steps (periodic ones or ``last.pt``)."""
-    best: tuple[int, Path] | None = None
-    for path in out.glob("checkpoint-*.pt"):
-        match = CHECKPOINT_PATTERN.fullmatch(path.name)
-        if match and (best is None or int(match.group(1)) > best[0]):
-            best = (int(match.group(1)), path)
+    """The readable checkpoint of ``out`` with the most steps (periodic ones or ``last.pt``).
+
+    A checkpoint that cannot be read (truncated by a copy, a damaged disk) is skipped with
+    a warning, so the run resumes from the one before it. The temporary file of an
+    interrupted write (``.NAME.tmp``) is never a candidate.
+    """
     last = out / "last.pt"
-    if last.is_file():
-        step = int(load_checkpoint(last)["step"])
-        if best is None or step >= best[0]:
-            best = (step, last)
-    return None if best is None else best[1]
+    paths = [p for p in out.glob("checkpoint-*.pt") if CHECKPOINT_PATTERN.fullmatch(p.name)]
+    paths += [last] if last.is_file() else []
+    readable: list[tuple[int, bool, Path]] = []
+    for path in paths:
+        try:
+            step = int(load_checkpoint(path)["step"])
+        except CheckpointError as err:
+            log.warning("skipping an unreadable checkpoint: %s", err)
+            continue
+        readable.append((step, path == last, path))  # at equal steps, last.pt wins
+    return max(readable)[2] if readable else None
 
 
 @dataclass
@@ -238,6 +262,9 @@ class _Run:
     step: int = 0
     last: dict[str, Any] = dataclasses.field(default_factory=dict)  # last metrics line
     last_save: float = dataclasses.field(default_factory=time.monotonic)
+    last_checkpoint: Path | None = None  # the newest checkpoint written or resumed from
+    bad_in_a_row: int = 0  # consecutive steps skipped for a non-finite gradient
+    skipped: int = 0  # steps skipped so far in this process's run
 
     @property
     def total_steps(self) -> int:
@@ -247,7 +274,15 @@ class _Run:
 def _setup(cfg: Config, resume: str | None, force: bool) -> _Run:
     """Join the processes, load the data, build the model, restore a checkpoint."""
     t = cfg.train
-    proc, device = distributed.setup(t.device)
+    out = Path(cfg.out)
+    proc, device = distributed.setup(t.device, t.dist_timeout_minutes)
+    if proc.is_main:
+        check_writable(out)
+    state, resumed_from = _resume_state(cfg, out, resume, force)
+    if state is not None:  # normalise as the run did, not with freshly measured values
+        saved = state["config"]["data"]
+        mean, std = cfg.data.mean or saved["mean"], cfg.data.std or saved["std"]
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mean=mean, std=std))
     images = load_split(cfg.data, cfg.model, "pretrain").images
     steps_per_epoch = len(images) // t.batch_size
     if steps_per_epoch == 0:
@@ -255,8 +290,6 @@ def _setup(cfg: Config, resume: str | None, force: bool) -> _Run:
             f"train.batch_size={t.batch_size} is larger than the {len(images)} pre-training images"
         )
     cfg = resolve_data_stats(cfg, images)
-    out = Path(cfg.out)
-    state = _resume_state(cfg, out, resume, force)
 
     torch.manual_seed(t.seed)  # weight initialisation, identical on every process
     model = DSMAE(cfg.model).to(device).train()
@@ -264,7 +297,7 @@ def _setup(cfg: Config, resume: str | None, force: bool) -> _Run:
         model.encoder.set_grad_checkpointing(True)
     optimizer = build_optimizer(model, t, device)
     if state is not None:
-        model.load_state_dict(state["model"])
+        load_weights(model, state["model"], str(resumed_from))
         optimizer.load_state_dict(state["optimizer"])
     sample = eval_batch(images[:2], cfg.model.img_size, cfg.data.mean, cfg.data.std).to(device)
     flops = train_flops_per_image(model, sample)
@@ -296,21 +329,39 @@ def _setup(cfg: Config, resume: str | None, force: bool) -> _Run:
         steps_per_epoch=steps_per_epoch,
         flops_per_image=flops,
         step=0 if state is None else int(state["step"]),
+        last_checkpoint=resumed_from,
     )
 
 
-def _resume_state(cfg: Config, out: Path, resume: str | None, force: bool) -> dict | None:
-    """The checkpoint to resume from (``resume``: a path, or "auto" for the newest in
-    ``out``), after checking that it was made with the same settings."""
+def check_writable(out: Path) -> None:
+    """Refuse an output folder that cannot be created or written, before any work."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"out={str(out)!r} is not a writable folder: {err}") from None
+
+
+def _resume_state(
+    cfg: Config, out: Path, resume: str | None, force: bool
+) -> tuple[dict | None, Path | None]:
+    """The checkpoint to resume from (``resume``: a path, or "auto" for the newest
+    readable one in ``out``) and its path, after checking that it was made with the same
+    settings (``data.mean``/``data.std`` left to measure are taken from it)."""
     if resume is None:
-        return None
+        return None, None
     path = find_resume_checkpoint(out) if resume == "auto" else Path(resume)
     if path is None:
         log.info("no checkpoint in %s: starting from scratch", out)
-        return None
+        return None, None
     state = load_checkpoint(path)
     saved = config_from_dict(state["config"]).to_dict()
     current = cfg.to_dict()
+    for key in ("mean", "std"):  # measured on the data when not given: the run's own values
+        if current["data"][key] is None:
+            current["data"][key] = saved["data"][key]
     for key in RESUMABLE_CHANGES:
         *parents, leaf = key.split(".")
         for tree in (saved, current):
@@ -325,7 +376,7 @@ def _resume_state(cfg: Config, out: Path, resume: str | None, force: bool) -> di
             + "; ".join(diffs)
         )
     log.info("resuming from %s at step %d", path, state["step"])
-    return state
+    return state, path
 
 
 def _batch(run: _Run, step: int, order: torch.Tensor) -> tuple[torch.Tensor, Corruption]:
@@ -355,7 +406,14 @@ def _save(run: _Run, path: Path) -> Path:
         "step": run.step,
         "epoch": run.step // run.steps_per_epoch,
     }
-    save_checkpoint(path, state)
+    try:
+        save_checkpoint(path, state)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"{err}. The last good checkpoint is {run.last_checkpoint or 'none yet'}: free some "
+            "space (or fix the folder) and continue with --resume auto."
+        ) from None
+    run.last_checkpoint = path
     keep = run.cfg.train.keep_checkpoints
     periodic = sorted(run.out.glob("checkpoint-*.pt"))
     for old in periodic[: max(len(periodic) - keep, 0)] if keep else []:
@@ -425,10 +483,13 @@ def _train(run: _Run, started: float) -> PretrainResult:
                 mask=corruption.mask,
                 eps=corruption.eps,
                 amp=run.amp,
+                grad_clip=t.grad_clip,
             )
             momentum = momentum_at(step, run.total_steps, t.momentum_start, t.momentum_end)
-            if t.ema_every == "step":
+            finite = bool(losses.pop("finite"))
+            if finite and t.ema_every == "step":
                 run.model.update_teacher(momentum)
+            _count_bad_step(run, step, finite, losses)
             run.step = step + 1
             bar.update(t.batch_size)
             if run.step % t.log_every == 0 or run.step == run.total_steps:
@@ -437,6 +498,7 @@ def _train(run: _Run, started: float) -> PretrainResult:
                 run.last = {"step": run.step, "epoch": epoch, "lr": lr, "momentum": momentum}
                 run.last.update({k: v.item() for k, v in losses.items()})  # synchronises
                 run.last["img_per_s"] = (run.step - timer[1]) * t.batch_size / (now - timer[0])
+                run.last["skipped_steps"] = run.skipped
                 if run.device.type == "cuda":
                     run.last["peak_mem_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
                 timer = (now, run.step)
@@ -466,6 +528,31 @@ def _train(run: _Run, started: float) -> PretrainResult:
     seconds = time.perf_counter() - started
     log.info("pre-training done in %.0f s: %s", seconds, checkpoint)
     return PretrainResult(run.out, checkpoint, cfg, run.last, seconds)
+
+
+def _count_bad_step(run: _Run, step: int, finite: bool, losses: dict[str, torch.Tensor]) -> None:
+    """Count a step skipped for a non-finite gradient; stop after too many in a row.
+
+    Raises:
+        DivergedError: ``train.max_bad_steps`` consecutive steps were non-finite. Nothing
+            is saved, so the last good checkpoint stays as it was.
+    """
+    if finite:
+        run.bad_in_a_row = 0
+        return
+    run.bad_in_a_row += 1
+    run.skipped += 1
+    values = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
+    log.warning("step %d skipped: non-finite gradient (%s)", step + 1, values)
+    limit = run.cfg.train.max_bad_steps
+    if limit and run.bad_in_a_row >= limit:
+        last = run.last_checkpoint or "none yet"
+        raise DivergedError(
+            f"stopped at step {step + 1}: {run.bad_in_a_row} steps in a row had a non-finite "
+            f"loss or gradient ({values}). The last good checkpoint is {last}. Try a lower "
+            "train.base_lr, train.grad_clip (e.g. 1.0), or more train.warmup_epochs, then "
+            "resume from it with --resume (and --force, as the settings changed)."
+        )
 
 
 def _end_of_epoch(

@@ -11,8 +11,8 @@ import torch
 from dsmae.config import Config
 from dsmae.data.pipeline import eval_batch, load_split
 from dsmae.data.sources import DataError, ImageTensors
+from dsmae.evaluation.frozen import extract_features
 from dsmae.evaluation.knn import knn_accuracy
-from dsmae.evaluation.linprobe import extract_features
 from dsmae.metrics import MetricsLog
 from dsmae.models import DSMAE
 from dsmae.runtime import generator
@@ -120,6 +120,6 @@ class Monitor:
         result = denoise(model, images, generator(self.cfg.train.seed, self.device))
         if result is None:
             return None
-        columns = [to_uint8_images(x, d.mean, d.std) for x in (*result, images)]
+        columns = [to_uint8_images(x, d.mean, d.std) for x in (*result[:2], images)]
         scale = max(1, 96 // images.shape[-1])
         return np.asarray(triplet_grid(columns, per_row=2, scale=scale).convert("RGB"))

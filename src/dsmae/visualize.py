@@ -9,17 +9,25 @@ of the same image.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-from dsmae.data.augment import denormalize
+from dsmae.checkpoint import load_checkpoint, load_weights
+from dsmae.config import ConfigError, config_from_dict
+from dsmae.data.augment import denormalize, normalize, to_unit_float
+from dsmae.data.sources import decode_files
 from dsmae.losses import PATCH_NORM_EPS
 from dsmae.models import DSMAE
+from dsmae.noise import pixel_mask
 from dsmae.patches import patchify, unpatchify
+from dsmae.runtime import generator, resolve_device
 
 
 def estimate_patch_stats(
@@ -49,18 +57,27 @@ def estimate_patch_stats(
     return mean, torch.sqrt(var + PATCH_NORM_EPS)
 
 
+class Reconstruction(NamedTuple):
+    """What :func:`denoise` gives: the student's input (noisy or masked) and the
+    reconstruction, each (B, C, H, W) normalised, and the corruption mask (B, N)."""
+
+    noisy: torch.Tensor
+    restored: torch.Tensor
+    mask: torch.Tensor
+
+
 @torch.no_grad()
 def denoise(
     model: DSMAE, images: torch.Tensor, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+) -> Reconstruction | None:
     """Corrupt ``images`` as in pre-training and reconstruct them.
 
     Args:
         images: (B, C, H, W) normalised.
 
     Returns:
-        the student's input and the reconstruction (clean patches kept, corrupted ones
-        predicted), each (B, C, H, W) normalised; None for a model without a decoder.
+        the student's input, the reconstruction (clean patches kept, corrupted ones
+        predicted) and the mask; None for a model without a decoder.
     """
     was_training = model.training
     model.eval()
@@ -77,7 +94,7 @@ def denoise(
         )
         pred = pred * std + mean
     patches = torch.where(out.mask.unsqueeze(-1), pred, patchify(images, p))
-    return out.noisy, unpatchify(patches, p, c)
+    return Reconstruction(out.noisy, unpatchify(patches, p, c), out.mask)
 
 
 def to_uint8_images(
@@ -130,9 +147,103 @@ def save_denoise_figure(
     result = denoise(model, images, generator)
     if result is None:
         return None
-    noisy, restored = result
-    columns = [to_uint8_images(x, mean, std) for x in (noisy, restored, images)]
+    columns = [to_uint8_images(x, mean, std) for x in (result.noisy, result.restored, images)]
     scale = max(1, 96 // images.shape[-1])
     path = Path(path)
     triplet_grid(columns, per_row=2, scale=scale).save(path)
     return path
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1] over the pixels ``where``
+    (bool, broadcastable to the images): ``10 log10(1 / MSE)``."""
+    where = where.expand_as(a)
+    mse = (a - b)[where].double().pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+
+
+@dataclass
+class DenoiseReport:
+    """``dsmae denoise``: the figure and the PSNR (dB) against the original, over the
+    corrupted patches only, of the student's input and of the reconstruction."""
+
+    figure: Path
+    method: str
+    images: int
+    psnr_input: float
+    psnr_output: float
+
+
+def denoise_files(
+    checkpoint: str | Path,
+    files: Sequence[str | Path],
+    out: str | Path,
+    *,
+    seed: int = 0,
+    device: str = "auto",
+) -> DenoiseReport:
+    """The Fig. 2 layout for any image files: noisy / denoised / original (for ``mae``:
+    masked / reconstructed / original), with the PSNR of input and reconstruction.
+
+    Each image is resized (shorter side) and centre-cropped to the checkpoint's image
+    size and normalised as in pre-training; the corruption is drawn from ``seed``. The
+    normalised-pixel prediction is brought back to pixels from the noisy patch's own
+    statistics (:func:`estimate_patch_stats`), never from the clean image.
+
+    Raises:
+        ConfigError: the checkpoint's method has no pixel decoder (``dsmae-lz``).
+    """
+    state = load_checkpoint(checkpoint)
+    cfg = config_from_dict(state["config"])
+    m, d = cfg.model, cfg.data
+    if m.method == "dsmae-lz":
+        raise ConfigError(
+            f"{checkpoint} was pre-trained with dsmae-lz, which has no pixel decoder: it "
+            "cannot reconstruct images"
+        )
+    dev = resolve_device(device)
+    model = DSMAE(m)
+    load_weights(model, state["model"], str(checkpoint))
+    model.to(dev)
+    images, _ = decode_files([Path(f) for f in files], channels=m.in_chans, size=m.img_size)
+    x = normalize(to_unit_float(images.to(dev)), d.mean, d.std)
+    result = denoise(model, x, generator(seed, dev))
+    assert result is not None
+    shown = [denormalize(t.float(), d.mean, d.std).clamp(0, 1) for t in (*result[:2], x)]
+    where = pixel_mask(result.mask, m.patch_size)
+    report = DenoiseReport(
+        figure=Path(out),
+        method=m.method,
+        images=len(images),
+        psnr_input=psnr(shown[0], shown[2], where),
+        psnr_output=psnr(shown[1], shown[2], where),
+    )
+    columns = [to_uint8_images(t, d.mean, d.std) for t in (*result[:2], x)]
+    grid = triplet_grid(columns, per_row=2, scale=max(1, 96 // m.img_size)).convert("RGB")
+    first = "masked" if m.method == "mae" else "noisy"
+    caption = (
+        f"{first} / reconstructed / original. PSNR on the corrupted patches: "
+        f"input {report.psnr_input:.1f} dB, reconstruction {report.psnr_output:.1f} dB"
+    )
+    _with_caption(grid, caption).save(report.figure)
+    return report
+
+
+def _with_caption(image: Image.Image, text: str) -> Image.Image:
+    """``image`` with ``text`` in a white strip below it (wrapped to its width)."""
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(image)
+    words, lines = text.split(), [""]
+    for word in words:
+        candidate = f"{lines[-1]} {word}".strip()
+        if draw.textlength(candidate, font=font) <= image.width - 8 or not lines[-1]:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    line_h = 14
+    canvas = Image.new("RGB", (image.width, image.height + line_h * len(lines) + 6), "white")
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((4, image.height + 3 + i * line_h), line, fill="black", font=font)
+    return canvas

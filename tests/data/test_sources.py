@@ -219,6 +219,62 @@ def test_folder_corrupt_file(tmp_path: Path) -> None:
         load_images(str(tmp_path), "train", root="unused")
 
 
+def test_folder_truncated_jpeg_names_the_file_or_is_skipped(tmp_path: Path, caplog) -> None:
+    for i in range(3):
+        _save_image(tmp_path / f"ok{i}.jpg", 6, 6, seed=i)
+    whole = (tmp_path / "ok0.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # a download cut short
+    with pytest.raises(DataError, match=r"cut\.jpg.*--skip-bad-images"):
+        load_images(str(tmp_path), "train", root="unused")
+    data = load_images(str(tmp_path), "train", root="unused", skip_bad=True)
+    assert len(data) == 3 and data.labels.tolist() == [-1, -1, -1]
+    assert "skipped 1 unreadable image(s) of 4" in caplog.text and "cut.jpg" in caplog.text
+
+
+def test_skipping_keeps_labels_aligned(tmp_path: Path) -> None:
+    _save_image(tmp_path / "cat" / "a.png", 4, 4, seed=1)
+    (tmp_path / "cat" / "b.png").write_bytes(b"broken")
+    dog = _save_image(tmp_path / "dog" / "c.png", 4, 4, seed=2)
+    data = load_images(str(tmp_path), "train", root="unused", skip_bad=True)
+    assert data.labels.tolist() == [0, 1] and data.classes == ("cat", "dog")
+    assert torch.equal(data.images[1], torch.from_numpy(dog).permute(2, 0, 1))
+
+
+def test_folder_where_no_file_is_readable(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"broken")
+    with pytest.raises(DataError, match="None of the 1 image files"):
+        load_images(str(tmp_path), "train", root="unused", skip_bad=True)
+
+
+def test_every_image_mode_is_converted(tmp_path: Path) -> None:
+    """Grey, grey+alpha, RGBA, palette, 1-bit, CMYK and 16-bit files all load as RGB."""
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 5, 3), dtype=np.uint8)
+    base = Image.fromarray(rgb)
+    base.convert("L").save(tmp_path / "grey.png")
+    base.convert("LA").save(tmp_path / "grey_alpha.png")
+    base.convert("RGBA").save(tmp_path / "rgba.png")
+    base.convert("P").save(tmp_path / "palette.png")
+    base.convert("1").save(tmp_path / "bilevel.png")
+    base.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    wide = np.array([[0, 257, 32896, 65535, 65535]] * 5, dtype=np.uint16)  # 0, 1, 128, 255
+    Image.fromarray(wide).save(tmp_path / "sixteen.png")
+    data = load_images(str(tmp_path), "train", root="unused")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert data.images.shape == (7, 3, 5, 5)
+    images = dict(zip(names, data.images, strict=True))
+    assert torch.equal(images["rgba.png"], torch.from_numpy(rgb).permute(2, 0, 1))
+    grey = torch.from_numpy(np.array(base.convert("L")))
+    assert torch.equal(images["grey_alpha.png"][0], grey)
+    assert torch.equal(images["sixteen.png"][:, 0], torch.tensor([[0, 1, 128, 255, 255]] * 3))
+    assert images["cmyk.jpg"].float().std() > 10  # real content, not a blank
+
+
+def test_images_smaller_than_the_crop_are_resized(tmp_path: Path) -> None:
+    _save_image(tmp_path / "tiny.png", 3, 4)
+    data = load_images(str(tmp_path), "train", root="unused", size=16)
+    assert data.images.shape == (1, 3, 16, 16)
+
+
 # --------------------------------------------------------------------------------------------
 # argument checks
 

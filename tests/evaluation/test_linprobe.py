@@ -3,9 +3,10 @@ import json
 import pytest
 import torch
 
-from dsmae.config import ProbeConfig, build_config
-from dsmae.engine import pretrain
-from dsmae.evaluation.linprobe import extract_features, linprobe, load_encoder, train_linear_probe
+from dsmae.config import ProbeConfig
+from dsmae.evaluation.frozen import extract_features
+from dsmae.evaluation.linprobe import linprobe, train_linear_probe
+from dsmae.export import encoder_from_checkpoint
 
 
 def test_probe_learns_separable_features_and_reports_the_last_epoch():
@@ -36,28 +37,12 @@ def test_probe_cannot_beat_chance_on_random_labels():
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("probe") / "run"
-    cfg = build_config(
-        "quickstart",
-        overrides={
-            "model.depth": 1,
-            "model.embed_dim": 32,
-            "model.num_heads": 2,
-            "model.decoder_depth": 1,
-            "model.regressor_depth": 1,
-            "model.patch_size": 4,
-            "data.subset": 128,
-            "train.epochs": 1,
-            "train.warmup_epochs": 0,
-            "out": str(out),
-        },
-    )
-    return pretrain(cfg).checkpoint
+def tiny_checkpoint(digits_run):
+    return digits_run / "last.pt"
 
 
 def test_features_are_frozen_encoder_outputs(tiny_checkpoint):
-    encoder, cfg = load_encoder(tiny_checkpoint)
+    encoder, cfg = encoder_from_checkpoint(tiny_checkpoint)
     images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
     size = cfg.model.img_size
     token = extract_features(encoder, images, size=size, mean=cfg.data.mean, std=cfg.data.std)
@@ -79,8 +64,8 @@ def test_linprobe_writes_json_beside_the_checkpoint(tiny_checkpoint):
 
 
 def test_random_init_ignores_the_weights_but_keeps_the_architecture(tiny_checkpoint):
-    trained, _ = load_encoder(tiny_checkpoint)
-    fresh, _ = load_encoder(tiny_checkpoint, random_init=True)
+    trained, _ = encoder_from_checkpoint(tiny_checkpoint)
+    fresh, _ = encoder_from_checkpoint(tiny_checkpoint, random_init=True)
     assert trained.state_dict().keys() == fresh.state_dict().keys()
     w = "blocks.0.attn.qkv.weight"
     assert not torch.equal(trained.state_dict()[w], fresh.state_dict()[w])

@@ -33,6 +33,7 @@ def load_split(data: DataConfig, model: ModelConfig, split: str) -> ImageTensors
         download=data.download,
         channels=model.in_chans,
         size=model.img_size,
+        skip_bad=data.skip_bad_images,
     )
     if split == "pretrain" and data.subset is not None and data.subset < len(tensors):
         # a fixed random sample (folders are read in class order, so not the first N)

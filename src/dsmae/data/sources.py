@@ -65,7 +65,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-__all__ = ["DATASETS", "SPLITS", "DataError", "ImageTensors", "load_images"]
+__all__ = [
+    "DATASETS",
+    "SPLITS",
+    "DataError",
+    "ImageTensors",
+    "decode_files",
+    "find_image_files",
+    "load_images",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +142,7 @@ def load_images(
     download: bool = False,
     channels: int = 3,
     size: int | None = None,
+    skip_bad: bool = False,
 ) -> ImageTensors:
     """Load one split of a data set into memory.
 
@@ -146,6 +155,8 @@ def load_images(
         size: folders only: resize the shorter side to ``size`` (bilinear, antialiased) and
             centre-crop ``size x size``. ``None`` keeps the native size, which must then be
             the same for all images of the folder. Ignored for named data sets.
+        skip_bad: folders only: leave out files that cannot be decoded (counted in a
+            warning) instead of raising.
 
     Returns:
         :class:`ImageTensors` with images (N, channels, H, W) ``uint8`` and labels (N,)
@@ -174,7 +185,7 @@ def load_images(
                 f"{', '.join(DATASETS)} nor an existing folder. Pass one of these names or "
                 "the path to a folder of images."
             )
-        return _load_folder(folder, split, channels, size)
+        return _load_folder(folder, split, channels, size, skip_bad)
     return ImageTensors(_convert_channels(data.images, channels), data.labels, data.classes)
 
 
@@ -362,27 +373,63 @@ def _resize_centre_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """High-bit-depth grey (16-bit ``I;16*``, 32-bit ``I``, float ``F``) -> 8-bit ``L``,
+    scaled to the full range (PIL's own ``convert`` would clip everything above 255).
+
+    16-bit images use 0..65535; ``I`` uses 0..65535 when any value exceeds 255 (else it
+    is already 8-bit); ``F`` uses 0..1 when no value exceeds 1, else 0..255.
+    """
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img
+    arr = np.asarray(img, dtype=np.float64)
+    peak = arr.max(initial=0.0)
+    if img.mode.startswith("I;16") or (img.mode == "I" and peak > 255):
+        top = 65535.0
+    elif img.mode == "F" and peak <= 1:
+        top = 1.0
+    else:
+        top = 255.0
+    return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+
+
 def _decode(path: Path, mode: str, size: int | None) -> np.ndarray:
-    """One file -> (C, H, W) uint8 array."""
+    """One file -> (C, H, W) uint8 array, whatever its mode (grey, palette, RGBA, CMYK,
+    16-bit; alpha is dropped)."""
     try:
         with Image.open(path) as raw:
-            img = raw.convert(mode)
+            img = _to_8bit(raw).convert(mode)
     except Exception as err:  # PIL raises many types for bad files
-        raise DataError(f"Cannot read image {path}: {err}. Remove or replace this file.") from err
+        raise DataError(
+            f"Cannot read image {path}: {err}. Remove or replace this file, or pass "
+            "--skip-bad-images to skip unreadable files."
+        ) from None
     if size is not None:
         img = _resize_centre_crop(img, size)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _decode_chunk(paths: Sequence[Path], mode: str, size: int | None) -> list[np.ndarray]:
-    return [_decode(p, mode, size) for p in paths]
+def _decode_chunk(
+    paths: Sequence[Path], mode: str, size: int | None, skip_bad: bool
+) -> list[np.ndarray | DataError]:
+    """Decode each path; with ``skip_bad``, an unreadable file gives its DataError."""
+    out: list[np.ndarray | DataError] = []
+    for path in paths:
+        try:
+            out.append(_decode(path, mode, size))
+        except DataError as err:
+            if not skip_bad:
+                raise
+            out.append(err)
+    return out
 
 
 def _decode_all(
-    paths: Sequence[Path], mode: str, size: int | None, desc: str
-) -> Generator[np.ndarray, None, None]:
-    """Decode ``paths`` in a thread pool, yielding (C, H, W) arrays in order.
+    paths: Sequence[Path], mode: str, size: int | None, desc: str, skip_bad: bool = False
+) -> Generator[np.ndarray | DataError, None, None]:
+    """Decode ``paths`` in a thread pool, yielding (C, H, W) arrays in order (or, with
+    ``skip_bad``, the DataError of an unreadable file in its place).
 
     Files go to the threads in chunks, which keeps the per-file overhead low for tiny images;
     PIL releases the GIL while decoding, which makes the threads pay off for larger ones.
@@ -391,7 +438,8 @@ def _decode_all(
     workers = min(16, (os.cpu_count() or 1) + 2, len(chunks))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dsmae-decode")
     try:
-        results = pool.map(_decode_chunk, chunks, [mode] * len(chunks), [size] * len(chunks))
+        n = len(chunks)
+        results = pool.map(_decode_chunk, chunks, [mode] * n, [size] * n, [skip_bad] * n)
         with tqdm(total=len(paths), unit="img", desc=desc, disable=None) as bar:
             for arrays in results:
                 yield from arrays
@@ -400,8 +448,12 @@ def _decode_all(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _load_folder(folder: Path, split: str, channels: int, size: int | None) -> ImageTensors:
-    """Decode one split of a folder: images (N, channels, H, W) uint8, labels (N,) int64."""
+def _load_folder(
+    folder: Path, split: str, channels: int, size: int | None, skip_bad: bool = False
+) -> ImageTensors:
+    """Decode one split of a folder: images (N, channels, H, W) uint8, labels (N,) int64.
+
+    With ``skip_bad``, unreadable files are left out, counted and named in a warning."""
     split_dir, all_splits = _split_folders(folder, split)
     paths = _find_images(split_dir)
     if not paths:
@@ -426,19 +478,83 @@ def _load_folder(folder: Path, split: str, channels: int, size: int | None) -> I
         f"{len(classes)} classes" if classes else "unlabelled",
     )
 
+    images, kept = decode_files(paths, channels=channels, size=size, skip_bad=skip_bad)
+    return ImageTensors(images, labels[kept] if len(kept) < len(paths) else labels, classes)
+
+
+def decode_files(
+    paths: Sequence[Path],
+    *,
+    channels: int = 3,
+    size: int | None = None,
+    skip_bad: bool = False,
+) -> tuple[torch.Tensor, list[int]]:
+    """Decode image files (any mode; see the module docstring) into one tensor.
+
+    Args:
+        paths: the files, at least one.
+        channels: 1 or 3.
+        size: resize the shorter side to ``size`` and centre-crop ``size x size``; None:
+            native size, which must be the same for all.
+        skip_bad: leave out unreadable files (counted in a warning) instead of raising.
+
+    Returns:
+        images (M, channels, H, W) uint8 and the indices into ``paths`` of the M files
+        decoded (all of them unless ``skip_bad``).
+
+    Raises:
+        DataError: an unreadable file (naming it), images of different sizes, or no
+            readable file at all.
+    """
+    where = os.path.commonpath([str(p) for p in paths]) if paths else "."
     mode = "L" if channels == 1 else "RGB"
     out: np.ndarray | None = None
-    with closing(_decode_all(paths, mode, size, f"decoding {split_dir}")) as decoded:
+    good: list[int] = []
+    bad: list[DataError] = []
+    decoded = _decode_all(paths, mode, size, f"decoding {where}", skip_bad)
+    with closing(decoded):
         for i, arr in enumerate(decoded):
+            if isinstance(arr, DataError):
+                bad.append(arr)
+                continue
             if out is None:
                 out = np.empty((len(paths), *arr.shape), dtype=np.uint8)
+                first = paths[i]
             elif arr.shape != out.shape[1:]:
                 raise DataError(
-                    f"Images in {split_dir} have different sizes: {paths[0]} is "
+                    f"Images in {where} have different sizes: {first} is "
                     f"{out.shape[3]}x{out.shape[2]} but {paths[i]} is "
                     f"{arr.shape[2]}x{arr.shape[1]} (width x height). Pass a size to resize "
                     "and centre-crop them all to one size."
                 )
-            out[i] = arr
-    assert out is not None
-    return ImageTensors(torch.from_numpy(out), labels, classes)
+            out[len(good)] = arr
+            good.append(i)
+    if bad:
+        logger.warning(
+            "skipped %d unreadable image(s) of %d in %s; the first: %s",
+            len(bad),
+            len(paths),
+            where,
+            bad[0],
+        )
+    if out is None:
+        raise DataError(f"None of the {len(paths)} image files in {where} could be read.")
+    return torch.from_numpy(out[: len(good)] if bad else out), good
+
+
+def find_image_files(folder: str | Path) -> list[Path]:
+    """Every image file under ``folder`` (recursive, hidden ones skipped), sorted.
+
+    Raises:
+        DataError: not a folder, or no image in it.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder")
+    paths = _find_images(folder)
+    if not paths:
+        raise DataError(
+            f"No images found in {folder} (looked recursively for "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))} files)."
+        )
+    return paths

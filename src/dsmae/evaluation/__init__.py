@@ -1,13 +1,17 @@
-"""Evaluation of pre-trained encoders."""
+"""Evaluation of pre-trained encoders on frozen features: linear probe and k-NN."""
 
-from dsmae.evaluation.knn import knn_accuracy, knn_predict
-from dsmae.evaluation.linprobe import ProbeResult, extract_features, linprobe, load_encoder
+from dsmae.evaluation.frozen import FrozenFeatures, extract_features, frozen_features
+from dsmae.evaluation.knn import KnnResult, knn_accuracy, knn_eval, knn_predict
+from dsmae.evaluation.linprobe import ProbeResult, linprobe
 
 __all__ = [
+    "FrozenFeatures",
+    "KnnResult",
     "ProbeResult",
     "extract_features",
+    "frozen_features",
     "knn_accuracy",
+    "knn_eval",
     "knn_predict",
     "linprobe",
-    "load_encoder",
 ]

@@ -20,10 +20,19 @@ device the feature tensors are on (CPU or CUDA), without gradients.
 
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["knn_accuracy", "knn_predict"]
+from dsmae.evaluation.frozen import frozen_features
+
+__all__ = ["KnnResult", "knn_accuracy", "knn_eval", "knn_predict"]
+
+log = logging.getLogger(__name__)
 
 
 def _as_float(features: torch.Tensor) -> torch.Tensor:
@@ -199,3 +208,78 @@ def knn_accuracy(
     )  # (M,)
     correct = int((predictions == test_labels.to(predictions.device)).sum())
     return 100.0 * correct / predictions.shape[0]
+
+
+@dataclass
+class KnnResult:
+    """Outcome of :func:`knn_eval`: the k-NN top-1 (%) on the test split."""
+
+    top1: float
+    k: int
+    temperature: float
+    pool: str
+    num_train: int
+    num_test: int
+    num_classes: int
+    data: str
+    random_init: bool
+    checkpoint: str
+
+
+def knn_eval(
+    checkpoint: str | Path,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    pool: str = "token",
+    data: str | None = None,
+    data_root: str | None = None,
+    download: bool | None = None,
+    skip_bad_images: bool | None = None,
+    random_init: bool = False,
+    device: str = "auto",
+    seed: int = 0,
+) -> KnnResult:
+    """k-NN classification of the test split of ``data`` (default: the pre-training data
+    set) by the frozen encoder of ``checkpoint``, its train split as the memory bank.
+
+    Writes ``<checkpoint stem>.knn[-random-init].json`` beside the checkpoint.
+    """
+    feats = frozen_features(
+        checkpoint,
+        pool=pool,
+        purpose="k-NN classification",
+        data=data,
+        data_root=data_root,
+        download=download,
+        skip_bad_images=skip_bad_images,
+        random_init=random_init,
+        device=device,
+        seed=seed,
+    )
+    top1 = knn_accuracy(
+        feats.train,
+        feats.train_labels,
+        feats.test,
+        feats.test_labels,
+        len(feats.classes),
+        k=k,
+        temperature=temperature,
+    )
+    result = KnnResult(
+        top1=top1,
+        k=k,
+        temperature=temperature,
+        pool=pool,
+        num_train=len(feats.train),
+        num_test=len(feats.test),
+        num_classes=len(feats.classes),
+        data=feats.data,
+        random_init=random_init,
+        checkpoint=str(checkpoint),
+    )
+    path = Path(checkpoint)
+    out = path.with_name(path.stem + (".knn-random-init.json" if random_init else ".knn.json"))
+    out.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    log.info("k-NN top-1 %.2f%% (k=%d, T=%g, %s) -> %s", top1, k, temperature, pool, out)
+    return result

@@ -12,22 +12,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from dsmae.checkpoint import load_checkpoint
-from dsmae.config import Config, ProbeConfig, config_from_dict
-from dsmae.data.pipeline import eval_batch, load_split
-from dsmae.data.sources import DataError
-from dsmae.models.vit import create_encoder
-from dsmae.runtime import generator, progress, resolve_device
+from dsmae.config import ProbeConfig, config_from_dict
+from dsmae.evaluation.frozen import frozen_features
+from dsmae.runtime import generator
 from dsmae.schedules import lr_at
 
 log = logging.getLogger(__name__)
@@ -48,39 +45,6 @@ class ProbeResult:
     data: str
     random_init: bool
     checkpoint: str
-
-
-@torch.no_grad()
-def extract_features(
-    encoder: VisionTransformer,
-    images: torch.Tensor,
-    *,
-    size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    pool: str = "token",
-    batch_size: int = 256,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Frozen-encoder features of every image.
-
-    Args:
-        images: (N, C, H, W) uint8.
-        pool: "token" ([CLS] after the final norm) or "avg" (mean of the patch tokens).
-
-    Returns:
-        (N, D) float32 on the CPU.
-    """
-    encoder.eval().to(device)
-    feats = []
-    with progress(len(images), "features") as bar:
-        for start in range(0, len(images), batch_size):
-            x = eval_batch(images[start : start + batch_size].to(device), size, mean, std)
-            tokens = encoder.forward_features(x)
-            prefix = encoder.num_prefix_tokens
-            feats.append(tokens[:, 0] if pool == "token" else tokens[:, prefix:].mean(dim=1))
-            bar.update(len(x))
-    return torch.cat(feats).float().cpu()
 
 
 def train_linear_probe(
@@ -136,28 +100,13 @@ def train_linear_probe(
     return history[-1], history
 
 
-def load_encoder(
-    checkpoint: str | Path, random_init: bool = False, seed: int = 0
-) -> tuple[VisionTransformer, Config]:
-    """The student encoder of a checkpoint (or, with ``random_init``, the same architecture
-    freshly initialised from ``seed``) and the checkpoint's config."""
-    state = load_checkpoint(checkpoint)
-    cfg = config_from_dict(state["config"])
-    torch.manual_seed(seed)
-    encoder = create_encoder(cfg.model)
-    if not random_init:
-        prefix = "encoder."
-        weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
-        encoder.load_state_dict(weights)
-    return encoder, cfg
-
-
 def linprobe(
     checkpoint: str | Path,
     *,
     data: str | None = None,
     data_root: str | None = None,
     download: bool | None = None,
+    skip_bad_images: bool | None = None,
     random_init: bool = False,
     probe: ProbeConfig | None = None,
     probe_overrides: Mapping[str, Any] | None = None,
@@ -170,36 +119,26 @@ def linprobe(
     The probe's settings are ``probe`` (default: the checkpoint's ``probe`` section) with
     ``probe_overrides`` (field name -> value) on top.
     """
-    encoder, cfg = load_encoder(checkpoint, random_init=random_init, seed=seed)
-    probe = dataclasses.replace(probe or cfg.probe, **(probe_overrides or {}))
-    given = {"source": data, "root": data_root, "download": download}
-    data_cfg = dataclasses.replace(cfg.data, **{k: v for k, v in given.items() if v is not None})
-    dev = resolve_device(device)
-    train, test = (load_split(data_cfg, cfg.model, split) for split in ("train", "test"))
-    for split, tensors in (("train", train), ("test", test)):
-        if not tensors.classes or bool((tensors.labels < 0).any()):
-            raise DataError(
-                f"the {split} split of {data_cfg.source} has unlabelled images; a linear probe "
-                "needs class labels (for a folder: one sub-folder per class)"
-            )
-    features = {
-        name: extract_features(
-            encoder,
-            tensors.images,
-            size=cfg.model.img_size,
-            mean=cfg.data.mean,
-            std=cfg.data.std,
-            pool=probe.pool,
-            device=dev,
-        )
-        for name, tensors in (("train", train), ("test", test))
-    }
+    saved = config_from_dict(load_checkpoint(checkpoint)["config"]).probe
+    probe = dataclasses.replace(probe or saved, **(probe_overrides or {}))
+    feats = frozen_features(
+        checkpoint,
+        pool=probe.pool,
+        purpose="a linear probe",
+        data=data,
+        data_root=data_root,
+        download=download,
+        skip_bad_images=skip_bad_images,
+        random_init=random_init,
+        device=device,
+        seed=seed,
+    )
     top1, history = train_linear_probe(
-        features["train"],
-        train.labels,
-        features["test"],
-        test.labels,
-        len(train.classes),
+        feats.train,
+        feats.train_labels,
+        feats.test,
+        feats.test_labels,
+        len(feats.classes),
         probe,
         seed=seed,
     )
@@ -210,10 +149,10 @@ def linprobe(
         best_epoch=best + 1,
         epochs=probe.epochs,
         pool=probe.pool,
-        num_train=len(train),
-        num_test=len(test),
-        num_classes=len(train.classes),
-        data=data_cfg.source,
+        num_train=len(feats.train),
+        num_test=len(feats.test),
+        num_classes=len(feats.classes),
+        data=feats.data,
         random_init=random_init,
         checkpoint=str(checkpoint),
     )

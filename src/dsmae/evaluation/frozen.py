@@ -1,0 +1,177 @@
+"""Frozen-encoder features: of a labelled data set's train and test splits (the input of
+the linear probe and k-NN), and of any folder of images (``dsmae features``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from dsmae.config import Config
+from dsmae.data.pipeline import eval_batch, load_split
+from dsmae.data.sources import DataError, decode_files, find_image_files
+from dsmae.export import encoder_from_checkpoint
+from dsmae.runtime import progress, resolve_device
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: VisionTransformer,
+    images: torch.Tensor,
+    *,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    pool: str = "token",
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Frozen-encoder features of every image.
+
+    Args:
+        images: (N, C, H, W) uint8.
+        pool: "token" ([CLS] after the final norm) or "avg" (mean of the patch tokens).
+
+    Returns:
+        (N, D) float32 on the CPU.
+    """
+    encoder.eval().to(device)
+    feats = []
+    with progress(len(images), "features") as bar:
+        for start in range(0, len(images), batch_size):
+            x = eval_batch(images[start : start + batch_size].to(device), size, mean, std)
+            tokens = encoder.forward_features(x)
+            prefix = encoder.num_prefix_tokens
+            feats.append(tokens[:, 0] if pool == "token" else tokens[:, prefix:].mean(dim=1))
+            bar.update(len(x))
+    return torch.cat(feats).float().cpu()
+
+
+@dataclass
+class FrozenFeatures:
+    """Features (N, D) / (M, D) float32 and labels of the train and test splits."""
+
+    train: torch.Tensor
+    train_labels: torch.Tensor
+    test: torch.Tensor
+    test_labels: torch.Tensor
+    classes: tuple[str, ...]
+    data: str  # the data set or folder they came from
+    config: Config  # the checkpoint's
+
+
+def frozen_features(
+    checkpoint: str | Path,
+    *,
+    pool: str,
+    purpose: str,
+    data: str | None = None,
+    data_root: str | None = None,
+    download: bool | None = None,
+    skip_bad_images: bool | None = None,
+    random_init: bool = False,
+    device: str = "auto",
+    seed: int = 0,
+) -> FrozenFeatures:
+    """Run the encoder of ``checkpoint`` (or its random init) once over the train and test
+    splits of ``data`` (default: the data it was pre-trained on), without augmentation.
+
+    Args:
+        pool: "token" ([CLS]) or "avg" (mean of the patch tokens).
+        purpose: what the features are for, in the message when labels are missing.
+
+    Raises:
+        DataError: a split without class labels (a folder without class sub-folders).
+    """
+    encoder, cfg = encoder_from_checkpoint(checkpoint, random_init=random_init, seed=seed)
+    given = {
+        "source": data,
+        "root": data_root,
+        "download": download,
+        "skip_bad_images": skip_bad_images,
+    }
+    data_cfg = dataclasses.replace(cfg.data, **{k: v for k, v in given.items() if v is not None})
+    splits = {split: load_split(data_cfg, cfg.model, split) for split in ("train", "test")}
+    for split, tensors in splits.items():
+        if not tensors.classes or bool((tensors.labels < 0).any()):
+            raise DataError(
+                f"the {split} split of {data_cfg.source} has unlabelled images; {purpose} "
+                "needs class labels (for a folder: one sub-folder per class)"
+            )
+    dev = resolve_device(device)
+    feats = {
+        split: extract_features(
+            encoder,
+            tensors.images,
+            size=cfg.model.img_size,
+            mean=cfg.data.mean,
+            std=cfg.data.std,
+            pool=pool,
+            device=dev,
+        )
+        for split, tensors in splits.items()
+    }
+    return FrozenFeatures(
+        train=feats["train"],
+        train_labels=splits["train"].labels,
+        test=feats["test"],
+        test_labels=splits["test"].labels,
+        classes=splits["train"].classes,
+        data=data_cfg.source,
+        config=cfg,
+    )
+
+
+def folder_features(
+    checkpoint: str | Path,
+    folder: str | Path,
+    out: str | Path,
+    *,
+    pool: str = "token",
+    teacher: bool = False,
+    skip_bad_images: bool = False,
+    device: str = "auto",
+    batch_size: int = 256,
+) -> tuple[Path, Path]:
+    """Embeddings of every image under ``folder`` (recursive, any layout), for a user's
+    own downstream work.
+
+    Each image is resized (shorter side) and centre-cropped to the checkpoint's image
+    size, normalised as in pre-training and encoded by the frozen student (``teacher``:
+    the EMA teacher).
+
+    Writes:
+        ``out`` (a ``.npy`` file): (N, D) float32, one row per image, and beside it
+        ``<out stem>.files.txt``: the N image paths relative to ``folder``, one per line,
+        in the same order.
+
+    Returns:
+        the two paths.
+    """
+    encoder, cfg = encoder_from_checkpoint(checkpoint, teacher=teacher)
+    folder = Path(folder).expanduser()
+    paths = find_image_files(folder)
+    images, kept = decode_files(
+        paths, channels=cfg.model.in_chans, size=cfg.model.img_size, skip_bad=skip_bad_images
+    )
+    feats = extract_features(
+        encoder,
+        images,
+        size=cfg.model.img_size,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        pool=pool,
+        batch_size=batch_size,
+        device=resolve_device(device),
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, feats.numpy())
+    names = out.with_name(out.stem + ".files.txt")
+    names.write_text("".join(f"{paths[i].relative_to(folder).as_posix()}\n" for i in kept))
+    return out, names

@@ -1,0 +1,307 @@
+"""The paper's experiments as resumable grids: ``dsmae experiment table2|table3|noise-ratio|
+lambda`` (SPEC section 7).
+
+A grid is a list of cells; each cell pre-trains one model from the paper's preset for its
+data set and backbone (with the cell's method, noise ratio or lambda) and evaluates it by
+the grid's protocols. A cell whose ``last.pt`` has every step, or whose result file
+exists, is not run again, so an interrupted grid continues where it stopped. The table
+(``results/<name>.md`` and ``.csv``) puts our numbers beside the paper's and states the
+settings that produced them; ``noise-ratio`` and ``lambda`` also draw their curve (the
+paper's Fig. 3 and Fig. 4) as ``results/<name>.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from dsmae.checkpoint import load_checkpoint
+from dsmae.config import Config, ConfigError, available_presets, build_config, config_from_dict
+from dsmae.engine import pretrain
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("cifar10", "cifar100", "stl10")
+# backbones of each data set in the paper (Table 2), and the one of its ablations
+BACKBONES = {"cifar10": ("vit_tiny", "vit_small"), "cifar100": ("vit_tiny", "vit_small"),
+             "stl10": ("vit_small", "vit_base")}  # fmt: skip
+SHORT = {"cifar10": "C10", "cifar100": "C100", "stl10": "STL", "vit_tiny": "T",
+         "vit_small": "S", "vit_base": "B"}  # fmt: skip
+
+# SPEC section 7: (dataset, arch) -> top-1 %
+PAPER_TABLE2 = {
+    ("scratch", "finetune"): [73.88, 79.86, 51.55, 56.17, 77.98, 82.41],
+    ("mae", "finetune"): [88.77, 90.26, 65.93, 66.51, 85.63, 86.38],
+    ("dsmae", "finetune"): [89.76, 91.94, 67.23, 67.77, 86.31, 87.86],
+    ("mae", "linprobe"): [73.77, 76.78, 48.22, 51.89, 76.10, 80.16],
+    ("dsmae", "linprobe"): [75.53, 76.98, 50.17, 53.84, 78.56, 82.79],
+}
+TABLE2_COLUMNS = [(d, a) for d in DATASETS for a in BACKBONES[d]]
+PAPER_TABLE3 = {  # ViT-S, 300 epochs, linear probe: C10, C100, STL
+    "dsmae-ly": [74.20, 49.74, 75.35],
+    "dsmae-lz": [68.93, 44.51, 61.83],
+    "dsmae": [76.98, 53.84, 78.56],
+}
+NOISE_RATIOS = (0.75, 0.8, 0.85, 0.9, 0.95)
+LAMBDAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+GRIDS = ("table2", "table3", "noise-ratio", "lambda")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One pre-training (``method`` on ``dataset`` with ``arch``, ``changes`` on top of the
+    preset) and the protocols that evaluate it."""
+
+    dataset: str
+    arch: str
+    method: str
+    protocols: tuple[str, ...]  # "linprobe", "finetune", "scratch" (finetune from random init)
+    changes: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        extra = "".join(f"-{k.split('.')[-1]}{v}" for k, v in self.changes)
+        return f"{self.dataset}-{self.arch}-{self.method}{extra}"
+
+
+@dataclass
+class GridSettings:
+    """What shrinks or redirects a grid (all optional)."""
+
+    datasets: Sequence[str] | None = None
+    archs: Sequence[str] | None = None
+    epochs: int | None = None  # pre-training epochs (paper: 500, ablation 300)
+    subset: int | None = None  # pre-training images
+    finetune_epochs: int | None = None
+    probe_epochs: int | None = None
+    data: Mapping[str, str] = dataclasses.field(default_factory=dict)  # dataset -> folder
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # every cell
+    device: str | None = None
+
+
+def grid_cells(name: str, settings: GridSettings) -> list[Cell]:
+    """The cells of grid ``name``, restricted to ``settings.datasets`` / ``archs``."""
+    if name not in GRIDS:
+        raise ConfigError(f"unknown experiment {name!r}; one of: {', '.join(GRIDS)}")
+    datasets = list(settings.datasets or DATASETS)
+    for d in datasets:
+        if d not in DATASETS:
+            raise ConfigError(f"--datasets: {d!r} is not one of {', '.join(DATASETS)}")
+
+    def archs(dataset: str, default: Sequence[str]) -> list[str]:
+        return [a for a in default if settings.archs is None or a in settings.archs]
+
+    cells: list[Cell] = []
+    for d in datasets:
+        if name == "table2":
+            for a in archs(d, BACKBONES[d]):
+                cells.append(Cell(d, a, "mae", ("finetune", "linprobe")))
+                cells.append(Cell(d, a, "dsmae", ("finetune", "linprobe", "scratch")))
+        elif name == "table3":
+            for a in archs(d, ["vit_small"] if settings.archs is None else settings.archs):
+                for method in ("dsmae-ly", "dsmae-lz", "dsmae"):
+                    cells.append(Cell(d, a, method, ("linprobe",)))
+        else:
+            key, values = (
+                ("model.noise_ratio", NOISE_RATIOS)
+                if name == "noise-ratio"
+                else ("model.lam", LAMBDAS)
+            )
+            for a in archs(d, ["vit_small"] if settings.archs is None else settings.archs):
+                for value in values:
+                    cells.append(Cell(d, a, "dsmae", ("finetune",), ((key, value),)))
+    if not cells:
+        raise ConfigError(f"no cell of {name} matches --datasets/--archs")
+    return cells
+
+
+def cell_config(cell: Cell, settings: GridSettings, runs: Path, grid: str) -> Config:
+    """The pre-training config of a cell: the paper's preset for its data set and backbone
+    (for a pairing the paper did not run, the data set's first preset with the backbone
+    changed), the cell's changes and the grid's settings on top."""
+    preset = f"{cell.dataset}-{cell.arch.replace('_', '-')}"
+    if preset not in available_presets():
+        preset = f"{cell.dataset}-{BACKBONES[cell.dataset][0].replace('_', '-')}"
+    values: dict[str, Any] = {
+        "model.method": cell.method,
+        "model.arch": cell.arch,
+        "model.noise_ratio": None,  # the method's own default unless the cell sweeps it
+        "out": str(runs / cell.name),
+        **dict(cell.changes),
+    }
+    if grid == "table3":
+        values["train.epochs"] = 300  # the paper's ablation
+    shrink = {
+        "train.epochs": settings.epochs,
+        "data.subset": settings.subset,
+        "data.source": settings.data.get(cell.dataset),
+        "finetune.epochs": settings.finetune_epochs,
+        "probe.epochs": settings.probe_epochs,
+        "train.device": settings.device,
+    }
+    values.update({k: v for k, v in shrink.items() if v is not None})
+    values.update(settings.overrides)
+    cfg = build_config(preset, overrides=values)
+    if settings.epochs is not None and "train.warmup_epochs" not in settings.overrides:
+        # a shortened run keeps the warm-up a tenth of it at most
+        values["train.warmup_epochs"] = min(cfg.train.warmup_epochs, max(cfg.train.epochs // 10, 1))
+        cfg = build_config(preset, overrides=values)
+    return cfg
+
+
+def _finished(checkpoint: Path, cfg: Config) -> bool:
+    """Whether ``checkpoint`` is the end of the run ``cfg`` describes."""
+    return checkpoint.is_file() and load_checkpoint(checkpoint)["epoch"] == cfg.train.epochs
+
+
+def run_cell(cell: Cell, cfg: Config) -> dict[str, float]:
+    """Pre-train (unless finished) and evaluate (unless done) one cell; its top-1 by
+    protocol."""
+    from dsmae.evaluation.finetune import finetune
+    from dsmae.evaluation.linprobe import linprobe
+
+    out = Path(cfg.out)
+    checkpoint = out / "last.pt"
+    if _finished(checkpoint, cfg):
+        log.info("%s: pre-training already done", cell.name)
+    else:
+        pretrain(cfg, resume="auto")
+    scores: dict[str, float] = {}
+    device = cfg.train.device
+    for protocol in cell.protocols:
+        file = {
+            "linprobe": ".linprobe.json",
+            "finetune": ".finetune.json",
+            "scratch": ".finetune-random-init.json",
+        }[protocol]
+        done = out / f"last{file}"
+        if not done.is_file():
+            if protocol == "linprobe":
+                linprobe(checkpoint, device=device, seed=cfg.train.seed)
+            else:  # the checkpoint's config: the cell's, with the measured normalisation
+                saved = config_from_dict(load_checkpoint(checkpoint)["config"])
+                finetune(checkpoint, saved, random_init=protocol == "scratch")
+        scores[protocol] = json.loads(done.read_text())["top1"]
+    return scores
+
+
+def run_grid(name: str, settings: GridSettings, results: str | Path = "results") -> Path:
+    """Run every cell of grid ``name`` and write ``results/<name>.md``, ``.csv`` (and
+    ``.png`` for the curves). Returns the markdown file."""
+    results = Path(results)
+    runs = results / name
+    cells = grid_cells(name, settings)
+    configs = [cell_config(c, settings, runs, name) for c in cells]  # all refused up front
+    rows: list[dict[str, Any]] = []
+    for i, (cell, cfg) in enumerate(zip(cells, configs, strict=True)):
+        log.info("experiment %s: cell %d of %d: %s", name, i + 1, len(cells), cell.name)
+        for protocol, top1 in run_cell(cell, cfg).items():
+            rows.append(
+                {
+                    "dataset": cell.dataset,
+                    "arch": cell.arch,
+                    "method": "scratch" if protocol == "scratch" else cell.method,
+                    "protocol": "finetune" if protocol == "scratch" else protocol,
+                    **{k.split(".")[-1]: v for k, v in cell.changes},
+                    "top1": top1,
+                    "paper": paper_value(name, cell, protocol),
+                }
+            )
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    markdown = results / f"{name}.md"
+    markdown.write_text(table_markdown(name, rows, configs[0], settings))
+    if name in ("noise-ratio", "lambda"):
+        draw_curve(name, rows, results / f"{name}.png")
+    return markdown
+
+
+def paper_value(grid: str, cell: Cell, protocol: str) -> float | None:
+    """The paper's top-1 for a cell's protocol, where it reports one."""
+    if grid == "table2":
+        method = "scratch" if protocol == "scratch" else cell.method
+        kind = "finetune" if protocol == "scratch" else protocol
+        column = TABLE2_COLUMNS.index((cell.dataset, cell.arch))
+        return PAPER_TABLE2[(method, kind)][column]
+    if grid == "table3" and cell.arch == "vit_small":
+        return PAPER_TABLE3[cell.method][DATASETS.index(cell.dataset)]
+    return None
+
+
+def table_markdown(
+    name: str, rows: list[dict[str, Any]], example: Config, settings: GridSettings
+) -> str:
+    """The grid's table in the paper's layout (rows: methods; columns: data set x
+    backbone), each cell "ours (paper)", under a line stating the settings."""
+    changed = []
+    for key, value in dataclasses.asdict(settings).items():
+        if isinstance(value, dict):
+            changed += [f"{k}={v}" for k, v in value.items()]
+        elif value is not None:
+            changed.append(f"{key}={','.join(value) if isinstance(value, list) else value}")
+    t, f, p = example.train, example.finetune, example.probe
+    lines = [
+        f"# {name}",
+        "",
+        f"Settings: pre-training {t.epochs} epochs, batch {t.batch_size}, "
+        f"images {example.data.subset or 'all'}; fine-tuning {f.epochs} epochs; linear probe "
+        f"{p.epochs} epochs. Changed from the paper: {'; '.join(changed) or 'none'}.",
+        "Top-1 % of the LAST epoch on the test split; the paper's in parentheses.",
+        "",
+    ]
+    columns = sorted({(r["dataset"], r["arch"]) for r in rows}, key=_column_order)
+    extra = [k for k in rows[0] if k not in ("dataset", "arch", "method", "protocol", "top1",
+                                              "paper")]  # fmt: skip
+    keys = sorted({(r["method"], r["protocol"], *(r[k] for k in extra)) for r in rows},
+                  key=lambda k: (k[1], _method_order(k[0]), *k[2:]))  # fmt: skip
+    head = ["method", "protocol", *extra, *(f"{SHORT[d]} {SHORT[a]}" for d, a in columns)]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for key in keys:
+        cells = []
+        for d, a in columns:
+            match = [r for r in rows if (r["method"], r["protocol"], *(r[k] for k in extra))
+                     == key and (r["dataset"], r["arch"]) == (d, a)]  # fmt: skip
+            if not match:
+                cells.append("")
+                continue
+            r = match[0]
+            paper = f" ({r['paper']:.2f})" if r["paper"] is not None else ""
+            cells.append(f"{r['top1']:.2f}{paper}")
+        lines.append("| " + " | ".join([*map(str, key), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _column_order(column: tuple[str, str]) -> tuple[int, int]:
+    order = ("vit_tiny", "vit_small", "vit_base")
+    return DATASETS.index(column[0]), order.index(column[1])
+
+
+def _method_order(method: str) -> int:
+    order = ("scratch", "mae", "dsmae-ly", "dsmae-lz", "dsmae")
+    return order.index(method) if method in order else len(order)
+
+
+def draw_curve(name: str, rows: list[dict[str, Any]], out: Path) -> Path:
+    """Top-1 against the swept value, one line per data set x backbone (Fig. 3 / 4)."""
+    key = "noise_ratio" if name == "noise-ratio" else "lam"
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for d, a in sorted({(r["dataset"], r["arch"]) for r in rows}, key=_column_order):
+        points = sorted((r[key], r["top1"]) for r in rows if (r["dataset"], r["arch"]) == (d, a))
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=f"{d} {a}")
+    ax.set(xlabel="noise ratio r" if key == "noise_ratio" else "lambda",
+           ylabel="fine-tune top-1 (%)", title=name)  # fmt: skip
+    ax.legend()
+    fig.savefig(out, dpi=100)
+    return out

@@ -1,0 +1,139 @@
+"""Taking the encoder away: export a checkpoint's encoder for timm, and load it back.
+
+An export is a folder of two files, tensors and JSON only (nothing that runs code when
+read):
+
+``model.safetensors``
+    the encoder's state dict, with timm's ``VisionTransformer`` key names;
+``config.json``
+    ``architecture`` (the timm model name), ``model_args`` (what to pass to
+    ``timm.create_model`` besides it), ``mean``/``std`` (the normalisation the encoder
+    was trained with), and where the weights came from (method, step, student/teacher).
+
+It loads with timm alone, offline::
+
+    cfg = json.load(open(f"{DIR}/config.json"))
+    model = timm.create_model(
+        cfg["architecture"], pretrained=True, num_classes=10,
+        pretrained_cfg_overlay=dict(file=f"{DIR}/model.safetensors"), **cfg["model_args"],
+    )
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from dsmae.checkpoint import CheckpointError, load_checkpoint, load_weights
+from dsmae.config import Config, ModelConfig, config_from_dict
+from dsmae.models.vit import create_encoder
+
+# our architectures as timm names (their depth, width and heads; see config.ARCHS)
+TIMM_NAMES = {
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+}
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+
+def timm_model_args(m: ModelConfig) -> dict[str, Any]:
+    """The ``timm.create_model`` keyword arguments that rebuild the encoder of ``m``
+    (resolved) from its timm architecture name."""
+    return {
+        "img_size": m.img_size,
+        "patch_size": m.patch_size,
+        "in_chans": m.in_chans,
+        "embed_dim": m.embed_dim,
+        "depth": m.depth,
+        "num_heads": m.num_heads,
+        "mlp_ratio": m.mlp_ratio,
+        "qkv_bias": True,
+        "global_pool": "token",
+    }
+
+
+def encoder_from_checkpoint(
+    checkpoint: str | Path, *, random_init: bool = False, seed: int = 0, teacher: bool = False
+) -> tuple[VisionTransformer, Config]:
+    """The student encoder of a ``dsmae pretrain`` checkpoint (the EMA teacher with
+    ``teacher``; the same architecture freshly initialised from ``seed`` with
+    ``random_init``) and the checkpoint's config.
+
+    Raises:
+        CheckpointError: unreadable or unsafe file, no teacher in it, or weights that do
+            not fit the architecture its config describes.
+    """
+    state = load_checkpoint(checkpoint)
+    cfg = config_from_dict(state["config"])
+    torch.manual_seed(seed)
+    encoder = create_encoder(cfg.model)
+    if not random_init:
+        prefix = "teacher." if teacher else "encoder."
+        weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
+        if teacher and not weights:
+            raise CheckpointError(f"{checkpoint} ({cfg.model.method}) has no teacher")
+        load_weights(encoder, weights, f"{checkpoint} ({prefix.rstrip('.')})")
+    return encoder, cfg
+
+
+def export_encoder(checkpoint: str | Path, out: str | Path, *, teacher: bool = False) -> Path:
+    """Write the encoder of ``checkpoint`` to ``out/model.safetensors`` and
+    ``out/config.json`` (see the module docstring). Returns ``out``."""
+    encoder, cfg = encoder_from_checkpoint(checkpoint, teacher=teacher)
+    state = load_checkpoint(checkpoint)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    save_file(weights, out / WEIGHTS_FILE, metadata={"format": "pt"})
+    config = {
+        "architecture": TIMM_NAMES[cfg.model.arch],
+        "model_args": timm_model_args(cfg.model),
+        "mean": cfg.data.mean,
+        "std": cfg.data.std,
+        "method": cfg.model.method,
+        "weights": "teacher" if teacher else "student",
+        "step": int(state["step"]),
+        "checkpoint": Path(checkpoint).name,
+        "dsmae_version": version("dsmae"),
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def load_encoder(path: str | Path, num_classes: int = 0, **timm_kwargs: Any) -> VisionTransformer:
+    """A timm ``VisionTransformer`` with the weights of an export folder (through
+    ``timm.create_model(..., pretrained=True)``, offline) or of a ``dsmae pretrain``
+    checkpoint file.
+
+    Args:
+        path: a folder written by :func:`export_encoder`, or a checkpoint.
+        num_classes: size of a new (randomly initialised) classifier; 0: none, the model
+            returns pooled features.
+        timm_kwargs: further ``timm.create_model`` arguments (export folders only), e.g.
+            ``drop_path_rate``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        config_file = path / CONFIG_FILE
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a dsmae export")
+        config = json.loads(config_file.read_text())
+        return timm.create_model(
+            config["architecture"],
+            pretrained=True,
+            pretrained_cfg_overlay={"file": str(path / WEIGHTS_FILE)},
+            num_classes=num_classes,
+            **{**config["model_args"], **timm_kwargs},
+        )
+    encoder, _ = encoder_from_checkpoint(path)
+    if num_classes:
+        encoder.reset_classifier(num_classes)
+    return encoder

@@ -1,0 +1,88 @@
+"""Pre-training curves of a run folder as one PNG (``dsmae plot RUN_DIR``).
+
+Reads ``metrics.jsonl``: the step lines (loss terms, learning rate, teacher momentum,
+throughput, skipped steps) and the k-NN monitor lines. After a resume the steps run again
+appear twice in the file; the last line of each step wins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+from dsmae.data.sources import DataError
+from dsmae.metrics import read_metrics
+
+LOSSES = (("loss", "L (total)"), ("loss_y", "L_y (pixels)"), ("loss_z", "L_z (features)"))
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of ``key`` over the records that have it, one value per step."""
+    by_step = {r["step"]: r[key] for r in records if key in r and r.get(key) is not None}
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the curves of ``run_dir`` into ``out`` (default ``RUN_DIR/curves.png``).
+
+    Panels: the loss terms (log scale), the k-NN top-1 against epoch (when monitored),
+    the learning rate and teacher momentum, and images/s.
+
+    Raises:
+        DataError: no ``metrics.jsonl`` with step lines in ``run_dir``.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"{run_dir} has no metrics.jsonl: not a dsmae pretrain run folder")
+    records = read_metrics(path)
+    steps_lines = [r for r in records if "loss" in r]
+    if not steps_lines:
+        raise DataError(f"{path} has no step lines yet (the run logs every train.log_every)")
+    knn = [r for r in records if "knn_top1" in r]
+
+    fig = Figure(figsize=(11, 7), layout="constrained")
+    axes = fig.subplots(2, 2)
+    ax = axes[0, 0]
+    for key, label in LOSSES:
+        steps, values = _series(steps_lines, key)
+        if steps:
+            ax.plot(steps, values, label=label, linewidth=1)
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title="pre-training loss")
+    ax.legend()
+
+    ax = axes[0, 1]
+    if knn:
+        by_epoch = {r["epoch"]: r["knn_top1"] for r in knn}
+        epochs = sorted(by_epoch)
+        ax.plot(epochs, [by_epoch[e] for e in epochs], marker="o")
+        ax.set(xlabel="epoch", ylabel="top-1 (%)", title="k-NN monitor (test split)")
+    else:
+        ax.text(0.5, 0.5, "no k-NN monitor lines", ha="center", va="center")
+        ax.set_axis_off()
+
+    ax = axes[1, 0]
+    steps, lr = _series(steps_lines, "lr")
+    ax.plot(steps, lr, color="tab:blue")
+    ax.set(xlabel="step", ylabel="learning rate", title="schedules")
+    steps, momentum = _series(steps_lines, "momentum")
+    if steps:
+        twin = ax.twinx()
+        twin.plot(steps, momentum, color="tab:orange")
+        twin.set_ylabel("teacher momentum", color="tab:orange")
+
+    ax = axes[1, 1]
+    steps, rate = _series(steps_lines, "img_per_s")
+    ax.plot(steps, rate)
+    ax.set(xlabel="step", ylabel="images / s", title="throughput")
+    steps, skipped = _series(steps_lines, "skipped_steps")
+    if skipped and skipped[-1]:
+        ax.set_title(f"throughput ({int(skipped[-1])} non-finite steps skipped)")
+
+    fig.suptitle(str(run_dir))
+    out = Path(out) if out is not None else run_dir / "curves.png"
+    fig.savefig(out, dpi=100)
+    return out

@@ -1,0 +1,100 @@
+"""``dsmae experiment``: grids, resumable cells, the paper's layout beside its numbers."""
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from dsmae.cli import main
+from dsmae.config import ConfigError
+from dsmae.experiments import (
+    GridSettings,
+    cell_config,
+    draw_curve,
+    grid_cells,
+    table_markdown,
+)
+
+
+def test_grids_hold_the_papers_cells():
+    table2 = grid_cells("table2", GridSettings())
+    assert len(table2) == 12  # 6 data set x backbone columns, mae and dsmae each
+    assert {c.protocols for c in table2 if c.method == "dsmae"} == {
+        ("finetune", "linprobe", "scratch")
+    }
+    table3 = grid_cells("table3", GridSettings())
+    assert [c.method for c in table3[:3]] == ["dsmae-ly", "dsmae-lz", "dsmae"]
+    assert {c.arch for c in table3} == {"vit_small"}
+    sweep = grid_cells("noise-ratio", GridSettings(datasets=["cifar10"]))
+    assert [dict(c.changes)["model.noise_ratio"] for c in sweep] == [0.75, 0.8, 0.85, 0.9, 0.95]
+    with pytest.raises(ConfigError, match="imagenet"):
+        grid_cells("table2", GridSettings(datasets=["imagenet"]))
+    with pytest.raises(ConfigError, match="unknown experiment"):
+        grid_cells("table9", GridSettings())
+
+
+def test_cell_configs_follow_the_presets_and_the_shrinking(tmp_path):
+    settings = GridSettings(epochs=10, subset=500, data={"cifar10": "/data/c10"})
+    mae, dsmae = grid_cells("table2", GridSettings(datasets=["cifar10"], archs=["vit_tiny"]))[:2]
+    cfg = cell_config(mae, settings, tmp_path, "table2")
+    assert (cfg.model.method, cfg.model.noise_ratio, cfg.model.patch_size) == ("mae", 0.75, 2)
+    assert (cfg.train.epochs, cfg.train.warmup_epochs, cfg.data.subset) == (10, 1, 500)
+    assert cfg.data.source == "/data/c10" and cfg.out == str(tmp_path / mae.name)
+    assert cell_config(dsmae, GridSettings(), tmp_path, "table2").model.noise_ratio == 0.9
+    ablation = grid_cells("table3", GridSettings(datasets=["stl10"]))[0]
+    assert cell_config(ablation, GridSettings(), tmp_path, "table3").train.epochs == 300
+
+
+def test_table2_layout_with_the_papers_numbers():
+    results = [
+        ("mae", "finetune", 80.0, 88.77),
+        ("dsmae", "finetune", 81.5, 89.76),
+        ("scratch", "finetune", 70.0, 73.88),
+        ("mae", "linprobe", 50.0, 73.77),
+    ]
+    rows = [
+        {"dataset": "cifar10", "arch": "vit_tiny", "method": m, "protocol": p, "top1": v,
+         "paper": paper}
+        for m, p, v, paper in results
+    ]  # fmt: skip
+    from dsmae.config import build_config
+
+    text = table_markdown("table2", rows, build_config("cifar10-vit-tiny"), GridSettings())
+    assert "| method | protocol | C10 T |" in text
+    assert "| scratch | finetune | 70.00 (73.88) |" in text
+    assert "| dsmae | finetune | 81.50 (89.76) |" in text
+    assert text.index("scratch | finetune") < text.index("mae | finetune")
+    assert "pre-training 500 epochs" in text and "Changed from the paper: none" in text
+
+
+def test_curve_of_a_sweep(tmp_path):
+    rows = [{"dataset": "cifar10", "arch": "vit_small", "lam": lam, "top1": 80 + lam}
+            for lam in (0.0, 0.6, 1.0)]  # fmt: skip
+    assert draw_curve("lambda", rows, tmp_path / "lambda.png").stat().st_size > 1000
+
+
+def test_a_reduced_table3_runs_and_resumes(cifar_folder, tmp_path, capsys, caplog):
+    command = [
+        "experiment", "table3", "--datasets", "cifar10", "--archs", "vit_tiny",
+        "--epochs", "1", "--subset", "64", "--probe-epochs", "2",
+        "--data", f"cifar10={cifar_folder}", "--results", str(tmp_path / "results"),
+        "--set", "model.depth=1", "--set", "model.embed_dim=32", "--set", "model.num_heads=2",
+        "--set", "model.decoder_depth=1", "--set", "model.regressor_depth=1",
+        "--set", "model.patch_size=8", "--set", "train.batch_size=32",
+        "--set", "monitor.knn_every=0", "--set", "monitor.images_every=0", "--device", "cpu",
+    ]  # fmt: skip
+    assert main(command) == 0
+    table = (tmp_path / "results" / "table3.md").read_text()
+    for method in ("dsmae-ly", "dsmae-lz", "dsmae"):
+        assert f"| {method} | linprobe |" in table
+    assert "epochs=1; subset=64" in table and "pre-training 1 epochs" in table
+    csv_lines = (tmp_path / "results" / "table3.csv").read_text().splitlines()
+    assert csv_lines[0] == "dataset,arch,method,protocol,top1,paper" and len(csv_lines) == 4
+    capsys.readouterr()
+
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    assert main(command) == 0  # everything done: nothing is trained again
+    assert caplog.text.count("pre-training already done") == 3
+    assert "pre-training dsmae" not in caplog.text
+    assert Path(tmp_path / "results" / "table3.md").read_text() == table
