@@ -1,5 +1,6 @@
 """``dsmae experiment``: grids, resumable cells, the paper's layout beside its numbers."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -98,3 +99,12 @@ def test_a_reduced_table3_runs_and_resumes(cifar_folder, tmp_path, capsys, caplo
     assert caplog.text.count("pre-training already done") == 3
     assert "pre-training dsmae" not in caplog.text
     assert Path(tmp_path / "results" / "table3.md").read_text() == table
+
+    # other evaluation settings: the probes run again, the pre-training does not
+    caplog.clear()
+    at = command.index("--probe-epochs") + 1
+    probe3 = [*command[:at], "3", *command[at + 1 :]]
+    assert main(probe3) == 0
+    assert caplog.text.count("pre-training already done") == 3
+    probe = tmp_path / "results" / "table3" / "cifar10-vit_tiny-dsmae" / "last.linprobe.json"
+    assert json.loads(probe.read_text())["epochs"] == 3

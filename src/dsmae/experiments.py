@@ -163,8 +163,8 @@ def _finished(checkpoint: Path, cfg: Config) -> bool:
 
 
 def run_cell(cell: Cell, cfg: Config) -> dict[str, float]:
-    """Pre-train (unless finished) and evaluate (unless done) one cell; its top-1 by
-    protocol."""
+    """Pre-train (unless finished) and evaluate (unless done with the same number of
+    epochs) one cell; its top-1 by protocol."""
     from dsmae.evaluation.finetune import finetune
     from dsmae.evaluation.linprobe import linprobe
 
@@ -183,11 +183,14 @@ def run_cell(cell: Cell, cfg: Config) -> dict[str, float]:
             "scratch": ".finetune-random-init.json",
         }[protocol]
         done = out / f"last{file}"
-        if not done.is_file():
+        epochs = cfg.probe.epochs if protocol == "linprobe" else cfg.finetune.epochs
+        if not done.is_file() or json.loads(done.read_text())["epochs"] != epochs:
+            # the grid's evaluation settings, even for a cell pre-trained under others
             if protocol == "linprobe":
-                linprobe(checkpoint, device=device, seed=cfg.train.seed)
-            else:  # the checkpoint's config: the cell's, with the measured normalisation
+                linprobe(checkpoint, probe=cfg.probe, device=device, seed=cfg.train.seed)
+            else:  # the checkpoint's config (its measured normalisation), the cell's recipe
                 saved = config_from_dict(load_checkpoint(checkpoint)["config"])
+                saved = dataclasses.replace(saved, finetune=cfg.finetune)
                 finetune(checkpoint, saved, random_init=protocol == "scratch")
         scores[protocol] = json.loads(done.read_text())["top1"]
     return scores
