@@ -213,3 +213,22 @@ def test_one_failing_rank_ends_every_rank_quickly(tmp_path):
     assert done.returncode != 0
     assert time.monotonic() - started < 120
     assert "rank 1 fails on purpose" in done.stderr
+
+
+def test_resume_picks_the_newest_readable_checkpoint(tmp_path):
+    from dsmae.checkpoint import save_checkpoint
+
+    def write(name, step):
+        save_checkpoint(tmp_path / name, {"config": {}, "model": {}, "step": step})
+
+    write("checkpoint-00000004.pt", 4)
+    write("last.pt", 8)
+    assert engine.find_resume_checkpoint(tmp_path) == tmp_path / "last.pt"
+    write("checkpoint-00000008.pt", 8)  # same step: last.pt wins
+    assert engine.find_resume_checkpoint(tmp_path) == tmp_path / "last.pt"
+    write("checkpoint-00000012.pt", 12)  # a resumed, longer run went past last.pt
+    assert engine.find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint-00000012.pt"
+    (tmp_path / "checkpoint-00000012.pt").write_bytes(b"cut")
+    assert engine.find_resume_checkpoint(tmp_path) == tmp_path / "last.pt"
+    (tmp_path / "last.pt").write_bytes(b"cut")
+    assert engine.find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint-00000008.pt"

@@ -230,18 +230,38 @@ def find_resume_checkpoint(out: Path) -> Path | None:
     a warning, so the run resumes from the one before it. The temporary file of an
     interrupted write (``.NAME.tmp``) is never a candidate.
     """
+    found = _newest_checkpoint(out)
+    return None if found is None else found[0]
+
+
+def _newest_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
+    """:func:`find_resume_checkpoint`'s choice and its loaded state. Periodic checkpoints
+    carry their step in their name, so only the candidates tried are read: ``last.pt``
+    (whose step is inside it) and then the newest first."""
+    periodic = sorted(
+        ((int(m.group(1)), p) for p in out.glob("checkpoint-*.pt")
+         if (m := CHECKPOINT_PATTERN.fullmatch(p.name))),
+        reverse=True,
+    )  # fmt: skip
     last = out / "last.pt"
-    paths = [p for p in out.glob("checkpoint-*.pt") if CHECKPOINT_PATTERN.fullmatch(p.name)]
-    paths += [last] if last.is_file() else []
-    readable: list[tuple[int, bool, Path]] = []
-    for path in paths:
-        try:
-            step = int(load_checkpoint(path)["step"])
-        except CheckpointError as err:
-            log.warning("skipping an unreadable checkpoint: %s", err)
-            continue
-        readable.append((step, path == last, path))  # at equal steps, last.pt wins
-    return max(readable)[2] if readable else None
+    last_state = _readable(last) if last.is_file() else None
+    last_step = -1 if last_state is None else int(last_state["step"])
+    for step, path in periodic:
+        if last_state is not None and step <= last_step:
+            break  # at equal steps, last.pt wins
+        state = _readable(path)
+        if state is not None:
+            return path, state
+    return None if last_state is None else (last, last_state)
+
+
+def _readable(path: Path) -> dict[str, Any] | None:
+    """The state of a checkpoint, or None (with a warning) when it cannot be read."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as err:
+        log.warning("skipping an unreadable checkpoint: %s", err)
+        return None
 
 
 @dataclass
@@ -278,11 +298,7 @@ def _setup(cfg: Config, resume: str | None, force: bool) -> _Run:
     proc, device = distributed.setup(t.device, t.dist_timeout_minutes)
     if proc.is_main:
         check_writable(out)
-    state, resumed_from = _resume_state(cfg, out, resume, force)
-    if state is not None:  # normalise as the run did, not with freshly measured values
-        saved = state["config"]["data"]
-        mean, std = cfg.data.mean or saved["mean"], cfg.data.std or saved["std"]
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mean=mean, std=std))
+    state, resumed_from, cfg = _resume_state(cfg, out, resume, force)
     images = load_split(cfg.data, cfg.model, "pretrain").images
     steps_per_epoch = len(images) // t.batch_size
     if steps_per_epoch == 0:
@@ -346,22 +362,26 @@ def check_writable(out: Path) -> None:
 
 def _resume_state(
     cfg: Config, out: Path, resume: str | None, force: bool
-) -> tuple[dict | None, Path | None]:
+) -> tuple[dict | None, Path | None, Config]:
     """The checkpoint to resume from (``resume``: a path, or "auto" for the newest
-    readable one in ``out``) and its path, after checking that it was made with the same
-    settings (``data.mean``/``data.std`` left to measure are taken from it)."""
+    readable one in ``out``), its path and ``cfg`` normalising as that run did
+    (``data.mean``/``data.std`` left to measure are taken from it), after checking that
+    it was made with the same settings."""
     if resume is None:
-        return None, None
-    path = find_resume_checkpoint(out) if resume == "auto" else Path(resume)
-    if path is None:
+        return None, None, cfg
+    found = _newest_checkpoint(out) if resume == "auto" else (Path(resume), None)
+    if found is None:
         log.info("no checkpoint in %s: starting from scratch", out)
-        return None, None
-    state = load_checkpoint(path)
+        return None, None, cfg
+    path, state = found
+    state = state if state is not None else load_checkpoint(path)
+    saved_data = state["config"]["data"]
+    data = dataclasses.replace(
+        cfg.data, mean=cfg.data.mean or saved_data["mean"], std=cfg.data.std or saved_data["std"]
+    )
+    cfg = dataclasses.replace(cfg, data=data)
     saved = config_from_dict(state["config"]).to_dict()
     current = cfg.to_dict()
-    for key in ("mean", "std"):  # measured on the data when not given: the run's own values
-        if current["data"][key] is None:
-            current["data"][key] = saved["data"][key]
     for key in RESUMABLE_CHANGES:
         *parents, leaf = key.split(".")
         for tree in (saved, current):
@@ -376,7 +396,7 @@ def _resume_state(
             + "; ".join(diffs)
         )
     log.info("resuming from %s at step %d", path, state["step"])
-    return state, path
+    return state, path, cfg
 
 
 def _batch(run: _Run, step: int, order: torch.Tensor) -> tuple[torch.Tensor, Corruption]:

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from dsmae.checkpoint import load_checkpoint
 from dsmae.config import Config, ConfigError, available_presets, build_config, config_from_dict
 from dsmae.engine import pretrain
+from dsmae.evaluation.frozen import result_path
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +178,10 @@ def run_cell(cell: Cell, cfg: Config) -> dict[str, float]:
     scores: dict[str, float] = {}
     device = cfg.train.device
     for protocol in cell.protocols:
-        file = {
-            "linprobe": ".linprobe.json",
-            "finetune": ".finetune.json",
-            "scratch": ".finetune-random-init.json",
-        }[protocol]
-        done = out / f"last{file}"
+        scratch = protocol == "scratch"
+        done = result_path(
+            checkpoint, "linprobe" if protocol == "linprobe" else "finetune", scratch
+        )
         epochs = cfg.probe.epochs if protocol == "linprobe" else cfg.finetune.epochs
         if not done.is_file() or json.loads(done.read_text())["epochs"] != epochs:
             # the grid's evaluation settings, even for a cell pre-trained under others
@@ -191,7 +190,7 @@ def run_cell(cell: Cell, cfg: Config) -> dict[str, float]:
             else:  # the checkpoint's config (its measured normalisation), the cell's recipe
                 saved = config_from_dict(load_checkpoint(checkpoint)["config"])
                 saved = dataclasses.replace(saved, finetune=cfg.finetune)
-                finetune(checkpoint, saved, random_init=protocol == "scratch")
+                finetune(checkpoint, saved, random_init=scratch)
         scores[protocol] = json.loads(done.read_text())["top1"]
     return scores
 

@@ -23,10 +23,9 @@ and the test accuracy is summed over processes.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +44,9 @@ from torchvision.transforms import v2
 from dsmae import distributed
 from dsmae.config import Config, FinetuneConfig
 from dsmae.data.augment import crop_boxes
-from dsmae.data.pipeline import augmented_batch, eval_batch, load_split
+from dsmae.data.pipeline import augmented_batch, eval_batch
 from dsmae.data.sources import DataError
+from dsmae.evaluation.frozen import best_epoch, labelled_splits, save_result
 from dsmae.export import encoder_from_checkpoint
 from dsmae.metrics import MetricsLog
 from dsmae.runtime import autocast, generator, progress, use_amp
@@ -157,13 +157,7 @@ def finetune(
     try:
         random.seed(t.seed)
         np.random.seed(t.seed)
-        splits = {s: load_split(cfg.data, cfg.model, s) for s in ("train", "test")}
-        for split, tensors in splits.items():
-            if not tensors.classes or bool((tensors.labels < 0).any()):
-                raise DataError(
-                    f"the {split} split of {cfg.data.source} has unlabelled images; "
-                    "fine-tuning needs class labels (for a folder: one sub-folder per class)"
-                )
+        splits = labelled_splits(cfg.data, cfg.model, "fine-tuning")
         train, test = splits["train"], splits["test"]
         num_classes = len(train.classes)
         encoder, _ = encoder_from_checkpoint(checkpoint, random_init=random_init, seed=t.seed)
@@ -255,11 +249,11 @@ def finetune(
     finally:
         distributed.teardown()
 
-    best = max(range(len(history)), key=history.__getitem__)
+    best_top1, best = best_epoch(history)
     result = FinetuneResult(
         top1=history[-1],
-        best_top1=history[best],
-        best_epoch=best + 1,
+        best_top1=best_top1,
+        best_epoch=best,
         epochs=f.epochs,
         num_train=len(train),
         num_test=len(test),
@@ -270,7 +264,5 @@ def finetune(
         history=history,
     )
     if proc.is_main:
-        path = Path(checkpoint)
-        suffix = ".finetune-random-init.json" if random_init else ".finetune.json"
-        (path.with_name(path.stem + suffix)).write_text(json.dumps(asdict(result), indent=2))
+        save_result(checkpoint, "finetune", random_init, result)
     return result

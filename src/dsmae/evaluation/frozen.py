@@ -4,17 +4,19 @@ the linear probe and k-NN), and of any folder of images (``dsmae features``)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from dsmae.config import Config
+from dsmae.config import Config, DataConfig, ModelConfig
 from dsmae.data.pipeline import eval_batch, load_split
-from dsmae.data.sources import DataError, decode_files, find_image_files
+from dsmae.data.sources import DataError, ImageTensors, decode_files, find_image_files
 from dsmae.export import encoder_from_checkpoint
 from dsmae.runtime import progress, resolve_device
 
@@ -50,6 +52,46 @@ def extract_features(
             feats.append(tokens[:, 0] if pool == "token" else tokens[:, prefix:].mean(dim=1))
             bar.update(len(x))
     return torch.cat(feats).float().cpu()
+
+
+def labelled_splits(data: DataConfig, model: ModelConfig, purpose: str) -> dict[str, ImageTensors]:
+    """The "train" and "test" splits of ``data``, refused unless every image has a class.
+
+    Args:
+        purpose: what needs the labels, for the message (e.g. "a linear probe").
+
+    Raises:
+        DataError: a split without class labels (a folder without class sub-folders).
+    """
+    splits = {split: load_split(data, model, split) for split in ("train", "test")}
+    for split, tensors in splits.items():
+        if not tensors.classes or bool((tensors.labels < 0).any()):
+            raise DataError(
+                f"the {split} split of {data.source} has unlabelled images; {purpose} "
+                "needs class labels (for a folder: one sub-folder per class)"
+            )
+    return splits
+
+
+def result_path(checkpoint: str | Path, protocol: str, random_init: bool = False) -> Path:
+    """Where an evaluation of ``checkpoint`` is written: beside it, as
+    ``<stem>.<protocol>[-random-init].json`` (protocol: linprobe, knn, finetune)."""
+    path = Path(checkpoint)
+    return path.with_name(f"{path.stem}.{protocol}{'-random-init' if random_init else ''}.json")
+
+
+def save_result(checkpoint: str | Path, protocol: str, random_init: bool, result: Any) -> Path:
+    """Write a result dataclass to :func:`result_path` as JSON; returns the path."""
+    out = result_path(checkpoint, protocol, random_init)
+    out.write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+    return out
+
+
+def best_epoch(history: Sequence[float]) -> tuple[float, int]:
+    """The best top-1 of a per-epoch history and its 1-based epoch (the first on ties),
+    shown beside the last epoch's, labelled as such (SPEC section 6)."""
+    best = max(range(len(history)), key=history.__getitem__)
+    return history[best], best + 1
 
 
 @dataclass
@@ -96,13 +138,7 @@ def frozen_features(
         "skip_bad_images": skip_bad_images,
     }
     data_cfg = dataclasses.replace(cfg.data, **{k: v for k, v in given.items() if v is not None})
-    splits = {split: load_split(data_cfg, cfg.model, split) for split in ("train", "test")}
-    for split, tensors in splits.items():
-        if not tensors.classes or bool((tensors.labels < 0).any()):
-            raise DataError(
-                f"the {split} split of {data_cfg.source} has unlabelled images; {purpose} "
-                "needs class labels (for a folder: one sub-folder per class)"
-            )
+    splits = labelled_splits(data_cfg, cfg.model, purpose)
     dev = resolve_device(device)
     feats = {
         split: extract_features(

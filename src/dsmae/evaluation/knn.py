@@ -20,15 +20,14 @@ device the feature tensors are on (CPU or CUDA), without gradients.
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from dsmae.evaluation.frozen import frozen_features
+from dsmae.evaluation.frozen import frozen_features, save_result
 
 __all__ = ["KnnResult", "knn_accuracy", "knn_eval", "knn_predict"]
 
@@ -278,8 +277,6 @@ def knn_eval(
         random_init=random_init,
         checkpoint=str(checkpoint),
     )
-    path = Path(checkpoint)
-    out = path.with_name(path.stem + (".knn-random-init.json" if random_init else ".knn.json"))
-    out.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    out = save_result(checkpoint, "knn", random_init, result)
     log.info("k-NN top-1 %.2f%% (k=%d, T=%g, %s) -> %s", top1, k, temperature, pool, out)
     return result

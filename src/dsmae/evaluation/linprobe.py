@@ -10,10 +10,9 @@ result. The best epoch's top-1 is recorded beside it, labelled as such.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from torch import nn
 
 from dsmae.checkpoint import load_checkpoint
 from dsmae.config import ProbeConfig, config_from_dict
-from dsmae.evaluation.frozen import frozen_features
+from dsmae.evaluation.frozen import best_epoch, frozen_features, save_result
 from dsmae.runtime import generator
 from dsmae.schedules import lr_at
 
@@ -142,11 +141,11 @@ def linprobe(
         probe,
         seed=seed,
     )
-    best = max(range(len(history)), key=history.__getitem__)
+    best_top1, best = best_epoch(history)
     result = ProbeResult(
         top1=top1,
-        best_top1=history[best],
-        best_epoch=best + 1,
+        best_top1=best_top1,
+        best_epoch=best,
         epochs=probe.epochs,
         pool=probe.pool,
         num_train=len(feats.train),
@@ -156,15 +155,12 @@ def linprobe(
         random_init=random_init,
         checkpoint=str(checkpoint),
     )
-    path = Path(checkpoint)
-    suffix = ".linprobe-random-init.json" if random_init else ".linprobe.json"
-    out = path.with_name(path.stem + suffix)
-    out.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    out = save_result(checkpoint, "linprobe", random_init, result)
     log.info(
         "linear probe top-1 %.2f%% (last epoch; best %.2f%% at epoch %d) -> %s",
         top1,
-        history[best],
-        best + 1,
+        best_top1,
+        best,
         out,
     )
     return result
