@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsmae import bench
-from dsmae.bench import PARTS, count_step_flops, matmul_peak_gflops, time_steps
+from dsmae.bench import PARTS, bench_step, count_step_flops, matmul_peak_gflops, time_calls
 from dsmae.cli import main
 from dsmae.config import build_config, model_config
 from dsmae.engine import build_optimizer
@@ -137,14 +137,19 @@ def test_matmul_peak_and_step_timing():
     peak = matmul_peak_gflops(torch.device("cpu"), torch.float32, size=128, repeats=1)
     assert peak > 0
     model = tiny_model("dsmae")
-    cfg = build_config(overrides={"train.batch_size": 4})
+    overrides = {f"model.{k}": v for k, v in TINY.items()}
+    cfg = build_config(overrides={**overrides, "train.batch_size": 4, "train.ema_every": "step",
+                                  "data.mean": [0.5], "data.std": [0.25]})  # fmt: skip
     optimizer = build_optimizer(model, cfg.train, torch.device("cpu"))
     teacher_before = next(model.teacher.parameters()).clone()
-    times = time_steps(
-        model, optimizer, torch.randn(4, 1, 8, 8), steps=3, warmup=1, rng=torch.Generator()
-    )
-    assert len(times) == 3 and all(t > 0 for t in times)
+    data = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    step = bench_step(model, optimizer, data, cfg)
+    images, corruption = step.inputs(0)
+    assert images.shape == (4, 1, 8, 8) and corruption.mask.shape == (4, 16)
+    times, first = time_calls(step.run, torch.device("cpu"), steps=3, warmup=1)
+    assert len(times) == 3 and all(t > 0 for t in times) and first > 0
     assert not torch.equal(next(model.teacher.parameters()), teacher_before)  # EMA ran
+    assert time_calls(step.inputs, torch.device("cpu"), steps=1, warmup=0)[1] is None
 
 
 def test_bench_json_end_to_end(capsys, monkeypatch):
@@ -178,6 +183,19 @@ def test_bench_json_end_to_end(capsys, monkeypatch):
     assert r["mfu"] == pytest.approx(r["achieved_gflops"] / r["matmul_peak_gflops"], rel=1e-12)
     assert r["achieved_gflops"] == pytest.approx(r["gflop_per_img"] * r["img_per_s"], rel=1e-12)
     assert r["img_per_s"] == pytest.approx(4 / (r["step_ms"] / 1000), rel=1e-12)
+    # the data part (gather, augmentation, draws) is timed alone; no compile on CPU
+    assert 0 < r["data_ms"] and r["data_share"] == pytest.approx(r["data_ms"] / r["step_ms"])
+    assert r["compile"] is False and r["compile_s"] is None and r["host_syncs_per_step"] is None
+
+
+def test_bench_compiled_reports_the_compilation_apart(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "MATMUL_SIZE", 64)
+    args = ["bench", "--method", "dsmae-ly", *TINY_ARGS, "--batch-size", "2", "--steps", "1"]
+    assert main([*args, "--warmup", "0", "--compile", "--json",
+                 "--set", "train.compile_scope=blocks"]) == 0  # fmt: skip
+    r = json.loads(capsys.readouterr().out)
+    assert r["compile"] is True and r["compile_scope"] == "blocks"
+    assert r["warmup"] == 1 and r["compile_s"] > 0  # the compiling step is never timed
 
 
 @pytest.mark.parametrize("method", ["mae", "dsmae-ly", "dsmae-lz"])

@@ -81,9 +81,17 @@ def test_pretrain_writes_checkpoint_metrics_config_and_figure(tmp_path):
     keys = {"step", "epoch", "lr", "momentum", "loss", "loss_y", "loss_z", "img_per_s", "grad_norm"}
     assert keys <= set(records[0])
     peak = cfg.train.lr
-    for r in records:  # schedules: lr and momentum of the step that was taken
+    for r in records:  # schedules: lr of the step taken, momentum of its epoch (SdAE's rhythm)
         assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, 8, 4, peak))
-        assert r["momentum"] == pytest.approx(momentum_at(r["step"] - 1, 8))
+        assert r["momentum"] == pytest.approx(momentum_at(r["epoch"], 2))
+
+
+def test_per_step_teacher_momentum_follows_the_steps(tmp_path):
+    pretrain(_tiny_run(tmp_path, **{"train.ema_every": "step"}))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["momentum"] for r in records] == pytest.approx(
+        [momentum_at(r["step"] - 1, 8) for r in records]
+    )
 
 
 def test_teacher_updated_once_per_epoch_in_epoch_mode(tmp_path):

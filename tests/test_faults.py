@@ -158,7 +158,42 @@ def test_a_non_finite_step_changes_no_weight(amp):
                      eps=torch.full_like(eps, math.inf), amp=amp)  # fmt: skip
     assert not bool(out["finite"])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert not optimizer.state  # Adam's moments untouched as well
+    # the fused kernel skipped the step on the device: moments and step count still zero
+    assert optimizer.defaults["fused"] and optimizer.state
+    for state in optimizer.state.values():
+        assert int(state["step"]) == 0
+        assert not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+
+
+def test_a_non_fused_optimizer_skips_a_non_finite_step_too():
+    from dsmae.engine import step_unless_non_finite
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, foreach=False)
+    weight.grad = torch.ones(3)
+    step_unless_non_finite(optimizer, torch.tensor(False))
+    assert torch.equal(weight.detach(), torch.ones(3)) and not optimizer.state
+    step_unless_non_finite(optimizer, torch.tensor(True))
+    assert (weight.detach() < 1).all()
+
+
+def test_a_skipped_step_leaves_the_teacher_as_it_is():
+    from dsmae.config import model_config
+    from dsmae.models import DSMAE
+
+    model = DSMAE(model_config(img_size=8, patch_size=4, in_chans=1, depth=1, embed_dim=32,
+                               num_heads=2, decoder_depth=1, regressor_depth=1))  # fmt: skip
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    teacher = [p.clone() for p in model.teacher.parameters()]
+    model.update_teacher(0.9, apply=torch.tensor(False))
+    assert all(torch.equal(a, b) for a, b in zip(teacher, model.teacher.parameters()))
+    model.update_teacher(0.9, apply=torch.tensor(True))
+    for before, after, student in zip(
+        teacher, model.teacher.parameters(), model.encoder.parameters()
+    ):
+        torch.testing.assert_close(after, 0.9 * before + 0.1 * student)
 
 
 def test_a_full_disk_while_saving_is_a_clear_error(tmp_path, monkeypatch, capsys):

@@ -8,12 +8,12 @@ from dsmae.losses import combine_losses, feature_loss, normalize_patches, pixel_
 
 def test_normalize_patches_by_hand():
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
-    # mean 2.5, population variance 1.25
-    expected = (x - 2.5) / math.sqrt(1.25 + 1e-6)
+    # mean 2.5; unbiased variance (1.5^2 + 0.5^2 + 0.5^2 + 1.5^2) / (4 - 1) = 5/3, as MAE's
+    expected = (x - 2.5) / math.sqrt(5 / 3 + 1e-6)
     assert torch.allclose(normalize_patches(x), expected)
     out = normalize_patches(torch.randn(5, 7, 12) * 3 + 2)
     assert torch.allclose(out.mean(-1), torch.zeros(5, 7), atol=1e-5)
-    assert torch.allclose(out.var(-1, unbiased=False), torch.ones(5, 7), atol=1e-4)
+    assert torch.allclose(out.var(-1), torch.ones(5, 7), atol=1e-4)  # unit unbiased variance
 
 
 def test_pixel_loss_by_hand():
@@ -21,9 +21,12 @@ def test_pixel_loss_by_hand():
     target = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
     # squared errors: [0, 4] and [1, 1] -> mean 1.5
     assert pixel_loss(pred, target, norm_pix=False).item() == pytest.approx(1.5)
-    # normalised target: patch [1, 0] -> [1, -1]; patch [1, 1] -> [0, 0]
-    # errors: [0, 9] and [0, 0] -> mean 2.25
-    assert pixel_loss(pred, target, norm_pix=True).item() == pytest.approx(2.25, rel=1e-5)
+    # normalised target (unbiased variance): patch [1, 0] has mean 0.5 and variance
+    # 0.5 -> [1/sqrt(2), -1/sqrt(2)]; patch [1, 1] -> [0, 0]
+    # errors: [(1 - 1/sqrt(2))^2, (2 + 1/sqrt(2))^2] and [0, 0] -> their sum / 4
+    r = 1 / math.sqrt(2)
+    expected = ((1 - r) ** 2 + (2 + r) ** 2) / 4
+    assert pixel_loss(pred, target, norm_pix=True).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_feature_loss_is_one_minus_cosine_per_token():

@@ -36,12 +36,15 @@ def test_preset_matches_spec_section_5(name, capsys):
     assert (m["depth"], m["embed_dim"], m["num_heads"], m["mlp_ratio"]) == (*SIZES[arch], 4.0)
     assert (img // patch) ** 2 == 256
     assert (m["noise_ratio"], m["noise_std"], m["lam"]) == (0.9, 1.0, 0.6)
+    mae = _printed(capsys, "--preset", name, "--method", "mae")["model"]
+    assert mae["noise_ratio"] == 0.75  # SPEC section 6: the preset's 0.9 is DSMAE's
     assert (m["decoder_depth"], m["regressor_depth"], m["decoder_dim"]) == (4, 2, SIZES[arch][1])
     assert d["source"] == source and d["crop_scale"] == [0.2, 1.0] and d["hflip"] is True
     assert (t["batch_size"], t["epochs"], t["warmup_epochs"]) == (batch, 500, 20)
     assert t["base_lr"] == 1.5e-4 and t["lr"] == pytest.approx(1.5e-4 * batch / 256)
     assert (t["betas"], t["weight_decay"]) == ([0.9, 0.95], 0.05)
-    assert (t["momentum_start"], t["momentum_end"], t["ema_every"]) == (0.96, 0.99, "step")
+    assert (t["momentum_start"], t["momentum_end"], t["ema_every"]) == (0.96, 0.99, "epoch")
+    assert m["target_norm"] == "layernorm"  # SPEC section 3, as SdAE's code
     assert t["micro_batch"] == batch  # one process, no accumulation
 
 

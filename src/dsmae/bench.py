@@ -1,9 +1,13 @@
 """``dsmae bench``: throughput, memory, FLOPs and MFU of one full pre-training step.
 
-One step is what the engine does per batch: forward, backward and optimizer step
-(:func:`dsmae.engine.train_step`) and the teacher's EMA update, on a synthetic batch of
-normalised images (standard normal, seeded), bf16 autocast on CUDA and fp32 on CPU.
-Steps are timed one by one after a few warm-up steps; the median is reported.
+One step is what the engine does per batch, with the engine's own functions: gather a
+batch from a uint8 data set held where the model is, augment it there and draw its
+corruption (:func:`dsmae.engine.draw_step`, :func:`dsmae.engine.load_batch`), forward,
+backward and optimizer step (:func:`dsmae.engine.train_step`), and the teacher's EMA
+update where it runs every step; bf16 autocast and ``torch.compile`` on CUDA, fp32 and
+eager on CPU, unless asked otherwise. The data set is synthetic (seeded uniform uint8
+pixels), so no data is needed. Steps are timed one by one after a few warm-up steps; the
+median is reported, and the data part (gather, augmentation, draws) is also timed alone.
 
 FLOPs are counted by PyTorch's ``FlopCounterMode`` (matmul-like ops only: every linear
 layer, the patch-embedding convolution and attention's two batched matmuls), per
@@ -13,6 +17,7 @@ square matmul in the step's dtype, measured in the same process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -20,23 +25,34 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from dsmae.config import ConfigError, build_config
-from dsmae.engine import build_optimizer, train_step
+from dsmae.config import Config, ConfigError, build_config
+from dsmae.engine import Corruption, build_optimizer, draw_step, load_batch, train_step
 from dsmae.flops import flop_counter_mode
 from dsmae.masking import split_indices
 from dsmae.models import DSMAE, encode_visible, patch_tokens
-from dsmae.runtime import autocast, generator, resolve_device, use_amp
+from dsmae.runtime import (
+    autocast,
+    compile_model,
+    generator,
+    resolve_device,
+    use_amp,
+    use_compile,
+)
 
 log = logging.getLogger(__name__)
 
 PARTS = ("student_fwd_bwd", "teacher_fwd", "decoder_fwd_bwd", "regressor_fwd_bwd")
-MATMUL_SIZE = 4096  # side of the square matmul that measures the peak FLOP rate
+MATMUL_SIZE = 4096  # side of the square matmul that measures the peak FLOP rate (CPU)
+CUDA_MATMUL_SIZE = 8192  # ... on a GPU: large enough to reach the tensor cores' peak
 FLOP_COUNT_BATCH = 8  # images the FLOPs are counted on (FLOPs are linear in the batch)
+DATA_BATCHES = 4  # the synthetic data set holds this many batches
 TEACHER_MOMENTUM = 0.99
 
 
@@ -228,49 +244,107 @@ def matmul_peak_gflops(
     return 2 * size**3 / best / 1e9
 
 
-def time_steps(
+@dataclass
+class BenchStep:
+    """One pre-training step of a benchmark, split as the engine runs it.
+
+    ``inputs(step)`` gathers, augments and corrupts a batch (the data part);
+    ``run(step)`` is the whole step: ``inputs``, ``train_step`` and, where the teacher
+    moves every step, its EMA update.
+    """
+
+    inputs: Callable[[int], tuple[torch.Tensor, Corruption]]
+    run: Callable[[int], None]
+
+
+def bench_step(
     model: DSMAE,
     optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
+    data: torch.Tensor,
+    cfg: Config,
     *,
-    steps: int = 10,
-    warmup: int = 3,
-    rng: torch.Generator | None = None,
     amp: bool = False,
-    micro_batch: int | None = None,
-    momentum: float = TEACHER_MOMENTUM,
     forward: torch.nn.Module | None = None,
-) -> list[float]:
-    """Seconds of each of ``steps`` training steps, after ``warmup`` untimed ones.
+    momentum: float = TEACHER_MOMENTUM,
+) -> BenchStep:
+    """The step of ``dsmae pretrain`` on ``data``.
 
-    A step is ``train_step`` (forward, backward, optimizer) and ``model.update_teacher``;
-    its corruption (mask and noise) is drawn from ``rng`` before the clock starts. On
-    CUDA the device is synchronised before and after each step, and the peak memory
-    statistics are reset after the warm-up. ``forward`` is the module the step calls
-    (e.g. ``torch.compile(model)``; default ``model``).
+    Args:
+        model: a DSMAE in train mode.
+        data: (M, C, H, W) uint8 images on the model's device; M a multiple of the batch.
+        cfg: the run's config (batch size, micro-batch, augmentation, seed, EMA rhythm).
+        forward: the module the step calls (default ``model``; e.g. compiled).
     """
-    device = images.device
-    times = []
-    for i in range(warmup + steps):
-        if i == warmup and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        mask, eps = model.sample_corruption(images.shape[0], rng, device)
-        _synchronize(device)
-        start = time.perf_counter()
-        train_step(
+    device, t = data.device, cfg.train
+    b, size = t.batch_size, cfg.model.img_size
+    mean = torch.tensor(cfg.data.mean, device=device)
+    std = torch.tensor(cfg.data.std, device=device)
+    order = torch.randperm(len(data), generator=generator(t.seed, device), device=device)
+
+    def inputs(step: int) -> tuple[torch.Tensor, Corruption]:
+        corruption = draw_step(model, cfg, step, device)
+        start = (step * b) % len(data)
+        return load_batch(data, order[start : start + b], corruption, size, mean, std), corruption
+
+    def run(step: int) -> None:
+        images, corruption = inputs(step)
+        out = train_step(
             model if forward is None else forward,
             optimizer,
             images,
-            micro_batch=micro_batch,
-            mask=mask,
-            eps=eps,
+            micro_batch=t.micro_batch,
+            mask=corruption.mask,
+            eps=corruption.eps,
             amp=amp,
         )
-        model.update_teacher(momentum)
+        if t.ema_every == "step":
+            model.update_teacher(momentum, apply=out["finite"])
+
+    return BenchStep(inputs, run)
+
+
+def time_calls(
+    fn: Callable[[int], Any], device: torch.device, *, steps: int = 10, warmup: int = 3
+) -> tuple[list[float], float | None]:
+    """Seconds of each of ``steps`` calls ``fn(i)``, after ``warmup`` untimed ones.
+
+    The device is synchronised before and after each call, and on CUDA the peak memory
+    statistics are reset after the warm-up.
+
+    Returns:
+        the timed calls' seconds, and the first call's (compilation included, when ``fn``
+        compiles) or None without warm-up.
+    """
+    times, first = [], None
+    for i in range(warmup + steps):
+        if i == warmup and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         _synchronize(device)
+        start = time.perf_counter()
+        fn(i)
+        _synchronize(device)
+        seconds = time.perf_counter() - start
+        if i == 0 and warmup:
+            first = seconds
         if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+            times.append(seconds)
+    return times, first
+
+
+def count_host_syncs(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """How many times ``fn()`` makes the host wait for the GPU (CUDA's sync debug mode
+    warns at each such call); None off CUDA, where there is nothing to wait for."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+            torch.cuda.set_sync_debug_mode(0)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def time_parts(
@@ -334,6 +408,15 @@ def device_name(device: torch.device) -> str:
 # ----------------------------------------------------------------------------- the command
 
 
+def _with_data_stats(cfg: Config) -> Config:
+    """``cfg`` normalising with mean 0.5 and std 0.29 (uniform pixels) where unset."""
+    c = cfg.model.in_chans
+    data = dataclasses.replace(
+        cfg.data, mean=cfg.data.mean or [0.5] * c, std=cfg.data.std or [0.29] * c
+    )
+    return dataclasses.replace(cfg, data=data)
+
+
 def run_bench(
     method: str,
     arch: str,
@@ -352,8 +435,9 @@ def run_bench(
 ) -> dict[str, Any]:
     """Benchmark one pre-training step of a model on a synthetic batch.
 
-    The step runs as ``dsmae pretrain`` runs it: ``train.compile``, ``train.micro_batch``
-    and ``train.grad_checkpointing`` from ``overrides`` apply.
+    The step runs as ``dsmae pretrain`` runs it: ``train.compile`` (default: on for
+    CUDA), ``train.compile_scope``, ``train.amp``, ``train.micro_batch``,
+    ``train.ema_every`` and ``train.grad_checkpointing`` from ``overrides`` apply.
 
     Args:
         overrides: further dotted config values, e.g. ``{"model.depth": 6}``.
@@ -368,7 +452,11 @@ def run_bench(
         ``batch_size``, ``steps``, ``warmup``, ``device``, ``dtype``, ``torch``) and
         ``step_ms`` (median), ``img_per_s``, ``peak_mem_mb``, ``gflop_per_img``, ``parts``
         (GFLOP per image of each part), ``achieved_gflops``, ``matmul_peak_gflops``,
-        ``matmul_size``, ``mfu`` and ``compile``.
+        ``matmul_size``, ``mfu``; ``compile``, ``compile_scope`` and ``compile_s`` (the
+        first step's time beyond a step's: the compilation, excluded from the rest);
+        ``data_ms`` (the data part alone: gather, augmentation, draws) and its
+        ``data_share`` of the step; ``host_syncs_per_step`` (CUDA: times a step waits
+        for the GPU; None elsewhere).
     """
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {steps}")
@@ -388,18 +476,20 @@ def run_bench(
     cfg = build_config(overrides=values)
     m = cfg.model
     dev = resolve_device(cfg.train.device)
-    amp = use_amp(dev, None)
+    amp = use_amp(dev, cfg.train.amp)
+    compiled = use_compile(dev, cfg.train.compile)
     dtype = torch.bfloat16 if amp else torch.float32
     torch.manual_seed(seed)
     model = DSMAE(m).to(dev).train()
     if cfg.train.grad_checkpointing:
         model.encoder.set_grad_checkpointing(True)
-    forward = torch.compile(model) if cfg.train.compile else model
-    images = torch.randn(
-        batch_size, m.in_chans, m.img_size, m.img_size, generator=generator(seed)
-    ).to(dev)
+    forward = compile_model(model, cfg.train.compile_scope) if compiled else model
+    warmup = max(warmup, 1) if compiled else warmup  # the first step compiles
+    shape = (DATA_BATCHES * batch_size, m.in_chans, m.img_size, m.img_size)
+    data = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator(seed)).to(dev)
+    cfg = _with_data_stats(cfg)
     log.info(
-        "bench %s %s (depth %d, width %d), %d px, patch %d, batch %d on %s, %s",
+        "bench %s %s (depth %d, width %d), %d px, patch %d, batch %d on %s, %s%s",
         m.method,
         m.arch,
         m.depth,
@@ -409,30 +499,24 @@ def run_bench(
         batch_size,
         dev,
         str(dtype).removeprefix("torch."),
+        f", torch.compile ({cfg.train.compile_scope})" if compiled else "",
     )
 
-    sample = images[:FLOP_COUNT_BATCH]
-    mask, _ = model.sample_corruption(sample.shape[0], generator(seed + 1, dev), dev)
-    flops = count_step_flops(model, sample, mask=mask, amp=amp)
     optimizer = build_optimizer(model, cfg.train, dev)
-    times = time_steps(
-        model,
-        optimizer,
-        images,
-        micro_batch=cfg.train.micro_batch,
-        steps=steps,
-        warmup=warmup,
-        rng=generator(seed + 2, dev),
-        amp=amp,
-        forward=forward,
+    step = bench_step(model, optimizer, data, cfg, amp=amp, forward=forward)
+    sample, corruption = step.inputs(0)
+    flops = count_step_flops(
+        model, sample[:FLOP_COUNT_BATCH], mask=corruption.mask[:FLOP_COUNT_BATCH], amp=amp
     )
+    times, first_s = time_calls(step.run, dev, steps=steps, warmup=warmup)
+    peak_mem = peak_memory_mb(dev)  # before the matmuls: CPU's peak RSS never goes down
+    data_times, _ = time_calls(step.inputs, dev, steps=steps, warmup=1)
+    syncs = count_host_syncs(lambda: step.run(warmup + steps), dev)
     parts_ms = None
     if parts_time:
-        mask, _ = model.sample_corruption(batch_size, generator(seed + 3, dev), dev)
-        seconds = time_parts(model, images, mask, steps=steps, warmup=warmup, amp=amp)
+        seconds = time_parts(model, sample, corruption.mask, steps=steps, warmup=warmup, amp=amp)
         parts_ms = {name: 1e3 * value for name, value in seconds.items()}
-    peak_mem = peak_memory_mb(dev)  # before the matmuls: CPU's peak RSS never goes down
-    size = matmul_size or MATMUL_SIZE
+    size = matmul_size or (CUDA_MATMUL_SIZE if dev.type == "cuda" else MATMUL_SIZE)
     log.info("timing %dx%d matmuls for the peak rate", size, size)
     peak = matmul_peak_gflops(dev, dtype, size=size)
 
@@ -465,7 +549,12 @@ def run_bench(
         "matmul_peak_gflops": peak,
         "matmul_size": size,
         "mfu": achieved / peak,
-        "compile": cfg.train.compile,
+        "compile": compiled,
+        "compile_scope": cfg.train.compile_scope if compiled else None,
+        "compile_s": first_s - step_s if compiled and first_s is not None else None,
+        "data_ms": statistics.median(data_times) * 1e3,
+        "data_share": statistics.median(data_times) / step_s,
+        "host_syncs_per_step": syncs,
     }
     if parts_ms is not None:
         result["parts_ms"] = parts_ms
@@ -494,7 +583,12 @@ def format_report(result: Mapping[str, Any]) -> str:
         ("achieved", f"{r['achieved_gflops']:.1f} GFLOP/s"),
         (f"matmul peak ({r['matmul_size']}^3)", f"{r['matmul_peak_gflops']:.1f} GFLOP/s"),
         ("MFU", f"{100 * r['mfu']:.1f}%"),
+        ("data part alone", f"{r['data_ms']:.2f} ms  ({100 * r['data_share']:.1f}% of the step)"),
     ]
+    if r["compile_s"] is not None:
+        rows.append(("compilation (first step)", f"{r['compile_s']:.1f} s, not in the figures"))
+    if r["host_syncs_per_step"] is not None:
+        rows.append(("host syncs per step", str(r["host_syncs_per_step"])))
     if "parts_ms" in r:
         rows += [
             ("each part alone (eager)", ""),
@@ -511,7 +605,7 @@ def format_report(result: Mapping[str, Any]) -> str:
         f"{r['num_heads']} heads), {r['img_size']} px, patch {r['patch_size']}, "
         f"{r['in_chans']} channel(s), batch {r['batch_size']}\n"
         f"device: {r['device']}; {r['dtype']}; torch {r['torch']}"
-        + ("; torch.compile" if r["compile"] else "")
+        + (f"; torch.compile ({r['compile_scope']})" if r["compile"] else "")
     )
     width = max(len(name) for name, _ in rows)
     return "\n".join([head, *(f"  {name:<{width}}  {value}" for name, value in rows)])

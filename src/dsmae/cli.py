@@ -228,7 +228,11 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (default)")
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--micro-batch", type=int, help="micro-batch (default: the whole batch)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model, as pretrain")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the step, as pretrain (default: on for CUDA, off on CPU)",
+    )
     p.add_argument(
         "--parts", action="store_true", help="also time each part alone (student, teacher, heads)"
     )
@@ -422,8 +426,8 @@ def _run_bench(args: argparse.Namespace) -> None:
     overrides = dict(parse_assignment(a) for a in args.assign)
     if args.micro_batch is not None:
         overrides["train.micro_batch"] = args.micro_batch
-    if args.compile:
-        overrides["train.compile"] = True
+    if args.compile is not None:
+        overrides["train.compile"] = args.compile
     for key in ("depth", "embed_dim", "num_heads"):
         if getattr(args, key) is not None:
             overrides[f"model.{key}"] = getattr(args, key)

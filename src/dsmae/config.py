@@ -60,7 +60,7 @@ class ModelConfig:
     decoder_dim: int | None = None  # None: encoder width (MAE's original: 512)
     decoder_heads: int | None = None  # None: encoder heads (MAE's original: 16)
     regressor_depth: int = 2
-    target_norm: str = "none"  # "none" | "layernorm"
+    target_norm: str = "layernorm"  # teacher tokens standardised per token | "none" (SPEC 3)
 
 
 @dataclass
@@ -93,10 +93,11 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     momentum_start: float = 0.96
     momentum_end: float = 0.99
-    ema_every: str = "step"  # "step" | "epoch"
+    ema_every: str = "epoch"  # teacher update once per epoch (SdAE, SPEC 3) | "step"
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each rank's GPU)
     amp: bool | None = None  # bf16 autocast; None: on for CUDA, off on CPU
-    compile: bool = False  # torch.compile the model (forward, loss and backward)
+    compile: bool | None = None  # torch.compile the step; None: on for CUDA, off on CPU
+    compile_scope: str = "model"  # "model": forward, loss, backward as one graph | "blocks"
     grad_checkpointing: bool = False  # recompute encoder block activations in backward
     data_on_device: bool | None = None  # keep the uint8 data set on the GPU; None: on CUDA
     seed: int = 0
@@ -491,6 +492,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         value = getattr(t, key)
         _require(0 <= value < 1, f"train.{key}", f"must be in [0, 1), got {value}")
     _check_choice("train.ema_every", t.ema_every, ("step", "epoch"))
+    _check_choice("train.compile_scope", t.compile_scope, ("model", "blocks"))
     _require(
         t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps"),
         "train.device",

@@ -40,7 +40,14 @@ from dsmae.flops import train_flops_per_image
 from dsmae.metrics import MetricsLog
 from dsmae.models import DSMAE
 from dsmae.monitor import Monitor
-from dsmae.runtime import autocast, generator, progress, use_amp
+from dsmae.runtime import (
+    autocast,
+    compile_model,
+    generator,
+    progress,
+    use_amp,
+    use_compile,
+)
 from dsmae.schedules import lr_at, momentum_at
 from dsmae.visualize import save_denoise_figure
 
@@ -55,6 +62,7 @@ RESUMABLE_CHANGES = (
     "train.device",
     "train.micro_batch",
     "train.compile",
+    "train.compile_scope",
     "train.grad_checkpointing",
     "train.data_on_device",
     "train.checkpoint_every",
@@ -86,13 +94,30 @@ class PretrainResult:
 
 def build_optimizer(model: DSMAE, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on weight matrices only: not on norms, biases, the position
-    embedding, the [CLS] token or the mask token. Fused kernels on CUDA."""
+    embedding, the [CLS] token or the mask token.
+
+    Fused kernels on CUDA and CPU: one kernel per step, which also skips a non-finite
+    step on the device (:func:`step_unless_non_finite`).
+    """
     no_decay = {f"encoder.{name}" for name in model.encoder.no_weight_decay()}
     no_decay.add("decoder.mask_token")
     groups = param_groups_weight_decay(model, train.weight_decay, no_weight_decay_list=no_decay)
-    return torch.optim.AdamW(
-        groups, lr=train.lr, betas=tuple(train.betas), fused=device.type == "cuda"
-    )
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), fused=fused)
+
+
+def step_unless_non_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """``optimizer.step()`` where ``finite`` (a 0-d bool tensor) is True; else nothing changes.
+
+    A fused Adam(W) takes the decision on the device, through the ``found_inf`` input that
+    ``GradScaler`` uses: its kernel leaves weights and moments untouched and the step count
+    is restored, with no host synchronisation. Other optimizers read the flag on the host.
+    """
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+    elif finite:  # synchronises with the device
+        optimizer.step()
 
 
 @dataclass
@@ -154,9 +179,10 @@ def train_step(
         grad_clip: clip the gradient norm to this value (0: no clipping).
 
     A step whose gradient norm is not finite (a NaN or infinite loss or gradient,
-    overflow under bf16) changes nothing: the optimizer does not step. Under
+    overflow under bf16) changes nothing: the optimizer does not step
+    (:func:`step_unless_non_finite`, decided on the device). Under
     DistributedDataParallel the norm is that of the all-reduced gradient, so every process
-    makes the same choice.
+    makes the same choice. Nothing here waits for the device.
 
     Returns:
         the batch's mean ``loss`` (and ``loss_y``/``loss_z`` where the method has them),
@@ -190,10 +216,7 @@ def train_step(
     params = [p for p in model.parameters() if p.grad is not None]
     totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
     totals["finite"] = torch.isfinite(totals["grad_norm"])
-    if totals["finite"]:  # synchronises with the device once per step
-        optimizer.step()
-    else:
-        optimizer.zero_grad(set_to_none=True)
+    step_unless_non_finite(optimizer, totals["finite"])
     return totals
 
 
@@ -264,6 +287,58 @@ def _readable(path: Path) -> dict[str, Any] | None:
         return None
 
 
+class StepHealth:
+    """Counts the steps skipped for a non-finite gradient, on the device.
+
+    :meth:`record` runs every step without waiting for the device; :meth:`check` reads
+    the counters (one synchronisation) when metrics are logged, warns about new skipped
+    steps and stops a run that has diverged.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped = zero.clone()  # steps skipped in this process's run
+        self.in_a_row = zero.clone()  # the current run of consecutive skipped steps
+        self.longest = zero.clone()  # the longest such run since the last check
+        self.reported = 0  # ``skipped`` at the last check
+        self.checked_step = 0  # the step of the last check
+
+    def record(self, finite: torch.Tensor) -> None:
+        """One step's outcome: ``finite`` is the 0-d bool of :func:`train_step`."""
+        bad = (~finite).long()
+        self.skipped += bad
+        self.in_a_row = (self.in_a_row + 1) * bad
+        torch.maximum(self.longest, self.in_a_row, out=self.longest)
+
+    def check(
+        self, step: int, losses: dict[str, torch.Tensor], limit: int, last_good: Path | None
+    ) -> int:
+        """Warn about the steps skipped since the last check (up to ``step``, 1-based) and
+        return how many were skipped in all.
+
+        Raises:
+            DivergedError: ``limit`` (> 0) consecutive steps were skipped. Nothing is
+                saved, so the last good checkpoint stays as it was.
+        """
+        skipped, longest = int(self.skipped), int(self.longest)  # synchronises
+        self.longest.copy_(self.in_a_row)
+        new, first = skipped - self.reported, self.checked_step + 1
+        self.reported, self.checked_step = skipped, step
+        values = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
+        if new:
+            where = f"step {step}" if first == step else f"{new} of steps {first}-{step}"
+            log.warning("%s skipped: non-finite gradient (step %d: %s)", where, step, values)
+        if limit and longest >= limit:
+            raise DivergedError(
+                f"stopped at step {step}: {longest} steps in a row had a non-finite loss or "
+                f"gradient ({values}). The last good checkpoint is {last_good or 'none yet'}. "
+                "Try a lower train.base_lr, train.grad_clip (e.g. 1.0), or more "
+                "train.warmup_epochs, then resume from it with --resume (and --force, as the "
+                "settings changed)."
+            )
+        return skipped
+
+
 @dataclass
 class _Run:
     """The state of one pre-training run (in this process)."""
@@ -279,12 +354,14 @@ class _Run:
     optimizer: torch.optim.Optimizer
     steps_per_epoch: int
     flops_per_image: float
+    mean: torch.Tensor  # (C,) normalisation of the images, on the device
+    std: torch.Tensor
+    health: StepHealth
+    compiled: bool
     step: int = 0
     last: dict[str, Any] = dataclasses.field(default_factory=dict)  # last metrics line
     last_save: float = dataclasses.field(default_factory=time.monotonic)
     last_checkpoint: Path | None = None  # the newest checkpoint written or resumed from
-    bad_in_a_row: int = 0  # consecutive steps skipped for a non-finite gradient
-    skipped: int = 0  # steps skipped so far in this process's run
 
     @property
     def total_steps(self) -> int:
@@ -322,8 +399,9 @@ def _setup(cfg: Config, resume: str | None, force: bool) -> _Run:
     if proc.distributed:
         ids = [device.index] if device.type == "cuda" else None
         forward = DistributedDataParallel(model, device_ids=ids)
-    if t.compile:
-        forward = torch.compile(forward)
+    compiled = use_compile(device, t.compile)
+    if compiled:
+        forward = compile_model(forward, t.compile_scope)
     on_device = t.data_on_device if t.data_on_device is not None else device.type == "cuda"
     if on_device:
         images = images.to(device)
@@ -344,6 +422,10 @@ def _setup(cfg: Config, resume: str | None, force: bool) -> _Run:
         optimizer=optimizer,
         steps_per_epoch=steps_per_epoch,
         flops_per_image=flops,
+        mean=torch.tensor(cfg.data.mean, device=device),
+        std=torch.tensor(cfg.data.std, device=device),
+        health=StepHealth(device),
+        compiled=compiled,
         step=0 if state is None else int(state["step"]),
         last_checkpoint=resumed_from,
     )
@@ -400,18 +482,34 @@ def _resume_state(
 
 
 def _batch(run: _Run, step: int, order: torch.Tensor) -> tuple[torch.Tensor, Corruption]:
-    """This process's share of the global batch of ``step``, augmented, and its corruption."""
+    """This process's share of the global batch of ``step``, augmented, and its corruption.
+
+    ``order`` (the epoch's permutation) lives where the images do, so with the data set
+    on the GPU the gather, the augmentation and the draws never wait for the device.
+    """
     cfg, proc = run.cfg, run.proc
     b = cfg.train.batch_size
     start = (step % run.steps_per_epoch) * b
     mine = slice(proc.rank * b // proc.world_size, (proc.rank + 1) * b // proc.world_size)
     idx = order[start : start + b][mine]
     corruption = draw_step(run.model, cfg, step, run.device)[mine]
-    uint8 = run.images[idx.to(run.images.device)].to(run.device, non_blocking=True)
-    images = augmented_batch(
-        uint8, cfg.model.img_size, corruption.boxes, corruption.flips, cfg.data.mean, cfg.data.std
-    )
+    images = load_batch(run.images, idx, corruption, cfg.model.img_size, run.mean, run.std)
     return images, corruption
+
+
+def load_batch(
+    images: torch.Tensor,
+    idx: torch.Tensor,
+    corruption: Corruption,
+    size: int,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> torch.Tensor:
+    """The batch ``images[idx]`` ((N, C, H, W) uint8, any device), cropped and flipped as
+    ``corruption`` says, resized to ``size`` and normalised by ``mean``/``std`` ((C,)):
+    (B, C, size, size) float32 on the device of ``corruption``."""
+    uint8 = images[idx].to(corruption.boxes.device, non_blocking=True)
+    return augmented_batch(uint8, size, corruption.boxes, corruption.flips, mean, std)
 
 
 def _save(run: _Run, path: Path) -> Path:
@@ -465,7 +563,7 @@ def _train(run: _Run, started: float) -> PretrainResult:
     cfg, t, proc = run.cfg, run.cfg.train, run.proc
     log.info(
         "pre-training %s (%s, %.1fM encoder parameters, %.2f GFLOP per image) on %d images, "
-        "%d process(es) on %s, steps %d to %d of %d images",
+        "%d process(es) on %s, steps %d to %d of %d images%s",
         cfg.model.method,
         cfg.model.arch,
         sum(p.numel() for p in run.model.encoder.parameters()) / 1e6,
@@ -476,12 +574,16 @@ def _train(run: _Run, started: float) -> PretrainResult:
         run.step,
         run.total_steps,
         t.batch_size,
+        f", torch.compile ({t.compile_scope})" if run.compiled else "",
     )
     monitor = Monitor(cfg, run.device) if proc.is_main else None
     metrics = MetricsLog(run.out) if proc.is_main else None
     warmup_steps = run.steps_per_epoch * t.warmup_epochs
     timer = (time.perf_counter(), run.step)  # (time, step) of the last metrics line
-    order = epoch_order(len(run.images), t.seed, run.step // run.steps_per_epoch)
+    once = {"setup_s": timer[0] - started}  # written with the first metrics line
+    run.health.checked_step = run.step
+    first_step = run.step
+    order = None
     bar = progress(
         (run.total_steps - run.step) * t.batch_size, "pretrain", disable=not proc.is_main
     )
@@ -489,8 +591,8 @@ def _train(run: _Run, started: float) -> PretrainResult:
         while run.step < run.total_steps:
             step = run.step
             epoch, in_epoch = divmod(step, run.steps_per_epoch)
-            if in_epoch == 0 and step > 0:
-                order = epoch_order(len(run.images), t.seed, epoch)
+            if order is None or in_epoch == 0:
+                order = epoch_order(len(run.images), t.seed, epoch).to(run.images.device)
             lr = lr_at(step, run.total_steps, warmup_steps, t.lr, t.min_lr)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
@@ -505,32 +607,51 @@ def _train(run: _Run, started: float) -> PretrainResult:
                 amp=run.amp,
                 grad_clip=t.grad_clip,
             )
-            momentum = momentum_at(step, run.total_steps, t.momentum_start, t.momentum_end)
-            finite = bool(losses.pop("finite"))
-            if finite and t.ema_every == "step":
-                run.model.update_teacher(momentum)
-            _count_bad_step(run, step, finite, losses)
+            finite = losses.pop("finite")
+            run.health.record(finite)
+            if t.ema_every == "step":
+                momentum = momentum_at(step, run.total_steps, t.momentum_start, t.momentum_end)
+                run.model.update_teacher(momentum, apply=finite)
+            else:  # the teacher moves at the end of the epoch, with this momentum
+                momentum = momentum_at(epoch, t.epochs, t.momentum_start, t.momentum_end)
             run.step = step + 1
             bar.update(t.batch_size)
-            if run.step % t.log_every == 0 or run.step == run.total_steps:
+            if step == first_step and run.compiled:
+                # the first step compiles: time it alone and leave it out of the throughput
+                _synchronize(run.device)
                 now = time.perf_counter()
+                once["compile_s"] = now - timer[0]
+                log.info("first step (torch.compile included): %.1f s", once["compile_s"])
+                timer = (now, run.step)
+            if run.step % t.log_every == 0 or run.step == run.total_steps:
+                skipped = run.health.check(run.step, losses, t.max_bad_steps, run.last_checkpoint)
                 losses = distributed.mean_over_processes(losses, proc)
                 run.last = {"step": run.step, "epoch": epoch, "lr": lr, "momentum": momentum}
                 run.last.update({k: v.item() for k, v in losses.items()})  # synchronises
-                run.last["img_per_s"] = (run.step - timer[1]) * t.batch_size / (now - timer[0])
-                run.last["skipped_steps"] = run.skipped
+                now = time.perf_counter()
+                if run.step > timer[1]:
+                    run.last["img_per_s"] = (run.step - timer[1]) * t.batch_size / (now - timer[0])
+                run.last["skipped_steps"] = skipped
+                run.last["wall_s"] = now - started
+                run.last.update(once)
+                once = {}
                 if run.device.type == "cuda":
                     run.last["peak_mem_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
                 timer = (now, run.step)
                 if metrics is not None:
                     metrics.write(run.last)
                 bar.set_postfix(epoch=epoch, loss=f"{run.last['loss']:.4f}")
-            if in_epoch == run.steps_per_epoch - 1:
-                _end_of_epoch(run, epoch, started, monitor, metrics)
-            elif (
-                t.checkpoint_minutes
+            end_of_epoch = in_epoch == run.steps_per_epoch - 1
+            save_now = (
+                not end_of_epoch
+                and t.checkpoint_minutes
                 and time.monotonic() - run.last_save > 60 * t.checkpoint_minutes
-            ):
+            )
+            if end_of_epoch or save_now:  # never save nor move the teacher after divergence
+                run.health.check(run.step, losses, t.max_bad_steps, run.last_checkpoint)
+            if end_of_epoch:
+                _end_of_epoch(run, epoch, started, monitor, metrics)
+            elif save_now:
                 _save(run, run.out / f"checkpoint-{run.step:08d}.pt")
     checkpoint = _save(run, run.out / "last.pt")
     if proc.is_main:
@@ -550,29 +671,9 @@ def _train(run: _Run, started: float) -> PretrainResult:
     return PretrainResult(run.out, checkpoint, cfg, run.last, seconds)
 
 
-def _count_bad_step(run: _Run, step: int, finite: bool, losses: dict[str, torch.Tensor]) -> None:
-    """Count a step skipped for a non-finite gradient; stop after too many in a row.
-
-    Raises:
-        DivergedError: ``train.max_bad_steps`` consecutive steps were non-finite. Nothing
-            is saved, so the last good checkpoint stays as it was.
-    """
-    if finite:
-        run.bad_in_a_row = 0
-        return
-    run.bad_in_a_row += 1
-    run.skipped += 1
-    values = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
-    log.warning("step %d skipped: non-finite gradient (%s)", step + 1, values)
-    limit = run.cfg.train.max_bad_steps
-    if limit and run.bad_in_a_row >= limit:
-        last = run.last_checkpoint or "none yet"
-        raise DivergedError(
-            f"stopped at step {step + 1}: {run.bad_in_a_row} steps in a row had a non-finite "
-            f"loss or gradient ({values}). The last good checkpoint is {last}. Try a lower "
-            "train.base_lr, train.grad_clip (e.g. 1.0), or more train.warmup_epochs, then "
-            "resume from it with --resume (and --force, as the settings changed)."
-        )
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _end_of_epoch(

@@ -11,9 +11,9 @@ PATCH_NORM_EPS = 1e-6
 def normalize_patches(patches: torch.Tensor, eps: float = PATCH_NORM_EPS) -> torch.Tensor:
     """Per-patch normalisation of the pixel target (MAE's ``norm_pix_loss``).
 
-    Each patch gets mean 0 and (population) variance 1 over its p*p*C values:
-    ``(x - mean) / sqrt(var + eps)``. MAE's code uses the unbiased variance; SPEC
-    asks for variance 1 within each patch, so the population variance is used.
+    Each patch gets mean 0 and is divided by its standard deviation over its p*p*C
+    values: ``(x - mean) / sqrt(var + eps)`` with the UNBIASED variance, exactly as MAE's
+    code (SPEC 1.9), so that losses are comparable with MAE's.
 
     Args:
         patches: (..., P) with P = p*p*C.
@@ -22,7 +22,7 @@ def normalize_patches(patches: torch.Tensor, eps: float = PATCH_NORM_EPS) -> tor
         (..., P).
     """
     mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True, unbiased=False)
+    var = patches.var(dim=-1, keepdim=True)
     return (patches - mean) / torch.sqrt(var + eps)
 
 

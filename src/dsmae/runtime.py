@@ -8,6 +8,8 @@ import logging
 import sys
 
 import torch
+from timm.models.vision_transformer import Block
+from torch import nn
 from tqdm import tqdm
 
 from dsmae.config import ConfigError
@@ -28,6 +30,30 @@ def resolve_device(name: str = "auto") -> torch.device:
 def use_amp(device: torch.device, amp: bool | None) -> bool:
     """bf16 autocast: on by default for CUDA, off on CPU (bf16 matmuls are slow on most CPUs)."""
     return device.type == "cuda" if amp is None else amp
+
+
+def use_compile(device: torch.device, compile: bool | None) -> bool:
+    """``torch.compile``: on by default for CUDA, off on CPU (where compiling a ViT-Tiny
+    step costs a minute of two cores for no gain, see ``benchmarks/RESULTS.md``)."""
+    return device.type == "cuda" if compile is None else compile
+
+
+def compile_model(model: nn.Module, scope: str = "model") -> nn.Module:
+    """The module that a training step calls, compiled.
+
+    Args:
+        model: e.g. a DSMAE, or a DistributedDataParallel around one.
+        scope: "model": forward, losses and (through AOTAutograd) backward as one graph,
+            returned as a new wrapper module; "blocks": every timm transformer block of
+            ``model`` compiled in place (regional compilation: the blocks share one
+            compiled graph, which compiles several times faster) and ``model`` returned.
+    """
+    if scope == "model":
+        return torch.compile(model)
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile()
+    return model
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:

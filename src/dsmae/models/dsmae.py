@@ -199,8 +199,14 @@ class DSMAE(nn.Module):
         return self.decoder.forward_masked(latent, visible)
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
+    def update_teacher(self, momentum: float, apply: torch.Tensor | None = None) -> None:
         """``teacher <- m * teacher + (1 - m) * student`` (eq. 4); buffers are copied.
+
+        Args:
+            momentum: m.
+            apply: optional 0-d bool tensor; where False the teacher is left as it is.
+                Decided on the device, so a step that was skipped for a non-finite
+                gradient skips the update without a host synchronisation.
 
         A no-op for the methods without a teacher.
         """
@@ -208,6 +214,11 @@ class DSMAE(nn.Module):
             return
         teacher_params = list(self.teacher.parameters())
         student_params = [p.detach() for p in self.encoder.parameters()]
-        torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+        if apply is None:
+            torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+        else:
+            delta = torch._foreach_sub(student_params, teacher_params)
+            torch._foreach_mul_(delta, apply.to(teacher_params[0].dtype) * (1.0 - momentum))
+            torch._foreach_add_(teacher_params, delta)
         for t, s in zip(self.teacher.buffers(), self.encoder.buffers(), strict=True):
             t.copy_(s)
