@@ -136,8 +136,11 @@ def stage_bench(results: Path, args: argparse.Namespace) -> None:
     from dsmae.bench import format_report, run_bench
 
     deadline = time.monotonic() + args.budget
+    only = set(args.only.split(",")) if args.only else None
     for method, arch, img, patch, batch, mode in bench_plan(args.rows, args.shrink):
         name = f"bench-{method}-{arch}-{mode}"
+        if only is not None and name.removeprefix("bench-") not in only:
+            continue
         overrides = dict(MODES[mode])
         if args.shrink:
             overrides.update(TINY_MODEL)
@@ -296,13 +299,17 @@ def stage_eval(results: Path, args: argparse.Namespace) -> None:
         jobs[("random init", "linprobe")] = ["linprobe", "--checkpoint", first, "--random-init"]
         jobs[("random init", "knn")] = ["knn", "--checkpoint", first, "--random-init"]
     extra = ["--epochs", "2"] if args.shrink else []
+    # the six run at once: share the cores rather than each spinning up one thread per core
+    threads = str(max(1, (os.cpu_count() or 1) // max(len(jobs), 1)))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     running = {}
     for key, argv in jobs.items():
         full = [sys.executable, "-m", "dsmae", *argv, "--pool", "avg", "--device", args.device]
         if key[1] == "linprobe":
             full += extra
         log_file = (results / f"eval-{key[0].replace(' ', '-')}-{key[1]}.log").open("w")
-        running[key] = (subprocess.Popen(full, stdout=log_file, stderr=subprocess.STDOUT), full)
+        child = subprocess.Popen(full, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        running[key] = (child, full)
     table: dict[str, dict[str, Any]] = {}
     for (who, protocol), (proc, full) in running.items():
         code = proc.wait()
@@ -423,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=120.0, help="pre-training time")
     parser.add_argument("--rows", choices=("tiny", "small"), default="tiny", help="bench rows")
     parser.add_argument("--budget", type=float, default=150.0, help="bench stage seconds")
+    parser.add_argument("--only", help="bench: only these, e.g. mae-vit_tiny-eager,...")
     parser.add_argument("--data", help="the CIFAR-10 folder (train/ and test/)")
     parser.add_argument("--shrink", action="store_true", help="toy sizes (CPU test)")
     args = parser.parse_args(argv)

@@ -184,7 +184,7 @@ def test_bench_json_end_to_end(capsys, monkeypatch):
     assert r["achieved_gflops"] == pytest.approx(r["gflop_per_img"] * r["img_per_s"], rel=1e-12)
     assert r["img_per_s"] == pytest.approx(4 / (r["step_ms"] / 1000), rel=1e-12)
     # the data part (gather, augmentation, draws) is timed alone; no compile on CPU
-    assert 0 < r["data_ms"] and r["data_share"] == pytest.approx(r["data_ms"] / r["step_ms"])
+    assert r["data_ms"] > 0 and r["data_share"] == pytest.approx(r["data_ms"] / r["step_ms"])
     assert r["compile"] is False and r["compile_s"] is None and r["host_syncs_per_step"] is None
 
 
@@ -257,3 +257,19 @@ def test_keep_freed_memory_applies_on_glibc():
         assert applied
     else:
         assert not applied
+
+
+def test_host_syncs_name_the_line_that_waits(monkeypatch):
+    """The CUDA sync debug mode warns from inside torch; the report names our line."""
+    import warnings
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+
+    def step():
+        warnings.warn("called a synchronizing CUDA operation")  # stands for e.g. .item()
+
+    sites = bench.host_syncs(step, torch.device("cuda"))
+    line = step.__code__.co_firstlineno + 1
+    assert sites == [f"{__file__}:{line}"]
+    assert bench.host_syncs(lambda: None, torch.device("cuda")) == []
+    assert bench.host_syncs(step, torch.device("cpu")) is None

@@ -25,6 +25,7 @@ import resource
 import statistics
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -331,20 +332,33 @@ def time_calls(
     return times, first
 
 
-def count_host_syncs(fn: Callable[[], Any], device: torch.device) -> int | None:
-    """How many times ``fn()`` makes the host wait for the GPU (CUDA's sync debug mode
-    warns at each such call); None off CUDA, where there is nothing to wait for."""
+_LIBRARY_FRAMES = ("warnings.py", "/torch/cuda/__init__.py")  # frames that report, not cause
+
+
+def host_syncs(fn: Callable[[], Any], device: torch.device) -> list[str] | None:
+    """Where ``fn()`` makes the host wait for the GPU: for each call that CUDA's sync
+    debug mode warns about, the innermost ``file:line`` of the Python stack below the
+    warning machinery (an empty list: none); None off CUDA, where nothing waits."""
     if device.type != "cuda":
         return None
-    with warnings.catch_warnings(record=True) as caught:
+    sites: list[str] = []
+
+    def record(message: Any, category: Any, filename: str, lineno: int, *rest: Any) -> None:
+        if "synchroniz" in str(message):
+            stack = traceback.extract_stack()[:-1]
+            outside = [f for f in stack if not f.filename.endswith(_LIBRARY_FRAMES)]
+            frame = outside[-1] if outside else None
+            sites.append(f"{frame.filename}:{frame.lineno}" if frame else f"{filename}:{lineno}")
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
-            torch.cuda.set_sync_debug_mode(0)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return sites
 
 
 def time_parts(
@@ -456,7 +470,7 @@ def run_bench(
         first step's time beyond a step's: the compilation, excluded from the rest);
         ``data_ms`` (the data part alone: gather, augmentation, draws) and its
         ``data_share`` of the step; ``host_syncs_per_step`` (CUDA: times a step waits
-        for the GPU; None elsewhere).
+        for the GPU; None elsewhere) and ``host_sync_sites`` (the lines that wait).
     """
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {steps}")
@@ -511,7 +525,7 @@ def run_bench(
     times, first_s = time_calls(step.run, dev, steps=steps, warmup=warmup)
     peak_mem = peak_memory_mb(dev)  # before the matmuls: CPU's peak RSS never goes down
     data_times, _ = time_calls(step.inputs, dev, steps=steps, warmup=1)
-    syncs = count_host_syncs(lambda: step.run(warmup + steps), dev)
+    syncs = host_syncs(lambda: step.run(warmup + steps), dev)
     parts_ms = None
     if parts_time:
         seconds = time_parts(model, sample, corruption.mask, steps=steps, warmup=warmup, amp=amp)
@@ -554,7 +568,8 @@ def run_bench(
         "compile_s": first_s - step_s if compiled and first_s is not None else None,
         "data_ms": statistics.median(data_times) * 1e3,
         "data_share": statistics.median(data_times) / step_s,
-        "host_syncs_per_step": syncs,
+        "host_syncs_per_step": None if syncs is None else len(syncs),
+        "host_sync_sites": syncs,
     }
     if parts_ms is not None:
         result["parts_ms"] = parts_ms

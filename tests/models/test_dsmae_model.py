@@ -208,3 +208,14 @@ def test_build_refuses_bad_options_naming_the_key(options, key):
 def test_mae_refuses_masking_everything():
     with pytest.raises(dsmae.ConfigError, match="visible"):
         dsmae.build("mae", img_size=16, patch_size=4, noise_ratio=1.0)
+
+
+@pytest.mark.parametrize("method", ["dsmae", "dsmae-ly", "dsmae-lz", "mae"])
+def test_every_method_runs_under_bf16_autocast(method):
+    """The GPU path: bf16 autocast (run here on the CPU), forward and backward."""
+    model = dsmae.build(method, **TINY)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 16, 16), generator=_gen())
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None for p in model.encoder.blocks.parameters())

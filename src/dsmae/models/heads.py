@@ -81,7 +81,7 @@ class PixelDecoder(nn.Module):
             raise RuntimeError("this decoder was built without a mask token")
         x = self.embed(latent)
         b, n, d = x.shape[0], self.pos_embed.shape[0], x.shape[-1]
-        grid = self.mask_token.expand(b, n, d)
+        grid = self.mask_token.to(x.dtype).expand(b, n, d)  # x is bf16 under autocast
         grid = grid.scatter(1, visible.unsqueeze(-1).expand(-1, -1, d), x[:, 1:])
         x = torch.cat([x[:, :1], grid + self.pos_embed], dim=1)  # [CLS] has position 0
         return self._decode(x)[:, 1:]
