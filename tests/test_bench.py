@@ -266,7 +266,7 @@ def test_host_syncs_name_the_line_that_waits(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
 
     def step():
-        warnings.warn("called a synchronizing CUDA operation")  # stands for e.g. .item()
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)  # e.g. .item()
 
     sites = bench.host_syncs(step, torch.device("cuda"))
     line = step.__code__.co_firstlineno + 1

@@ -313,12 +313,13 @@ def test_untrusted_or_mismatched_checkpoints_are_refused(tmp_path, capsys):
 def test_knn_command(digits_run, capsys):
     checkpoint = str(digits_run / "last.pt")
     assert main(["knn", "--checkpoint", checkpoint, "--k", "5", "--device", "cpu"]) == 0
-    assert "k-NN top-1 (pre-trained encoder, k=5, token):" in capsys.readouterr().out
+    assert "k-NN top-1 (pre-trained encoder, k=5, avg):" in capsys.readouterr().out
     saved = json.loads((digits_run / "last.knn.json").read_text())
     assert saved["k"] == 5 and saved["num_classes"] == 10 and saved["num_test"] == 449
-    assert 10 < saved["top1"] <= 100
-    assert main(["knn", "--checkpoint", checkpoint, "--random-init", "--pool", "avg"]) == 0
-    assert json.loads((digits_run / "last.knn-random-init.json").read_text())["pool"] == "avg"
+    assert 10 < saved["top1"] <= 100 and saved["pool"] == "avg"  # the default
+    assert main(["knn", "--checkpoint", checkpoint, "--random-init", "--pool", "cls"]) == 0
+    cls = json.loads((digits_run / "last.knn-cls-random-init.json").read_text())
+    assert cls["pool"] == "cls" and cls["random_init"]
 
 
 def test_export_command(digits_run, tmp_path, capsys):
@@ -343,6 +344,10 @@ def test_features_command(digits_run, cifar_folder, tmp_path, capsys):
     assert feats.shape == (len(files), 32) and feats.dtype == np.float32
     assert names == [p.relative_to(folder).as_posix() for p in files]
     assert "feats.files.txt" in capsys.readouterr().out
+    # the default reads the mean of the patch tokens; --pool cls the [CLS] token
+    cls = tmp_path / "cls.npy"
+    assert main([*run, "--out", str(cls), "--device", "cpu", "--pool", "cls"]) == 0
+    assert not np.allclose(np.load(cls), feats)
 
 
 @pytest.mark.parametrize("fixture,first", [("digits_run", "noisy"), ("digits_mae_run", "masked")])

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from dsmae.checkpoint import load_checkpoint
@@ -37,10 +38,12 @@ def _assert_close_weights(a, b) -> None:
         assert torch.allclose(tensor, weights[1][name], atol=1e-4), name
 
 
-def test_two_ranks_with_half_batches_match_one_process_with_the_full_batch(tmp_path):
-    assert main([*RUN, "--out", str(tmp_path / "one")]) == 0
+@pytest.mark.parametrize("ema_every", ["epoch", "step"])
+def test_two_ranks_with_half_batches_match_one_process_with_the_full_batch(tmp_path, ema_every):
+    run = [*RUN, "--set", f"train.ema_every={ema_every}"]
+    assert main([*run, "--out", str(tmp_path / "one")]) == 0
     # 2 ranks x 16 images, in micro-batches of 8: accumulation without extra all-reduces
-    _torchrun(*RUN, "--micro-batch", "8", "--out", str(tmp_path / "two"))
+    _torchrun(*run, "--micro-batch", "8", "--out", str(tmp_path / "two"))
 
     one, two = (read_metrics(tmp_path / n / "metrics.jsonl") for n in ("one", "two"))
     assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 9))

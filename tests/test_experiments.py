@@ -55,15 +55,17 @@ def test_table2_layout_with_the_papers_numbers():
     ]
     rows = [
         {"dataset": "cifar10", "arch": "vit_tiny", "method": m, "protocol": p, "top1": v,
-         "paper": paper}
+         "top1_cls": v - 5 if p == "linprobe" else None, "paper": paper}
         for m, p, v, paper in results
     ]  # fmt: skip
     from dsmae.config import build_config
 
     text = table_markdown("table2", rows, build_config("cifar10-vit-tiny"), GridSettings())
-    assert "| method | protocol | C10 T |" in text
-    assert "| scratch | finetune | 70.00 (73.88) |" in text
-    assert "| dsmae | finetune | 81.50 (89.76) |" in text
+    assert "| method | protocol | C10 T | C10 T [CLS] |" in text  # the default, then [CLS]
+    assert "| scratch | finetune | 70.00 (73.88) |  |" in text
+    assert "| dsmae | finetune | 81.50 (89.76) |  |" in text
+    assert "| mae | linprobe | 50.00 (73.77) | 45.00 |" in text
+    assert "avg-pooled features" in text and "[CLS]: the same linear probe" in text
     assert text.index("scratch | finetune") < text.index("mae | finetune")
     assert "pre-training 500 epochs" in text and "Changed from the paper: none" in text
 
@@ -90,7 +92,12 @@ def test_a_reduced_table3_runs_and_resumes(cifar_folder, tmp_path, capsys, caplo
         assert f"| {method} | linprobe |" in table
     assert "epochs=1; subset=64" in table and "pre-training 1 epochs" in table
     csv_lines = (tmp_path / "results" / "table3.csv").read_text().splitlines()
-    assert csv_lines[0] == "dataset,arch,method,protocol,top1,paper" and len(csv_lines) == 4
+    assert csv_lines[0] == "dataset,arch,method,protocol,top1,top1_cls,paper"
+    assert len(csv_lines) == 4
+    assert "| C10 T | C10 T [CLS] |" in table
+    run = tmp_path / "results" / "table3" / "cifar10-vit_tiny-dsmae"
+    assert json.loads((run / "last.linprobe.json").read_text())["pool"] == "avg"
+    assert json.loads((run / "last.linprobe-cls.json").read_text())["pool"] == "cls"
     capsys.readouterr()
 
     caplog.clear()
@@ -108,3 +115,10 @@ def test_a_reduced_table3_runs_and_resumes(cifar_folder, tmp_path, capsys, caplo
     assert caplog.text.count("pre-training already done") == 3
     probe = tmp_path / "results" / "table3" / "cifar10-vit_tiny-dsmae" / "last.linprobe.json"
     assert json.loads(probe.read_text())["epochs"] == 3
+    assert caplog.text.count("other evaluation settings: evaluating again") == 6
+
+    # any other probe setting (here its learning rate) is a different evaluation too
+    caplog.clear()
+    assert main([*probe3, "--set", "probe.base_lr=0.05"]) == 0
+    assert caplog.text.count("other evaluation settings: evaluating again") == 6
+    assert json.loads(probe.read_text())["settings"]["base_lr"] == 0.05

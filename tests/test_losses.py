@@ -16,6 +16,15 @@ def test_normalize_patches_by_hand():
     assert torch.allclose(out.var(-1), torch.ones(5, 7), atol=1e-4)  # unit unbiased variance
 
 
+def test_pixel_target_is_maes_norm_pix_loss():
+    """MAE's ``forward_loss``: ``(target - mean) / (var + 1e-6) ** 0.5`` with
+    ``target.var(dim=-1, keepdim=True)``, i.e. torch's unbiased variance."""
+    patches = torch.rand(2, 5, 12) * 4 - 1
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, unbiased=True, keepdim=True)
+    assert torch.allclose(normalize_patches(patches), (patches - mean) / (var + 1e-6) ** 0.5)
+
+
 def test_pixel_loss_by_hand():
     pred = torch.tensor([[[1.0, 2.0], [0.0, 0.0]]])  # (B=1, K=2, P=2)
     target = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])

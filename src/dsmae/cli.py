@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dsmae.checkpoint import CheckpointError
-from dsmae.config import ConfigError, available_presets, build_config, parse_assignment
+from dsmae.config import POOLS, ConfigError, available_presets, build_config, parse_assignment
 from dsmae.data.sources import DataError
 from dsmae.engine import DivergedError
 from dsmae.runtime import keep_freed_memory
@@ -94,6 +94,13 @@ def _add_linprobe(sub: Any) -> None:
     _add_frozen_data_flags(p)
     p.add_argument("--epochs", type=int, help="probe epochs")
     p.add_argument("--batch-size", type=int, help="probe batch size")
+    p.add_argument(
+        "--recipe",
+        choices=("fast", "mae"),
+        help="fast: SGD on features computed once; mae: MAE's own recipe (LARS, the encoder "
+        "run live on random-resized crops and flips every epoch); default: the checkpoint's "
+        "probe.recipe (fast unless set)",
+    )
     p.set_defaults(run=_run_linprobe)
 
 
@@ -111,7 +118,11 @@ def _add_frozen_data_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="evaluate the same architecture at random initialisation (baseline)",
     )
-    p.add_argument("--pool", choices=("token", "avg"), help="[CLS] token or mean of patch tokens")
+    p.add_argument(
+        "--pool",
+        choices=POOLS,
+        help="avg: mean of the patch tokens (default, what DSMAE trains); cls: the [CLS] token",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
 
@@ -189,7 +200,9 @@ def _add_features(sub: Any) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by dsmae pretrain")
     p.add_argument("--data", required=True, help="a folder of images (searched recursively)")
     p.add_argument("--out", required=True, help="the .npy file (file names: OUT.files.txt)")
-    p.add_argument("--pool", choices=("token", "avg"), default="token")
+    p.add_argument(
+        "--pool", choices=POOLS, help="avg (mean of the patch tokens, default) or cls ([CLS])"
+    )
     p.add_argument("--teacher", action="store_true", help="use the EMA teacher")
     p.add_argument("--skip-bad-images", action="store_true")
     p.add_argument("--batch-size", type=int, default=256)
@@ -289,7 +302,12 @@ def _run_pretrain(args: argparse.Namespace) -> None:
 def _run_linprobe(args: argparse.Namespace) -> None:
     from dsmae.evaluation.linprobe import linprobe
 
-    changes = {"pool": args.pool, "epochs": args.epochs, "batch_size": args.batch_size}
+    changes = {
+        "pool": args.pool,
+        "recipe": args.recipe,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+    }
     result = linprobe(
         args.checkpoint,
         data=args.data,
@@ -302,7 +320,10 @@ def _run_linprobe(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     label = "random-init encoder" if args.random_init else "pre-trained encoder"
-    print(f"linear probe top-1 ({label}, last epoch of {result.epochs}): {result.top1:.2f}%")
+    print(
+        f"linear probe top-1 ({label}, last epoch of {result.epochs}): {result.top1:.2f}% "
+        f"[{result.recipe} recipe]"
+    )
 
 
 def _run_finetune(args: argparse.Namespace) -> None:
@@ -366,7 +387,7 @@ def _run_knn(args: argparse.Namespace) -> None:
         args.checkpoint,
         k=args.k,
         temperature=args.temperature,
-        pool=args.pool or "token",
+        pool=args.pool,
         data=args.data,
         data_root=args.data_root,
         download=args.download or None,

@@ -32,6 +32,7 @@ ARCHS: dict[str, tuple[int, int, int]] = {
     "vit_base": (12, 768, 12),
 }
 DEFAULT_NOISE_RATIO = {"dsmae": 0.9, "dsmae-ly": 0.9, "dsmae-lz": 0.9, "mae": 0.75}
+POOLS = ("avg", "cls")  # the features read from an encoder: mean of the patch tokens, [CLS]
 
 
 class ConfigError(ValueError):
@@ -123,14 +124,17 @@ class MonitorConfig:
 
 @dataclass
 class ProbeConfig:
-    """Linear probing (MAE protocol): frozen features, BatchNorm without affine + linear."""
+    """Linear probing (MAE protocol): frozen features, BatchNorm without affine + linear.
+
+    ``pool`` is also what ``dsmae knn``, ``dsmae features`` and the k-NN monitor read."""
 
     epochs: int = 90
     warmup_epochs: int = 10
     batch_size: int = 256
     base_lr: float = 0.1  # SGD, momentum 0.9, lr = base_lr * batch_size / 256
     weight_decay: float = 0.0
-    pool: str = "token"  # "token" ([CLS]) | "avg" (mean of patch tokens)
+    pool: str = "avg"  # mean of the patch tokens (SPEC 6) | "cls"; also knn, features, monitor
+    recipe: str = "fast"  # "fast": SGD on cached features | "mae": LARS on live augmented ones
     after_pretrain: bool = False  # run the probe when pre-training ends
     random_baseline: bool = False  # ... and also on the same encoder at random init
 
@@ -151,12 +155,12 @@ class FinetuneConfig:
     mixup: float = 0.8  # alpha; 0: off
     cutmix: float = 1.0  # alpha; 0: off
     label_smoothing: float = 0.1
-    randaug_n: int = 2  # RandAugment ops per image; 0: off
-    randaug_m: int = 9  # and their magnitude
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # timm's policy string, MAE's; "none": off
     random_erase: float = 0.25  # probability
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    pool: str = "token"  # "token" ([CLS]) | "avg" (mean of patch tokens)
+    pool: str = "avg"  # mean of the patch tokens + a fresh LayerNorm (MAE) | "cls"
     grad_clip: float = 0.0  # 0: off
+    workers: int = 4  # DataLoader worker processes for the per-image transform; 0: in this process
 
 
 @dataclass
@@ -268,8 +272,27 @@ def override_config(
 
 
 def config_from_dict(tree: typing.Mapping[str, Any]) -> Config:
-    """A :class:`Config` from a nested mapping (e.g. a saved config); unknown keys are refused."""
-    return _build(Config, tree, prefix="")
+    """A :class:`Config` from a nested mapping (e.g. a saved config); unknown keys are refused.
+
+    Configs saved by dsmae 0.1.0 before its evaluation settings changed are read too
+    (see :func:`_upgrade`)."""
+    return _build(Config, _upgrade(tree), prefix="")
+
+
+def _upgrade(tree: typing.Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config in today's keys: ``pool: token`` is ``cls``, and the fine-tuning
+    RandAugment as ``randaug_n``/``randaug_m`` (torchvision's, now replaced by timm's
+    policy string) becomes ``auto_augment`` (MAE's policy, or "none" where it was off)."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    for section in ("probe", "finetune"):
+        if tree.get(section, {}).get("pool") == "token":
+            tree[section]["pool"] = "cls"
+    finetune = tree.get("finetune", {})
+    if "randaug_n" in finetune or "randaug_m" in finetune:
+        off = finetune.pop("randaug_n", 2) == 0
+        finetune.pop("randaug_m", None)
+        finetune.setdefault("auto_augment", "none" if off else FinetuneConfig.auto_augment)
+    return tree
 
 
 def _merge(base: dict[str, Any], layer: typing.Mapping[str, Any], prefix: str) -> None:
@@ -515,9 +538,16 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(mon.knn_k >= 1, "monitor.knn_k", f"must be >= 1, got {mon.knn_k}")
     _require(mon.knn_temperature > 0, "monitor.knn_temperature", "must be positive")
     _require(mon.num_images >= 1, "monitor.num_images", "must be >= 1")
-    _check_choice("probe.pool", p.pool, ("token", "avg"))
+    _check_choice("probe.pool", p.pool, POOLS)
+    _check_choice("probe.recipe", p.recipe, ("fast", "mae"))
     ft = cfg.finetune
-    _check_choice("finetune.pool", ft.pool, ("token", "avg"))
+    _check_choice("finetune.pool", ft.pool, POOLS)
+    _require(
+        ft.auto_augment == "none" or ft.auto_augment.startswith("rand-"),
+        "finetune.auto_augment",
+        f"must be a timm RandAugment policy such as 'rand-m9-mstd0.5-inc1', or 'none'; "
+        f"got {ft.auto_augment!r}",
+    )
     _require(ft.epochs >= 1, "finetune.epochs", f"must be >= 1, got {ft.epochs}")
     _require(
         ft.batch_size >= 2 and ft.batch_size % (2 * world_size) == 0,
@@ -533,9 +563,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for key in ("mixup", "cutmix"):
         _require(getattr(ft, key) >= 0, f"finetune.{key}", "must be >= 0 (0: off)")
     _require(0 <= ft.label_smoothing < 1, "finetune.label_smoothing", "must be in [0, 1)")
-    _require(ft.randaug_n >= 0, "finetune.randaug_n", "must be >= 0 (0: off)")
-    _require(0 <= ft.randaug_m <= 30, "finetune.randaug_m", "must be in [0, 30]")
     _require(0 <= ft.random_erase <= 1, "finetune.random_erase", "must be in [0, 1]")
+    _require(ft.workers >= 0, "finetune.workers", f"must be >= 0, got {ft.workers}")
     flo, fhi = ([*ft.crop_scale, None, None])[:2]
     _require(
         len(ft.crop_scale) == 2 and 0 < flo <= fhi <= 1,

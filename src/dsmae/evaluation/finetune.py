@@ -1,21 +1,34 @@
 """Full fine-tuning with MAE's recipe (SPEC section 6), built from timm's tools.
 
-The encoder of a checkpoint (or, with ``random_init``, the same architecture freshly
-initialised: the ``scratch`` baseline of Table 2, trained with the same recipe) gets a
-linear classifier on its [CLS] token (or the mean of its patch tokens) and every weight
-is trained:
+What runs, per epoch and per step (MAE's ``main_finetune.py`` and ``models_vit.py``):
 
-- AdamW, ``lr = base_lr * batch_size / 256``, linear warm-up then cosine to ``min_lr``,
-  with layer-wise learning-rate decay (``timm.optim.param_groups_layer_decay``: block
-  ``i`` of ``L`` gets ``layer_decay ** (L + 1 - i)``, the head 1) and weight decay on
-  weight matrices only;
-- stochastic depth (``drop_path``), RandAugment (``randaug_n`` ops of magnitude
-  ``randaug_m``, after the random resized crop and flip), mixup / cutmix with label
-  smoothing (``timm.data.Mixup``, soft-target cross-entropy) and random erasing.
+- Model: the encoder of a checkpoint (or, with ``random_init``, the same architecture
+  freshly initialised: the ``scratch`` baseline of Table 2, trained with the same recipe)
+  with stochastic depth (``drop_path``, growing linearly over the blocks) and a linear head
+  (trunc-normal std 2e-5, zero bias). ``pool = "avg"`` (default, MAE's ``global_pool``):
+  the mean of the patch tokens, then a FRESH ``LayerNorm`` (``fc_norm``), the pre-trained
+  final norm replaced by ``Identity`` (timm's ``global_pool="avg"`` with ``fc_norm``).
+  ``pool = "cls"``: the [CLS] token after the pre-trained final norm.
+- Training images: per image, on the CPU, timm's ``create_transform`` with MAE's arguments
+  (:func:`train_transform`): random resized crop (``crop_scale``, bicubic) and horizontal
+  flip, RandAugment ``auto_augment`` (default ``rand-m9-mstd0.5-inc1``, after the crop;
+  its 0-bit posterize kept working on recent Pillow, :func:`_posterize`), to tensor,
+  normalise, random erasing (``random_erase``, per-pixel noise). They run in a
+  ``DataLoader`` with ``workers`` processes; each image's augmentation is seeded from
+  (``seed``, epoch, image index), so it does not depend on the number of workers or
+  processes. Then on the device, mixup / cutmix with label smoothing (``timm.data.Mixup``,
+  soft-target cross-entropy; plain cross-entropy with label smoothing when both are off).
+- AdamW, ``lr = base_lr * batch_size / 256``, set every step: linear warm-up then cosine to
+  ``min_lr``, with layer-wise learning-rate decay (``timm.optim.param_groups_layer_decay``:
+  block ``i`` of ``L`` gets ``layer_decay ** (L + 1 - i)``, ``fc_norm`` and the head 1) and
+  weight decay on weight matrices only; gradient clipping with ``grad_clip``.
+- Test images: resized and normalised, no augmentation; top-1 after every epoch.
 
 The top-1 of the LAST epoch on the test split is the result; the best epoch is recorded
-beside it, labelled as such. timm's mixup, RandAugment and random erasing draw from the
-global RNGs, which are seeded from ``seed`` at the start.
+beside it, labelled as such. Each epoch visits the training images in the order
+``torch.randperm(N, generator(seed + epoch))``, in global batches of ``batch_size`` (the
+last partial batch dropped); mixup and drop path draw from the global RNGs, seeded with
+``seed + rank`` once the model is built (MAE's per-process seed).
 
 Under torchrun every process takes its share of each global batch (DistributedDataParallel)
 and the test accuracy is summed over processes.
@@ -25,28 +38,37 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.data import Mixup
-from timm.data.random_erasing import RandomErasing
+from PIL import Image
+from timm.data import Mixup, create_transform
+from timm.data.auto_augment import RandAugment
+from timm.data.auto_augment import posterize as timm_posterize
 from timm.layers import DropPath
 from timm.loss import SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torchvision.transforms import v2
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from dsmae import distributed
 from dsmae.config import Config, FinetuneConfig
-from dsmae.data.augment import crop_boxes
-from dsmae.data.pipeline import augmented_batch, eval_batch
-from dsmae.data.sources import DataError
-from dsmae.evaluation.frozen import best_epoch, labelled_splits, save_result
+from dsmae.data.pipeline import eval_batch
+from dsmae.data.sources import DataError, ImageTensors
+from dsmae.evaluation.frozen import (
+    best_epoch,
+    evaluation_settings,
+    labelled_splits,
+    save_result,
+)
 from dsmae.export import encoder_from_checkpoint
 from dsmae.metrics import MetricsLog
 from dsmae.runtime import autocast, generator, progress, use_amp
@@ -54,10 +76,16 @@ from dsmae.schedules import lr_at
 
 log = logging.getLogger(__name__)
 
+Transform = Callable[[Image.Image], torch.Tensor]
+
 
 @dataclass
 class FinetuneResult:
-    """Outcome of one fine-tuning; ``top1`` is the last epoch's test accuracy in %."""
+    """Outcome of one fine-tuning; ``top1`` is the last epoch's test accuracy in %.
+
+    ``settings`` is the ``finetune`` config section plus ``"data"`` (the data source): what a
+    cached result is compared against before it is reused.
+    """
 
     top1: float
     best_top1: float
@@ -69,18 +97,36 @@ class FinetuneResult:
     data: str
     random_init: bool
     checkpoint: str
+    pool: str
+    settings: dict[str, Any]
     history: list[float]
 
 
-def classifier(encoder: VisionTransformer, num_classes: int, cfg: FinetuneConfig) -> nn.Module:
-    """The encoder with drop path and a zero-initialised-bias linear head on its pooled
-    features ([CLS] after the final norm, or the mean of patch tokens after it)."""
+def classifier(
+    encoder: VisionTransformer, num_classes: int, cfg: FinetuneConfig
+) -> VisionTransformer:
+    """The encoder with drop path and a linear head (MAE's init), in place.
+
+    ``cfg.pool == "avg"``: (B, C, H, W) -> mean of the (B, N, D) patch tokens -> a fresh
+    ``fc_norm`` LayerNorm -> head, the pre-trained final ``norm`` replaced by ``Identity``
+    (timm's ``global_pool="avg"`` with ``fc_norm``, MAE's ``models_vit``). ``"cls"``: the
+    [CLS] token after the pre-trained final norm -> head. Output: (B, num_classes) logits.
+    """
     dpr = torch.linspace(0, cfg.drop_path, len(encoder.blocks)).tolist()  # timm's rule
     for block, rate in zip(encoder.blocks, dpr, strict=True):
         block.drop_path1 = _drop_path(rate)
         block.drop_path2 = _drop_path(rate)
-    encoder.global_pool = cfg.pool if cfg.pool == "avg" else "token"
-    encoder.reset_classifier(num_classes)
+    if cfg.pool == "avg":
+        device = encoder.cls_token.device
+        encoder.norm = nn.Identity()
+        encoder.fc_norm = nn.LayerNorm(encoder.embed_dim, eps=1e-6, device=device)
+        global_pool = "avg"
+    elif cfg.pool == "cls":
+        encoder.fc_norm = nn.Identity()
+        global_pool = "token"
+    else:
+        raise ValueError(f"pool must be 'avg' or 'cls', not {cfg.pool!r}")
+    encoder.reset_classifier(num_classes, global_pool)
     nn.init.trunc_normal_(encoder.head.weight, std=2e-5)  # MAE's head init
     nn.init.zeros_(encoder.head.bias)
     return encoder
@@ -103,17 +149,166 @@ def build_finetune_optimizer(
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
 
 
-def _augment(
-    images: torch.Tensor, cfg: Config, step: int, randaug: v2.RandAugment | None
-) -> torch.Tensor:
-    """Random resized crop + flip (seeded by step), RandAugment per image, normalise."""
-    f, size = cfg.finetune, cfg.model.img_size
-    rng = generator(cfg.train.seed * 7919 + step, images.device)
-    boxes = crop_boxes(len(images), f.crop_scale, generator=rng, device=images.device)
-    flips = torch.rand(len(images), generator=rng, device=images.device) < 0.5
-    if randaug is not None:
-        images = torch.stack([randaug(image) for image in images])
-    return augmented_batch(images, size, boxes, flips, cfg.data.mean, cfg.data.std)
+def train_transform(cfg: Config) -> Transform:
+    """MAE's training transform (``main_finetune.build_transform``), from timm.
+
+    A PIL image (mode "L" for ``model.in_chans == 1``, "RGB" for 3) -> random resized crop
+    to ``img_size`` (``finetune.crop_scale``, bicubic) and horizontal flip -> RandAugment
+    ``finetune.auto_augment`` -> (C, img_size, img_size) float tensor, normalised with
+    ``data.mean``/``data.std`` -> random erasing (``finetune.random_erase``, "pixel" mode).
+    """
+    f, d = cfg.finetune, cfg.data
+    if d.mean is None or d.std is None:
+        raise ValueError("data.mean and data.std must be set (the checkpoint's config has them)")
+    # RandAugment fills the corners of its geometric ops with timm's ``img_mean`` hparam,
+    # round(255 * mean) per channel: a 1-tuple for grey images, which PIL takes as the fill
+    # of an "L" image (checked for every op of the rand-*-inc1 policy), so nothing to adapt.
+    transform = create_transform(
+        input_size=cfg.model.img_size,
+        is_training=True,
+        color_jitter=None,
+        auto_augment=None if f.auto_augment == "none" else f.auto_augment,
+        interpolation="bicubic",
+        re_prob=f.random_erase,
+        re_mode="pixel",
+        re_count=1,
+        mean=tuple(d.mean),
+        std=tuple(d.std),
+        scale=tuple(f.crop_scale),
+    )
+    for op in transform.transforms:
+        if isinstance(op, RandAugment):
+            for augment in op.ops:
+                if augment.aug_fn is timm_posterize:
+                    augment.aug_fn = _posterize
+    return transform
+
+
+def _posterize(image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize, where keeping 0 bits gives the all-black image it gave in MAE's days.
+
+    ``PosterizeIncreasing`` keeps ``4 - int(4 * m / 10)`` bits: 0 when the magnitude ``m``,
+    drawn from N(9, 0.5) with ``mstd0.5``, reaches its cap of 10 (about 2% of the draws).
+    Older Pillow masked every value to 0 then; recent Pillow (13.0 here) raises a
+    ValueError for ``ImageOps.posterize(image, 0)``, which timm 1.0 does not guard against.
+    """
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return timm_posterize(image, bits_to_keep, **kwargs)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A (C, H, W) uint8 image -> PIL: mode "L" for C = 1, "RGB" for C = 3."""
+    array = image.numpy()
+    return Image.fromarray(
+        array[0] if len(array) == 1 else np.ascontiguousarray(array.transpose(1, 2, 0))
+    )
+
+
+@contextmanager
+def _seeded_rngs(*key: int) -> Iterator[None]:
+    """Seed ``random``, ``numpy.random`` and torch's CPU generator (what timm's transforms
+    draw from) from ``key``. Outside a DataLoader worker their states are restored after,
+    so that the main process's draws (mixup) do not depend on the images."""
+    words = np.random.SeedSequence([k % 2**64 for k in key]).generate_state(4)  # uint32
+    main = get_worker_info() is None
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if main else None
+    random.seed(int.from_bytes(words.tobytes(), "little"))
+    np.random.seed(words)
+    torch.default_generator.manual_seed(int(words[0]) | int(words[1]) << 32)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
+class AugmentedImages(Dataset[tuple[torch.Tensor, int]]):
+    """Labelled uint8 images through a per-image PIL transform, seeded per image.
+
+    Items are addressed by ``(epoch, index)`` keys (what :class:`ShardedBatches` yields):
+    image ``index`` goes through ``transform`` with the global RNGs seeded from
+    (``seed``, ``epoch``, ``index``), so an epoch's images are the same whichever process
+    or DataLoader worker makes them.
+
+    Args:
+        images: (N, C, H, W) uint8, C = 1 or 3.
+        labels: (N,) int64.
+        transform: PIL image -> (C, S, S) float tensor.
+    """
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, transform: Transform, seed: int
+    ) -> None:
+        self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        with _seeded_rngs(self.seed, epoch, index):
+            image = self.transform(to_pil(self.images[index]))
+        return image, int(self.labels[index])
+
+
+class ShardedBatches(Sampler[list[tuple[int, int]]]):
+    """This process's share of each global batch of one epoch, as ``(epoch, index)`` keys.
+
+    The epoch's global order is ``torch.randperm(num_images, generator(seed + epoch))``;
+    global batch ``i`` is ``order[i * B : (i + 1) * B]`` (the last partial batch dropped),
+    of which process ``rank`` of ``world_size`` takes ``[rank * B // W, (rank + 1) * B // W)``.
+    Call :meth:`set_epoch` before iterating over each epoch.
+    """
+
+    def __init__(
+        self, num_images: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
+        self.mine = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_images // self.batch_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, size = self.epoch, self.batch_size
+        order = torch.randperm(self.num_images, generator=generator(self.seed + epoch))
+        for i in range(len(self)):
+            yield [(epoch, index) for index in order[i * size : (i + 1) * size][self.mine].tolist()]
+
+
+def train_loader(
+    train: ImageTensors,
+    cfg: Config,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+) -> tuple[DataLoader[tuple[torch.Tensor, int]], ShardedBatches]:
+    """The augmented training batches of this process, and their sampler (``set_epoch``).
+
+    Each batch is (x, y): x (B / world_size, C, S, S) float32, normalised, from
+    :func:`train_transform`; y (B / world_size,) int64 labels. ``finetune.workers``
+    processes make them (persistent across epochs; none: this process).
+    """
+    f, seed = cfg.finetune, cfg.train.seed
+    batches = ShardedBatches(len(train), f.batch_size, seed, rank, world_size)
+    dataset = AugmentedImages(train.images, train.labels, train_transform(cfg), seed)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=f.workers,
+        pin_memory=pin_memory,
+        persistent_workers=f.workers > 0,
+        # fixes the workers' own seeds; the images are seeded per (seed, epoch, index)
+        generator=generator(seed),
+    )
+    return loader, batches
 
 
 @torch.no_grad()
@@ -149,17 +344,21 @@ def finetune(
     ``cfg`` is the checkpoint's config with the user's changes (data, finetune section,
     device, seed); its model section must be the checkpoint's.
 
-    Writes ``<checkpoint stem>.finetune[-random-init].json`` beside the checkpoint and,
-    when ``out`` is given, ``out/metrics.jsonl`` (one line per epoch) and TensorBoard logs.
+    Writes ``<checkpoint stem>.finetune[-cls][-random-init].json`` beside the checkpoint
+    and, when ``out`` is given, ``out/metrics.jsonl`` (one line per epoch) and TensorBoard
+    logs.
     """
     f, t = cfg.finetune, cfg.train
     proc, device = distributed.setup(t.device, t.dist_timeout_minutes)
     try:
-        random.seed(t.seed)
-        np.random.seed(t.seed)
         splits = labelled_splits(cfg.data, cfg.model, "fine-tuning")
         train, test = splits["train"], splits["test"]
         num_classes = len(train.classes)
+        if len(train) < f.batch_size:
+            raise DataError(
+                f"finetune.batch_size={f.batch_size} is larger than the {len(train)} "
+                "training images"
+            )
         encoder, _ = encoder_from_checkpoint(checkpoint, random_init=random_init, seed=t.seed)
         torch.manual_seed(t.seed)
         model = classifier(encoder, num_classes, f).to(device)
@@ -168,6 +367,11 @@ def finetune(
         if proc.distributed:
             ids = [device.index] if device.type == "cuda" else None
             forward = DistributedDataParallel(model, device_ids=ids)
+        # mixup (numpy) and drop path (torch) draw from the global RNGs, seeded per process
+        # as MAE does (``seed + rank``); the images are seeded per image (AugmentedImages)
+        random.seed(t.seed + proc.rank)
+        np.random.seed(t.seed + proc.rank)
+        torch.manual_seed(t.seed + proc.rank)
         amp = use_amp(device, t.amp)
         mixup = None
         if f.mixup > 0 or f.cutmix > 0:
@@ -177,25 +381,13 @@ def finetune(
                 label_smoothing=f.label_smoothing,
                 num_classes=num_classes,
             )
-        erase = (
-            RandomErasing(f.random_erase, mode="pixel", device=str(device))
-            if f.random_erase > 0
-            else None
-        )
-        randaug = v2.RandAugment(f.randaug_n, f.randaug_m) if f.randaug_n > 0 else None
         soft_ce = SoftTargetCrossEntropy()
-
-        steps_per_epoch = len(train) // f.batch_size
-        if steps_per_epoch == 0:
-            raise DataError(
-                f"finetune.batch_size={f.batch_size} is larger than the {len(train)} "
-                "training images"
-            )
-        total, warmup = f.epochs * steps_per_epoch, f.warmup_epochs * steps_per_epoch
-        mine = slice(
-            proc.rank * f.batch_size // proc.world_size,
-            (proc.rank + 1) * f.batch_size // proc.world_size,
+        loader, batches = train_loader(
+            train, cfg, proc.rank, proc.world_size, pin_memory=device.type == "cuda"
         )
+
+        steps_per_epoch = len(batches)
+        total, warmup = f.epochs * steps_per_epoch, f.warmup_epochs * steps_per_epoch
         test_share = slice(proc.rank, None, proc.world_size)
         metrics = MetricsLog(out, prefix="finetune") if out and proc.is_main else None
         history: list[float] = []
@@ -203,14 +395,11 @@ def finetune(
         bar = progress(total * f.batch_size, "finetune", disable=not proc.is_main)
         with bar:
             for epoch in range(f.epochs):
-                order = torch.randperm(len(train), generator=generator(t.seed + epoch))
+                batches.set_epoch(epoch)
                 model.train()
-                for i in range(steps_per_epoch):
-                    idx = order[i * f.batch_size : (i + 1) * f.batch_size][mine]
-                    x = _augment(train.images[idx].to(device), cfg, step, randaug)
-                    y = train.labels[idx].to(device)
-                    if erase is not None:
-                        x = erase(x)
+                for images, labels in loader:
+                    x = images.to(device, non_blocking=True)
+                    y = labels.to(device, non_blocking=True)
                     if mixup is not None:
                         x, y = mixup(x, y)
                     lr = lr_at(step, total, warmup, f.lr, f.min_lr)
@@ -246,6 +435,7 @@ def finetune(
                     )
         if metrics is not None:
             metrics.close()
+        del loader  # stops its worker processes
     finally:
         distributed.teardown()
 
@@ -261,6 +451,8 @@ def finetune(
         data=cfg.data.source,
         random_init=random_init,
         checkpoint=str(checkpoint),
+        pool=f.pool,
+        settings=evaluation_settings(f, cfg.data.source),
         history=history,
     )
     if proc.is_main:

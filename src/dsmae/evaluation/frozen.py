@@ -29,7 +29,7 @@ def extract_features(
     size: int,
     mean: Sequence[float],
     std: Sequence[float],
-    pool: str = "token",
+    pool: str = "avg",
     batch_size: int = 256,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
@@ -37,7 +37,7 @@ def extract_features(
 
     Args:
         images: (N, C, H, W) uint8.
-        pool: "token" ([CLS] after the final norm) or "avg" (mean of the patch tokens).
+        pool: "avg" (mean of the patch tokens) or "cls" ([CLS]), after the final norm.
 
     Returns:
         (N, D) float32 on the CPU.
@@ -47,11 +47,21 @@ def extract_features(
     with progress(len(images), "features") as bar:
         for start in range(0, len(images), batch_size):
             x = eval_batch(images[start : start + batch_size].to(device), size, mean, std)
-            tokens = encoder.forward_features(x)
-            prefix = encoder.num_prefix_tokens
-            feats.append(tokens[:, 0] if pool == "token" else tokens[:, prefix:].mean(dim=1))
+            feats.append(pooled_features(encoder, x, pool))
             bar.update(len(x))
     return torch.cat(feats).float().cpu()
+
+
+def pooled_features(encoder: VisionTransformer, images: torch.Tensor, pool: str) -> torch.Tensor:
+    """(B, C, H, W) normalised images -> (B, D): the mean of the patch tokens ("avg", what
+    every DSMAE loss trains, SPEC section 6) or the [CLS] token ("cls"), after the final
+    norm."""
+    tokens = encoder.forward_features(images)
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "avg":
+        return tokens[:, encoder.num_prefix_tokens :].mean(dim=1)
+    raise ValueError(f"pool must be 'avg' or 'cls', not {pool!r}")
 
 
 def labelled_splits(data: DataConfig, model: ModelConfig, purpose: str) -> dict[str, ImageTensors]:
@@ -73,18 +83,36 @@ def labelled_splits(data: DataConfig, model: ModelConfig, purpose: str) -> dict[
     return splits
 
 
-def result_path(checkpoint: str | Path, protocol: str, random_init: bool = False) -> Path:
+def result_path(
+    checkpoint: str | Path, protocol: str, random_init: bool = False, pool: str = "avg"
+) -> Path:
     """Where an evaluation of ``checkpoint`` is written: beside it, as
-    ``<stem>.<protocol>[-random-init].json`` (protocol: linprobe, knn, finetune)."""
+    ``<stem>.<protocol>[-cls][-random-init].json`` (protocol: linprobe, knn, finetune;
+    ``-cls`` for the [CLS] features, so that both poolings can be kept)."""
     path = Path(checkpoint)
-    return path.with_name(f"{path.stem}.{protocol}{'-random-init' if random_init else ''}.json")
+    variant = ("-cls" if pool == "cls" else "") + ("-random-init" if random_init else "")
+    return path.with_name(f"{path.stem}.{protocol}{variant}.json")
 
 
 def save_result(checkpoint: str | Path, protocol: str, random_init: bool, result: Any) -> Path:
-    """Write a result dataclass to :func:`result_path` as JSON; returns the path."""
-    out = result_path(checkpoint, protocol, random_init)
+    """Write a result dataclass to :func:`result_path` (for its ``pool``) as JSON; returns
+    the path."""
+    out = result_path(checkpoint, protocol, random_init, getattr(result, "pool", "avg"))
     out.write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
     return out
+
+
+# Config keys that say how an evaluation runs or when, not what it computes.
+_NOT_SETTINGS = ("workers", "after_pretrain", "random_baseline")
+
+
+def evaluation_settings(section: Any, data: str) -> dict[str, Any]:
+    """What an evaluation result depends on: its config section (a ``ProbeConfig`` or
+    ``FinetuneConfig``) without the keys that change only how it runs (``workers``) or
+    when (``after_pretrain``, ``random_baseline``), and the data it ran on. Saved in every
+    result as ``settings``; a cached result is reused only for equal settings."""
+    fields = dataclasses.asdict(section)
+    return {**{k: v for k, v in fields.items() if k not in _NOT_SETTINGS}, "data": data}
 
 
 def best_epoch(history: Sequence[float]) -> tuple[float, int]:
@@ -124,7 +152,7 @@ def frozen_features(
     splits of ``data`` (default: the data it was pre-trained on), without augmentation.
 
     Args:
-        pool: "token" ([CLS]) or "avg" (mean of the patch tokens).
+        pool: "avg" (mean of the patch tokens) or "cls" ([CLS]).
         purpose: what the features are for, in the message when labels are missing.
 
     Raises:
@@ -168,7 +196,7 @@ def folder_features(
     folder: str | Path,
     out: str | Path,
     *,
-    pool: str = "token",
+    pool: str | None = None,
     teacher: bool = False,
     skip_bad_images: bool = False,
     device: str = "auto",
@@ -179,7 +207,7 @@ def folder_features(
 
     Each image is resized (shorter side) and centre-cropped to the checkpoint's image
     size, normalised as in pre-training and encoded by the frozen student (``teacher``:
-    the EMA teacher).
+    the EMA teacher). ``pool``: "avg" or "cls" (default: the checkpoint's ``probe.pool``).
 
     Writes:
         ``out`` (a ``.npy`` file): (N, D) float32, one row per image, and beside it
@@ -201,7 +229,7 @@ def folder_features(
         size=cfg.model.img_size,
         mean=cfg.data.mean,
         std=cfg.data.std,
-        pool=pool,
+        pool=pool or cfg.probe.pool,
         batch_size=batch_size,
         device=resolve_device(device),
     )

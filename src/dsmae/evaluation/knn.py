@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dsmae.checkpoint import load_checkpoint
+from dsmae.config import config_from_dict
 from dsmae.evaluation.frozen import frozen_features, save_result
 
 __all__ = ["KnnResult", "knn_accuracy", "knn_eval", "knn_predict"]
@@ -230,7 +232,7 @@ def knn_eval(
     *,
     k: int = 20,
     temperature: float = 0.07,
-    pool: str = "token",
+    pool: str | None = None,
     data: str | None = None,
     data_root: str | None = None,
     download: bool | None = None,
@@ -242,8 +244,11 @@ def knn_eval(
     """k-NN classification of the test split of ``data`` (default: the pre-training data
     set) by the frozen encoder of ``checkpoint``, its train split as the memory bank.
 
-    Writes ``<checkpoint stem>.knn[-random-init].json`` beside the checkpoint.
+    ``pool``: "avg" or "cls" (default: the checkpoint's ``probe.pool``, "avg" unless set).
+    Writes ``<checkpoint stem>.knn[-cls][-random-init].json`` beside the checkpoint.
     """
+    if pool is None:
+        pool = config_from_dict(load_checkpoint(checkpoint)["config"]).probe.pool
     feats = frozen_features(
         checkpoint,
         pool=pool,

@@ -1,49 +1,161 @@
-"""Linear probing (MAE protocol, SPEC section 6).
+"""Linear probing (MAE protocol, SPEC section 6), by one of two recipes (``probe.recipe``).
 
-The encoder is frozen and run once over the train and test splits (no augmentation);
-on those cached features a ``BatchNorm1d(affine=False)`` + ``Linear`` classifier is
-trained with SGD (momentum 0.9, ``lr = base_lr * batch / 256``, warm-up then cosine,
-MAE's head initialisation), and the top-1 of the LAST epoch on the test split is the
-result. The best epoch's top-1 is recorded beside it, labelled as such.
+Both train a ``BatchNorm1d(affine=False)`` + ``Linear`` head (MAE's initialisation) on the
+pooled features (``probe.pool``) of the frozen encoder, with ``lr = base_lr * batch / 256``,
+a linear warm-up then a half-cosine decay per step, and report the top-1 of the LAST epoch
+on the test split; the best epoch's top-1 is recorded beside it, labelled as such.
+
+- ``"fast"`` (default): the encoder runs once over the train and test splits without
+  augmentation, and the head is trained with SGD (momentum 0.9) on those cached features.
+- ``"mae"``: MAE's ``main_linprobe.py``: the encoder runs live on every training batch,
+  which gets a fresh random-resized crop and horizontal flip every epoch, and the head is
+  trained with timm's LARS (see :func:`train_mae_probe`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import Lars
 from torch import nn
 
-from dsmae.checkpoint import load_checkpoint
-from dsmae.config import ProbeConfig, config_from_dict
-from dsmae.evaluation.frozen import best_epoch, frozen_features, save_result
-from dsmae.runtime import generator
-from dsmae.schedules import lr_at
+from dsmae.config import Config, ConfigError, ProbeConfig
+from dsmae.data.augment import crop_boxes
+from dsmae.data.pipeline import augmented_batch, eval_batch
+from dsmae.data.sources import ImageTensors
+from dsmae.evaluation.frozen import (
+    best_epoch,
+    evaluation_settings,
+    extract_features,
+    labelled_splits,
+    pooled_features,
+    save_result,
+)
+from dsmae.export import encoder_from_checkpoint
+from dsmae.runtime import autocast, generator, resolve_device, use_amp
+from dsmae.schedules import lr_at, scaled_lr
 
 log = logging.getLogger(__name__)
+
+MAE_CROP_SCALE = (0.08, 1.0)  # MAE's RandomResizedCrop for the probe (ratio 3/4-4/3)
 
 
 @dataclass
 class ProbeResult:
-    """Outcome of one linear probe; ``top1`` is the last epoch's test accuracy in %."""
+    """Outcome of one linear probe; ``top1`` is the last epoch's test accuracy in %.
+
+    ``settings`` is the probe configuration it was made with plus ``"data"`` (the data set
+    or folder probed on): a result on disk is reused only where it matches."""
 
     top1: float
     best_top1: float
     best_epoch: int
     epochs: int
     pool: str
+    recipe: str
     num_train: int
     num_test: int
     num_classes: int
     data: str
     random_init: bool
     checkpoint: str
+    settings: dict[str, Any]
+
+
+@dataclass
+class ProbeData:
+    """What both recipes read: the frozen encoder (eval mode, no gradients, on ``device``),
+    the checkpoint's config and the labelled splits (images (N, C, H, W) uint8 on the CPU)."""
+
+    encoder: VisionTransformer
+    config: Config
+    train: ImageTensors
+    test: ImageTensors
+    data: str  # the data set or folder the splits came from
+    device: torch.device
+
+
+def probe_head(dim: int, num_classes: int, rng: torch.Generator) -> nn.Sequential:
+    """MAE's probe head: ``BatchNorm1d(dim, affine=False, eps=1e-6)`` then ``Linear(dim,
+    num_classes)`` with trunc-normal (std 0.01) weights drawn from ``rng`` and zero bias.
+    Maps (B, dim) features to (B, num_classes) logits."""
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01, generator=rng)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+def mae_lars(head: nn.Sequential, lr: float, weight_decay: float) -> Lars:
+    """timm's LARS set up as MAE's ``util/lars.py`` behaves: momentum 0.9, trust coefficient
+    0.001, and the trust ratio and weight decay on the weight matrix only (MAE exempts every
+    1-d parameter: here the bias). timm divides by ``|g| + wd |w|`` where MAE takes
+    ``|g + wd w|``: the same for MAE's probe default ``weight_decay = 0``."""
+    linear = head[1]
+    groups = [
+        {"params": [linear.weight], "weight_decay": weight_decay, "always_adapt": True},
+        {"params": [linear.bias], "weight_decay": 0.0, "always_adapt": False},
+    ]
+    return Lars(groups, lr=lr, momentum=0.9, trust_coeff=0.001)
+
+
+@torch.no_grad()
+def _top1(head: nn.Module, test_x: torch.Tensor, test_y: torch.Tensor) -> float:
+    """Test top-1 (%) of ``head`` on (M, D) features with (M,) labels."""
+    head.eval()
+    return 100.0 * (head(test_x).argmax(dim=1) == test_y).sum().item() / len(test_y)
+
+
+def _train_head(
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    features: Callable[[int, torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    test: tuple[torch.Tensor, torch.Tensor],
+    probe: ProbeConfig,
+    batch: int,
+    rng: torch.Generator,
+) -> list[float]:
+    """The training loop both recipes share: ``probe.epochs`` epochs of ``len(labels) //
+    batch`` steps (the last partial batch dropped) in an order drawn from ``rng``, the lr
+    of every parameter group set per step (warm-up then half-cosine to 0 from the peak
+    ``optimizer.defaults["lr"]``), and the test top-1 after every epoch.
+
+    Args:
+        features: (global step, (B,) indices into the train split) -> (B, D) features, on
+            the device of ``head``.
+        labels: (N,) int64 train labels; test: (M, D) features and (M,) labels.
+
+    Returns:
+        the per-epoch test top-1 (%) history.
+    """
+    peak_lr = optimizer.defaults["lr"]
+    steps_per_epoch = max(len(labels) // batch, 1)
+    total, warmup = probe.epochs * steps_per_epoch, probe.warmup_epochs * steps_per_epoch
+    history, step = [], 0
+    for epoch in range(probe.epochs):
+        head.train()
+        order = torch.randperm(len(labels), generator=rng)
+        for start in range(0, steps_per_epoch * batch, batch):
+            idx = order[start : start + batch]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, warmup, peak_lr)
+            x = features(step, idx)
+            loss = F.cross_entropy(head(x), labels[idx].to(x.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        history.append(_top1(head, *test))
+        log.debug("probe epoch %d/%d: test top-1 %.2f%%", epoch + 1, probe.epochs, history[-1])
+    return history
 
 
 def train_linear_probe(
@@ -55,7 +167,9 @@ def train_linear_probe(
     probe: ProbeConfig,
     seed: int = 0,
 ) -> tuple[float, list[float]]:
-    """Train BatchNorm (no affine) + linear on fixed features; evaluate after every epoch.
+    """The fast recipe: train BatchNorm (no affine) + linear with SGD on fixed features;
+    evaluate after every epoch. Head initialisation and data order come from a generator
+    seeded with ``seed``.
 
     Args:
         train_x: (N, D) features; train_y: (N,) int64 labels in [0, num_classes).
@@ -64,39 +178,150 @@ def train_linear_probe(
     Returns:
         the last epoch's test top-1 (%) and the per-epoch test top-1 history.
     """
-    torch.manual_seed(seed)
-    head = nn.Sequential(
-        nn.BatchNorm1d(train_x.shape[1], affine=False, eps=1e-6),
-        nn.Linear(train_x.shape[1], num_classes),
-    )
-    nn.init.trunc_normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
+    rng = generator(seed)
+    head = probe_head(train_x.shape[1], num_classes, rng)
     batch = min(probe.batch_size, len(train_x))
-    peak_lr = probe.base_lr * batch / 256
     optimizer = torch.optim.SGD(
-        head.parameters(), lr=peak_lr, momentum=0.9, weight_decay=probe.weight_decay
+        head.parameters(),
+        lr=scaled_lr(probe.base_lr, batch),
+        momentum=0.9,
+        weight_decay=probe.weight_decay,
     )
-    steps_per_epoch = max(len(train_x) // batch, 1)
-    total, warmup = probe.epochs * steps_per_epoch, probe.warmup_epochs * steps_per_epoch
-    order_rng = generator(seed)
-    history, step = [], 0
-    for _ in range(probe.epochs):
-        head.train()
-        order = torch.randperm(len(train_x), generator=order_rng)
-        for start in range(0, steps_per_epoch * batch, batch):
-            idx = order[start : start + batch]
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, warmup, peak_lr)
-            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-        head.eval()
-        with torch.no_grad():
-            correct = (head(test_x).argmax(dim=1) == test_y).sum().item()
-        history.append(100.0 * correct / len(test_y))
+    history = _train_head(
+        head, optimizer, lambda _, idx: train_x[idx], train_y, (test_x, test_y), probe, batch, rng
+    )
     return history[-1], history
+
+
+@torch.no_grad()
+def encode(
+    src: ProbeData,
+    images: torch.Tensor,
+    pool: str,
+    amp: bool,
+    rng: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Features of a batch through the frozen encoder, under bf16 autocast where ``amp``.
+
+    Args:
+        images: (B, C, H, W) uint8, any device.
+        rng: None: resized only (``eval_batch``); else a generator on ``src.device`` for a
+            random-resized crop (area ``MAE_CROP_SCALE``, ratio 3/4-4/3) and a flip with
+            probability 1/2 per image (``augmented_batch``).
+
+    Returns:
+        (B, D) float32 on ``src.device``.
+    """
+    model, dev = src.config.model, src.device
+    x = images.to(dev, non_blocking=True)
+    if rng is None:
+        x = eval_batch(x, model.img_size, src.config.data.mean, src.config.data.std)
+    else:
+        boxes = crop_boxes(len(x), MAE_CROP_SCALE, generator=rng, device=dev)
+        flips = torch.rand(len(x), generator=rng, device=dev) < 0.5
+        x = augmented_batch(
+            x, model.img_size, boxes, flips, src.config.data.mean, src.config.data.std
+        )
+    with autocast(dev, amp):
+        return pooled_features(src.encoder, x, pool).float()
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """The seed of the crops and flips of probe step ``step`` (a function of both alone)."""
+    return (seed * 1_000_003 + 11) * 1_000_000_007 % 2**62 + step
+
+
+def train_mae_probe(src: ProbeData, probe: ProbeConfig, seed: int = 0) -> tuple[float, list[float]]:
+    """MAE's own recipe (``main_linprobe.py``) with the encoder run live.
+
+    Every training batch is cropped at random (area 0.08-1, ratio 3/4-4/3) and flipped
+    with probability 1/2, afresh each epoch, from a generator seeded by (seed, step) on
+    the device; :mod:`dsmae.data.augment` resamples the crop bilinearly where MAE's
+    torchvision ``RandomResizedCrop`` is bicubic. The frozen encoder (bf16 autocast as the
+    checkpoint's ``train.amp`` says: on CUDA by default) gives (B, D) pooled features, and
+    the head is trained with :func:`mae_lars` at
+    ``lr = base_lr * batch / 256``. The test images are not augmented; as the encoder is
+    frozen their features are computed once, and the head is evaluated after every epoch.
+
+    Returns:
+        the last epoch's test top-1 (%) and the per-epoch test top-1 history.
+    """
+    dev, train = src.device, src.train
+    amp = use_amp(dev, src.config.train.amp)
+    chunk = probe.batch_size
+    test_x = torch.cat(
+        [
+            encode(src, src.test.images[i : i + chunk], probe.pool, amp)
+            for i in range(0, len(src.test.images), chunk)
+        ]
+    )
+    rng = generator(seed)
+    head = probe_head(test_x.shape[1], len(train.classes), rng).to(dev)
+    batch = min(probe.batch_size, len(train.images))
+    optimizer = mae_lars(head, scaled_lr(probe.base_lr, batch), probe.weight_decay)
+
+    def features(step: int, idx: torch.Tensor) -> torch.Tensor:
+        crops = generator(_step_seed(seed, step), dev)
+        return encode(src, train.images[idx], probe.pool, amp, crops)
+
+    test = (test_x, src.test.labels.to(dev))
+    history = _train_head(head, optimizer, features, train.labels, test, probe, batch, rng)
+    return history[-1], history
+
+
+def _fast_probe(src: ProbeData, probe: ProbeConfig, seed: int) -> tuple[float, list[float]]:
+    """The fast recipe on ``src``: features computed once, then :func:`train_linear_probe`."""
+    cfg = src.config
+    feats = [
+        extract_features(
+            src.encoder,
+            split.images,
+            size=cfg.model.img_size,
+            mean=cfg.data.mean,
+            std=cfg.data.std,
+            pool=probe.pool,
+            device=src.device,
+        )
+        for split in (src.train, src.test)
+    ]
+    labels = (src.train.labels, src.test.labels)
+    classes = len(src.train.classes)
+    return train_linear_probe(feats[0], labels[0], feats[1], labels[1], classes, probe, seed)
+
+
+RECIPES: dict[str, Callable[[ProbeData, ProbeConfig, int], tuple[float, list[float]]]] = {
+    "fast": _fast_probe,
+    "mae": train_mae_probe,
+}
+
+
+def load_probe_data(
+    encoder: VisionTransformer,
+    cfg: Config,
+    *,
+    data: str | None,
+    data_root: str | None,
+    download: bool | None,
+    skip_bad_images: bool | None,
+    device: str,
+) -> ProbeData:
+    """Freeze ``encoder`` on ``device`` and load the labelled train and test splits of
+    ``data`` (default: ``cfg``'s pre-training data; None keeps ``cfg``'s value).
+
+    Raises:
+        DataError: a split without class labels (a folder without class sub-folders).
+    """
+    given = {
+        "source": data,
+        "root": data_root,
+        "download": download,
+        "skip_bad_images": skip_bad_images,
+    }
+    data_cfg = dataclasses.replace(cfg.data, **{k: v for k, v in given.items() if v is not None})
+    splits = labelled_splits(data_cfg, cfg.model, "a linear probe")
+    dev = resolve_device(device)
+    encoder.eval().requires_grad_(False).to(dev)
+    return ProbeData(encoder, cfg, splits["train"], splits["test"], data_cfg.source, dev)
 
 
 def linprobe(
@@ -113,52 +338,62 @@ def linprobe(
     seed: int = 0,
 ) -> ProbeResult:
     """Linear-probe the encoder of ``checkpoint`` on ``data`` (default: the data set it was
-    pre-trained on) and write ``<checkpoint stem>.linprobe[-random-init].json`` beside it.
+    pre-trained on) by ``probe.recipe`` and write the result beside it (``save_result``).
 
     The probe's settings are ``probe`` (default: the checkpoint's ``probe`` section) with
     ``probe_overrides`` (field name -> value) on top.
+
+    Raises:
+        ConfigError: an unknown ``recipe``.
+        DataError: a split without class labels.
     """
-    saved = config_from_dict(load_checkpoint(checkpoint)["config"]).probe
-    probe = dataclasses.replace(probe or saved, **(probe_overrides or {}))
-    feats = frozen_features(
-        checkpoint,
-        pool=probe.pool,
-        purpose="a linear probe",
+    encoder, cfg = encoder_from_checkpoint(checkpoint, random_init=random_init, seed=seed)
+    probe = dataclasses.replace(probe or cfg.probe, **(probe_overrides or {}))
+    if probe.recipe not in RECIPES:
+        raise ConfigError(f"probe.recipe must be one of {sorted(RECIPES)}, not {probe.recipe!r}")
+    src = load_probe_data(
+        encoder,
+        cfg,
         data=data,
         data_root=data_root,
         download=download,
         skip_bad_images=skip_bad_images,
-        random_init=random_init,
         device=device,
-        seed=seed,
     )
-    top1, history = train_linear_probe(
-        feats.train,
-        feats.train_labels,
-        feats.test,
-        feats.test_labels,
-        len(feats.classes),
-        probe,
-        seed=seed,
-    )
+    _, history = RECIPES[probe.recipe](src, probe, seed)
+    return _write_result(checkpoint, src, probe, history, random_init)
+
+
+def _write_result(
+    checkpoint: str | Path,
+    src: ProbeData,
+    probe: ProbeConfig,
+    history: list[float],
+    random_init: bool,
+) -> ProbeResult:
+    """The :class:`ProbeResult` of a per-epoch top-1 ``history``, written beside
+    ``checkpoint`` by ``save_result``."""
     best_top1, best = best_epoch(history)
     result = ProbeResult(
-        top1=top1,
+        top1=history[-1],
         best_top1=best_top1,
         best_epoch=best,
         epochs=probe.epochs,
         pool=probe.pool,
-        num_train=len(feats.train),
-        num_test=len(feats.test),
-        num_classes=len(feats.classes),
-        data=feats.data,
+        recipe=probe.recipe,
+        num_train=len(src.train.labels),
+        num_test=len(src.test.labels),
+        num_classes=len(src.train.classes),
+        data=src.data,
         random_init=random_init,
         checkpoint=str(checkpoint),
+        settings=evaluation_settings(probe, src.data),
     )
     out = save_result(checkpoint, "linprobe", random_init, result)
     log.info(
-        "linear probe top-1 %.2f%% (last epoch; best %.2f%% at epoch %d) -> %s",
-        top1,
+        "linear probe (%s recipe) top-1 %.2f%% (last epoch; best %.2f%% at epoch %d) -> %s",
+        probe.recipe,
+        result.top1,
         best_top1,
         best,
         out,

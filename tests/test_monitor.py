@@ -1,0 +1,151 @@
+"""The pre-training monitor's representation health: in a real tiny run and on its own."""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import dsmae.monitor
+from dsmae.config import build_config
+from dsmae.metrics import MetricsLog, read_metrics
+from dsmae.models import DSMAE
+from dsmae.monitor import HEALTH_IMAGES, Monitor
+
+HEALTH = ("health_feature_std", "health_effective_rank")
+
+
+def _config(tmp_path: Path, source: str = "digits", **overrides):
+    """The unit tests' tiny ViT (16 tokens of width 32) on grey-scale images."""
+    base = {f"model.{k}": v for k, v in TINY.items()}
+    base.update(
+        {
+            "model.in_chans": 1,
+            "data.source": source,
+            "data.mean": [0.3],
+            "data.std": [0.25],
+            "train.device": "cpu",
+            "monitor.knn_every": 1,
+            "monitor.images_every": 0,
+            "out": str(tmp_path / "run"),
+        }
+    )
+    base.update(overrides)
+    return build_config(overrides=base)
+
+
+def _count_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The splits the monitor asks ``load_split`` for, in order."""
+    asked: list[str] = []
+    real = dsmae.monitor.load_split
+
+    def load_split(data, model, split):
+        asked.append(split)
+        return real(data, model, split)
+
+    monkeypatch.setattr(dsmae.monitor, "load_split", load_split)
+    return asked
+
+
+def _check_ranges(record: dict, dim: int) -> None:
+    assert 0 < record["health_feature_std"] <= 1
+    assert 1 <= record["health_effective_rank"] <= dim
+    if "health_teacher_cosine" in record:
+        assert -1 <= record["health_teacher_cosine"] <= 1
+
+
+@pytest.mark.parametrize("fixture", ["digits_run", "digits_mae_run"])
+def test_a_tiny_run_logs_health_with_the_knn_lines(request, fixture):
+    out = request.getfixturevalue(fixture)  # 2 epochs, k-NN monitor every epoch, width 32
+    lines = [r for r in read_metrics(out / "metrics.jsonl") if "health_feature_std" in r]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    for r in lines:
+        assert {"step", "epoch", "knn_top1", "wall_s", "flops", *HEALTH} <= set(r)
+        _check_ranges(r, 32)
+        assert ("health_teacher_cosine" in r) == (fixture == "digits_run")  # mae: no teacher
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    assert {f"pretrain/{k}" for k in HEALTH} <= set(board.Tags()["scalars"])
+
+
+def test_health_of_a_model_whose_student_is_its_teacher(tmp_path):
+    cfg = _config(tmp_path)
+    torch.manual_seed(0)
+    model = DSMAE(cfg.model).train()  # a new model's teacher is a copy of its student
+    monitor = Monitor(cfg, torch.device("cpu"))
+    health = monitor.health(model)
+    assert health is not None and set(health) == {*HEALTH, "health_teacher_cosine"}
+    assert health["health_teacher_cosine"] == pytest.approx(1.0, abs=1e-6)
+    _check_ranges(health, cfg.model.embed_dim)
+    # train mode restored, the teacher still in eval mode, no gradients kept
+    assert model.training and model.encoder.training and not model.teacher.training
+    assert all(p.grad is None for p in model.parameters())
+    # a teacher that drifted away shows as a lower cosine
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            p.add_(torch.randn_like(p))
+    assert monitor.health(model)["health_teacher_cosine"] < 0.99
+
+
+def test_health_reads_a_fixed_sample_loaded_once(tmp_path, monkeypatch):
+    asked = _count_loads(monkeypatch)
+    cfg = _config(tmp_path, **{"monitor.images_every": 1})
+    monitor = Monitor(cfg, torch.device("cpu"))
+    model = DSMAE(cfg.model)
+    with MetricsLog(tmp_path / "metrics") as metrics:
+        for epoch in (1, 2, 3):
+            monitor.after_epoch(model, epoch, 10 * epoch, 1.0, 2.0, metrics)
+    assert asked == ["train", "test"]  # once, for k-NN, grid and health together
+    sample = monitor.health_images()
+    assert sample.shape == (HEALTH_IMAGES, 1, 8, 8) and sample.dtype == torch.uint8
+    assert torch.equal(sample, Monitor(cfg, torch.device("cpu")).health_images())  # seeded
+    records = read_metrics(tmp_path / "metrics" / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert all({"knn_top1", "wall_s", "flops", *HEALTH} <= set(r) for r in records)
+    # the model did not change between the epochs: neither did its health
+    assert records[0]["health_effective_rank"] == pytest.approx(records[2]["health_effective_rank"])
+
+
+def test_health_runs_without_a_knn_split_and_on_small_data(tmp_path, monkeypatch, caplog):
+    folder = tmp_path / "images"  # no train/ and test/: the whole folder, no test split
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
+    asked = _count_loads(monkeypatch)
+    cfg = _config(tmp_path, str(folder), **{"model.method": "mae", "monitor.images_every": 1})
+    monitor = Monitor(cfg, torch.device("cpu"))
+    model = DSMAE(cfg.model)
+    with (
+        caplog.at_level(logging.INFO, logger="dsmae.monitor"),
+        MetricsLog(tmp_path / "metrics") as metrics,
+    ):
+        for epoch in (1, 2):
+            monitor.after_epoch(model, epoch, 5 * epoch, 1.0, 2.0, metrics)
+    assert asked == ["train", "test"]  # the test split is missing: not asked again
+    assert len(monitor.health_images()) == 12  # fewer images than HEALTH_IMAGES: all
+    records = [json.loads(line) for line in (tmp_path / "metrics" / "metrics.jsonl").open()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert "knn_top1" not in r and "health_teacher_cosine" not in r
+        assert {"step", "wall_s", "flops", *HEALTH} <= set(r)
+        _check_ranges(r, cfg.model.embed_dim)
+    assert "epoch 2: feature std" in caplog.text and "effective rank" in caplog.text
+
+
+def test_no_health_off_the_knn_rhythm(tmp_path, monkeypatch):
+    asked = _count_loads(monkeypatch)
+    for every, epoch in ((0, 1), (2, 1)):
+        cfg = _config(tmp_path, **{"monitor.knn_every": every})
+        with MetricsLog(tmp_path / f"metrics-{every}") as metrics:
+            Monitor(cfg, torch.device("cpu")).after_epoch(
+                DSMAE(cfg.model), epoch, 1, 1.0, 2.0, metrics
+            )
+        assert (tmp_path / f"metrics-{every}" / "metrics.jsonl").read_text() == ""
+    assert asked == []  # nothing was due: nothing loaded
