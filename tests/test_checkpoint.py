@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dsmae.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from dsmae.writes import WriteError
 
 
 def test_round_trip_and_no_temporary_left(tmp_path):
@@ -75,7 +76,7 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(CheckpointError, match=r"No space left on device; the previous last\.pt"):
+    with pytest.raises(WriteError, match=r"No space left on device; the previous last\.pt"):
         save_checkpoint(path, {"config": {}, "model": {"w": torch.zeros(1)}})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left
@@ -84,8 +85,25 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
 def test_an_unwritable_place_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*file/x/last\.pt"):
+    with pytest.raises(WriteError, match=r"could not write checkpoint .*file/x/last\.pt"):
         save_checkpoint(blocker / "x" / "last.pt", {"config": {}, "model": {}})
+
+
+def test_a_zip_writers_error_on_a_full_disk_is_a_write_error(tmp_path, monkeypatch):
+    """torch.save reports a full disk from its zip writer as a RuntimeError, the OSError
+    only as its cause; the message still says what happened."""
+
+    def full(obj, f, *args, **kwargs):
+        f.write(b"PK half")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as err:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos") from err
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(WriteError, match=r"could not write checkpoint .*last\.pt: No space left"):
+        save_checkpoint(tmp_path / "last.pt", {"config": {}, "model": {}})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_load_weights_lists_what_differs():

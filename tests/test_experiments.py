@@ -122,3 +122,21 @@ def test_a_reduced_table3_runs_and_resumes(cifar_folder, tmp_path, capsys, caplo
     assert main([*probe3, "--set", "probe.base_lr=0.05"]) == 0
     assert caplog.text.count("other evaluation settings: evaluating again") == 6
     assert json.loads(probe.read_text())["settings"]["base_lr"] == 0.05
+
+    # another model is another experiment: the grid stops, naming what differs
+    capsys.readouterr()
+    assert main([*command, "--set", "model.depth=2"]) == 2
+    err = capsys.readouterr().err
+    assert "pre-trained with other settings (model.depth: 1 -> 2)" in err
+    assert "Traceback" not in err
+
+
+def test_every_data_set_is_checked_before_the_first_cell(tmp_path, capsys):
+    results = tmp_path / "results"
+    command = ["experiment", "table3", "--archs", "vit_tiny", "--datasets", "cifar10", "stl10",
+               "--data", f"cifar10={tmp_path}", "--set", f"data.root={tmp_path / 'none'}",
+               "--results", str(results), "--device", "cpu"]  # fmt: skip
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "STL-10 was not found under" in err and "Traceback" not in err
+    assert not results.exists()  # nothing ran

@@ -25,7 +25,11 @@ from typing import Any
 
 import torch
 
+from dsmae.config import Config, ConfigError, config_from_dict, validate
+from dsmae.writes import WriteError, written
+
 FORMAT = 1
+SMALL_MODEL = 10_000_000  # parameters: any config may describe a model up to this size
 
 
 class CheckpointError(OSError):
@@ -36,23 +40,26 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` through a temporary file and a rename (never half-written).
 
     Raises:
-        CheckpointError: the folder cannot be created or written (read-only, full disk);
-            the temporary file is removed and whatever was at ``path`` is kept.
+        WriteError: the folder cannot be created or written (read-only, full disk: also
+            when ``torch.save``'s zip writer reports it as a ``RuntimeError``); the
+            temporary file is removed and whatever was at ``path`` is kept.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
+        with written("checkpoint", path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save({"format": FORMAT, **state}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except WriteError as err:
+        kept = f"; the previous {path.name} is intact" if path.is_file() else ""
+        raise WriteError(f"{err}{kept}") from err.__cause__
+    finally:
         with contextlib.suppress(OSError):  # e.g. the folder never existed
             tmp.unlink(missing_ok=True)
-        kept = f"; the previous {path.name} is intact" if path.is_file() else ""
-        raise CheckpointError(f"could not write checkpoint {path}: {err}{kept}") from err
     return path
 
 
@@ -68,6 +75,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(
+            f"{path} is not a dsmae checkpoint: it is not a file written by torch.save"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -81,7 +92,62 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is truncated or corrupt: {err}") from None
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise CheckpointError(f"{path} is not a dsmae checkpoint (no 'config' and 'model' entries)")
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(f"{path} is not a dsmae checkpoint: its config is not a mapping")
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    ):
+        raise CheckpointError(f"{path} is not a dsmae checkpoint: 'model' is not a state dict")
     return state
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """A zip archive (torch.save's format) or a pickle (the legacy one)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def checkpoint_config(state: dict[str, Any], source: str | Path) -> Config:
+    """The validated config of a loaded checkpoint, checked against its weights' size
+    before anything is built from it.
+
+    Raises:
+        CheckpointError: a config that names unknown keys or impossible values, or that
+            describes an encoder far larger than the weights stored beside it (over 16x,
+            and over 10M parameters: building it would allocate that model before the
+            shapes are compared).
+    """
+    try:
+        cfg = config_from_dict(state["config"])
+        validate(cfg)
+    except ConfigError as err:
+        raise CheckpointError(f"{source} holds an invalid config: {err}") from None
+    m = cfg.model
+    described = m.depth * (4 + 2 * m.mlp_ratio) * m.embed_dim**2 + m.patch_size**2 * m.embed_dim
+    stored = sum(t.numel() for k, t in state["model"].items() if k.startswith("encoder."))
+    if described > max(16 * stored, SMALL_MODEL):  # a model this size builds in no time
+        raise CheckpointError(
+            f"{source}: its config describes an encoder of about {described / 1e6:.1f}M "
+            f"parameters, but the file holds {stored / 1e6:.1f}M: config and weights do not "
+            "belong together"
+        )
+    return cfg
+
+
+def training_state(state: dict[str, Any], source: str | Path) -> tuple[int, dict[str, Any]]:
+    """The step and optimizer state of a checkpoint to resume from.
+
+    Raises:
+        CheckpointError: they are missing or malformed.
+    """
+    step, optimizer = state.get("step"), state.get("optimizer")
+    if not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{source} cannot be resumed: no valid 'step' ({step!r})")
+    if not isinstance(optimizer, dict) or "state" not in optimizer:
+        raise CheckpointError(f"{source} cannot be resumed: no optimizer state in it")
+    return step, optimizer
 
 
 def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
@@ -89,7 +155,8 @@ def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], sour
 
     Raises:
         CheckpointError: names of missing and unexpected entries and of shape mismatches
-            (``name: checkpoint (a, b) vs model (c, d)``), ``source`` named.
+            (``name: checkpoint (a, b) vs model (c, d)``), or of tensors holding NaN or
+            infinity, ``source`` named.
     """
     own = module.state_dict()
     missing = sorted(set(own) - set(weights))
@@ -109,5 +176,12 @@ def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], sour
             f"the weights in {source} do not fit the model its config describes ("
             + "; ".join(problems)
             + ")"
+        )
+    broken = [k for k in sorted(weights) if not bool(torch.isfinite(weights[k]).all())]
+    if broken:
+        more = f" and {len(broken) - 5} more" if len(broken) > 5 else ""
+        raise CheckpointError(
+            f"{source} holds non-finite weights (NaN or infinity in {', '.join(broken[:5])}"
+            f"{more}): it comes from a run that diverged; use an earlier checkpoint"
         )
     module.load_state_dict(weights)

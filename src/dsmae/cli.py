@@ -19,7 +19,9 @@ from dsmae.checkpoint import CheckpointError
 from dsmae.config import POOLS, ConfigError, available_presets, build_config, parse_assignment
 from dsmae.data.sources import DataError
 from dsmae.engine import DivergedError
+from dsmae.preemption import PREEMPTED_EXIT, Preempted
 from dsmae.runtime import keep_freed_memory
+from dsmae.writes import WriteError
 
 log = logging.getLogger("dsmae")
 
@@ -82,6 +84,11 @@ def _add_pretrain(sub: Any) -> None:
     )
     p.add_argument(
         "--force", action="store_true", help="resume from a checkpoint made with other settings"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a fresh run in an --out folder that holds another run",
     )
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
@@ -192,6 +199,9 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by dsmae pretrain")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--teacher", action="store_true", help="export the EMA teacher instead")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the files of a non-empty --out folder"
+    )
     p.set_defaults(run=_run_export)
 
 
@@ -280,7 +290,7 @@ def _run_pretrain(args: argparse.Namespace) -> None:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return
-    result = pretrain(cfg, resume=args.resume, force=args.force)
+    result = pretrain(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 reports
     print(f"checkpoint: {result.checkpoint}")
@@ -327,8 +337,8 @@ def _run_linprobe(args: argparse.Namespace) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> None:
-    from dsmae.checkpoint import load_checkpoint
-    from dsmae.config import config_from_dict, override_config
+    from dsmae.checkpoint import checkpoint_config, load_checkpoint
+    from dsmae.config import override_config
     from dsmae.evaluation.finetune import finetune
 
     overrides = dict(parse_assignment(a) for a in args.assign)
@@ -343,7 +353,7 @@ def _run_finetune(args: argparse.Namespace) -> None:
         "train.seed": args.seed,
     }
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    saved = config_from_dict(load_checkpoint(args.checkpoint)["config"])
+    saved = checkpoint_config(load_checkpoint(args.checkpoint), args.checkpoint)
     cfg = override_config(saved, args.config, overrides)
     result = finetune(args.checkpoint, cfg, random_init=args.random_init, out=args.out)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -403,7 +413,7 @@ def _run_knn(args: argparse.Namespace) -> None:
 def _run_export(args: argparse.Namespace) -> None:
     from dsmae.export import export_encoder
 
-    out = export_encoder(args.checkpoint, args.out, teacher=args.teacher)
+    out = export_encoder(args.checkpoint, args.out, teacher=args.teacher, overwrite=args.overwrite)
     print(f"encoder written to {out}: model.safetensors, config.json")
 
 
@@ -490,9 +500,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     keep_freed_memory()
+    return _run_command(args)
+
+
+# What a user can cause (bad input, a full disk, a folder in use), reported in one line.
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    DivergedError,
+    FileNotFoundError,
+    WriteError,
+)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the subcommand; every error a user can cause is one line on stderr and exit
+    status 2, a stop on a signal is exit status 75 (after its checkpoint), Ctrl-C
+    elsewhere is 130. Anything else is a bug: its traceback, under a line that says so."""
+    prefix = f"dsmae {args.command}"
     try:
         args.run(args)
-    except (ConfigError, DataError, CheckpointError, DivergedError, FileNotFoundError) as err:
-        print(f"dsmae {args.command}: error: {err}", file=sys.stderr)
+    except Preempted as stop:
+        print(f"{prefix}: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT
+    except USER_ERRORS as err:
+        print(f"{prefix}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        print(
+            f"{prefix}: internal error, a bug in dsmae: please report it as an issue of the "
+            "project, with the command and the traceback below",
+            file=sys.stderr,
+        )
+        raise
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ ARCHS: dict[str, tuple[int, int, int]] = {
 }
 DEFAULT_NOISE_RATIO = {"dsmae": 0.9, "dsmae-ly": 0.9, "dsmae-lz": 0.9, "mae": 0.75}
 POOLS = ("avg", "cls")  # the features read from an encoder: mean of the patch tokens, [CLS]
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 class ConfigError(ValueError):
@@ -196,16 +198,35 @@ def read_preset(name: str) -> dict[str, Any]:
     if name not in available_presets():
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
     text = (resources.files("dsmae") / "presets" / f"{name}.yaml").read_text()
-    return _as_mapping(yaml.safe_load(text), f"preset {name}")
+    return _as_mapping(_load_yaml(text, f"preset {name}"), f"preset {name}")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The override mapping of a user's YAML file."""
+    """The override mapping of a user's YAML file.
+
+    Raises:
+        ConfigError: unreadable, not UTF-8 text, not YAML, or YAML with tags that would
+            build Python objects (refused: only plain values are read).
+    """
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
-    return _as_mapping(yaml.safe_load(text), str(path))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text (UTF-8 YAML expected)") from None
+    return _as_mapping(_load_yaml(text, f"config file {path}"), str(path))
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)``; its errors (syntax, tabs, ``!!python`` tags) as a
+    :class:`ConfigError` naming ``where`` and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or type(err).__name__
+        mark = getattr(err, "problem_mark", None)
+        line = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{where} is not valid YAML{line}: {problem}") from None
 
 
 def _as_mapping(obj: Any, where: str) -> dict[str, Any]:
@@ -221,7 +242,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
-    return key.strip(), yaml.safe_load(value)
+    return key.strip(), _load_yaml(value, f"the value of {key.strip()}")
 
 
 # ----------------------------------------------------------------------------- building
@@ -447,9 +468,11 @@ def _require(ok: bool, key: str, message: str) -> None:
 def validate_model(m: ModelConfig) -> None:
     """Refuse impossible model settings (expects a resolved ModelConfig)."""
     _check_choice("model.method", m.method, METHODS)
+    _check_choice("model.arch", m.arch, tuple(ARCHS))
     _check_choice("model.noise_mode", m.noise_mode, ("add", "replace"))
     _check_choice("model.target_norm", m.target_norm, ("none", "layernorm"))
     _require(m.in_chans in (1, 3), "model.in_chans", f"must be 1 or 3, got {m.in_chans}")
+    _require(m.img_size >= 1, "model.img_size", f"must be positive, got {m.img_size}")
     _require(m.patch_size >= 1, "model.patch_size", f"must be positive, got {m.patch_size}")
     _require(
         m.img_size % m.patch_size == 0,
@@ -510,17 +533,22 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         f"{world_size} processes), got {t.micro_batch}",
     )
     _require(t.lr is not None and t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
-    _require(len(t.betas) == 2, "train.betas", f"must be two numbers, got {t.betas}")
+    _require(
+        len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+        "train.betas",
+        f"must be two numbers in [0, 1), got {t.betas}",
+    )
     for key in ("momentum_start", "momentum_end"):
         value = getattr(t, key)
         _require(0 <= value < 1, f"train.{key}", f"must be in [0, 1), got {value}")
     _check_choice("train.ema_every", t.ema_every, ("step", "epoch"))
     _check_choice("train.compile_scope", t.compile_scope, ("model", "blocks"))
     _require(
-        t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps"),
+        DEVICE_PATTERN.fullmatch(t.device) is not None,
         "train.device",
         f"must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}",
     )
+    _require(bool(cfg.out.strip()), "out", "must name a folder, got an empty string")
     _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0: off), got {t.grad_clip}")
     _require(t.max_bad_steps >= 0, "train.max_bad_steps", f"must be >= 0, got {t.max_bad_steps}")
     _require(t.dist_timeout_minutes > 0, "train.dist_timeout_minutes", "must be positive")

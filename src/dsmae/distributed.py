@@ -84,3 +84,13 @@ def barrier(proc: Process) -> None:
     """Wait for every process (no-op in a single process)."""
     if proc.distributed:
         dist.barrier()
+
+
+def any_process(flag: bool, proc: Process, device: torch.device) -> bool:
+    """Whether ``flag`` is True on any process (one all-reduce; ``flag`` alone without
+    torchrun)."""
+    if not proc.distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -15,8 +15,8 @@ import dataclasses
 import logging
 import math
 import os
-import re
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,15 @@ from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
 
 from dsmae import distributed
-from dsmae.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from dsmae.config import Config, ConfigError, TrainConfig, config_from_dict
+from dsmae.checkpoint import (
+    CheckpointError,
+    checkpoint_config,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    training_state,
+)
+from dsmae.config import Config, ConfigError, TrainConfig
 from dsmae.data.augment import crop_boxes
 from dsmae.data.pipeline import (
     augmented_batch,
@@ -40,6 +47,15 @@ from dsmae.flops import train_flops_per_image
 from dsmae.metrics import MetricsLog
 from dsmae.models import DSMAE
 from dsmae.monitor import Monitor
+from dsmae.preemption import Preempted, StopSignals
+from dsmae.run_folder import (
+    checkpoints_in,
+    cut_metrics,
+    lock_folder,
+    prune_checkpoints,
+    run_id_of,
+    start_run,
+)
 from dsmae.runtime import (
     autocast,
     compile_model,
@@ -50,10 +66,10 @@ from dsmae.runtime import (
 )
 from dsmae.schedules import lr_at, momentum_at
 from dsmae.visualize import save_denoise_figure
+from dsmae.writes import WriteError, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pt")
 # Settings that may differ between a run and its resumption.
 RESUMABLE_CHANGES = (
     "out",
@@ -246,45 +262,62 @@ def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -
     return diffs
 
 
-def find_resume_checkpoint(out: Path) -> Path | None:
-    """The readable checkpoint of ``out`` with the most steps (periodic ones or ``last.pt``).
+def settings_differences(saved: Config, current: Config) -> list[str]:
+    """The settings that make two configs different runs, as ``key: a -> b``: everything
+    but what may change on a resume (:data:`RESUMABLE_CHANGES`)."""
+    trees = [saved.to_dict(), current.to_dict()]
+    for key in RESUMABLE_CHANGES:
+        *parents, leaf = key.split(".")
+        for tree in trees:
+            node = tree
+            for part in parents:
+                node = node[part]
+            node.pop(leaf)
+    return config_differences(*trees)
 
+
+def find_resume_checkpoint(out: Path) -> Path | None:
+    """The readable checkpoint of ``out``'s run with the most steps (periodic ones or
+    ``last.pt``).
+
+    Only checkpoints of the run that owns the folder (its ``run.json``) are candidates.
     A checkpoint that cannot be read (truncated by a copy, a damaged disk) is skipped with
     a warning, so the run resumes from the one before it. The temporary file of an
     interrupted write (``.NAME.tmp``) is never a candidate.
     """
-    found = _newest_checkpoint(out)
+    found = _newest_checkpoint(out, run_id_of(out))
     return None if found is None else found[0]
 
 
-def _newest_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
-    """:func:`find_resume_checkpoint`'s choice and its loaded state. Periodic checkpoints
-    carry their step in their name, so only the candidates tried are read: ``last.pt``
-    (whose step is inside it) and then the newest first."""
-    periodic = sorted(
-        ((int(m.group(1)), p) for p in out.glob("checkpoint-*.pt")
-         if (m := CHECKPOINT_PATTERN.fullmatch(p.name))),
-        reverse=True,
-    )  # fmt: skip
+def _newest_checkpoint(out: Path, run_id: str | None) -> tuple[Path, dict[str, Any]] | None:
+    """:func:`find_resume_checkpoint`'s choice and its loaded state, among the checkpoints
+    of run ``run_id`` (any, for None). Periodic checkpoints carry their step in their
+    name, so only the candidates tried are read: ``last.pt`` (whose step is inside it) and
+    then the newest first."""
     last = out / "last.pt"
-    last_state = _readable(last) if last.is_file() else None
-    last_step = -1 if last_state is None else int(last_state["step"])
-    for step, path in periodic:
+    last_state = _readable(last, run_id) if last.is_file() else None
+    last_step = -1 if last_state is None else int(last_state.get("step", -1))
+    for step, path in reversed(checkpoints_in(out)):
         if last_state is not None and step <= last_step:
             break  # at equal steps, last.pt wins
-        state = _readable(path)
+        state = _readable(path, run_id)
         if state is not None:
             return path, state
     return None if last_state is None else (last, last_state)
 
 
-def _readable(path: Path) -> dict[str, Any] | None:
-    """The state of a checkpoint, or None (with a warning) when it cannot be read."""
+def _readable(path: Path, run_id: str | None) -> dict[str, Any] | None:
+    """The state of a checkpoint of run ``run_id`` (any, for None), or None (with a
+    warning) when it cannot be read or belongs to another run."""
     try:
-        return load_checkpoint(path)
+        state = load_checkpoint(path)
     except CheckpointError as err:
         log.warning("skipping an unreadable checkpoint: %s", err)
         return None
+    if run_id is not None and state.get("run_id") != run_id:
+        log.info("skipping %s: it belongs to another run of this folder", path)
+        return None
+    return state
 
 
 class StepHealth:
@@ -358,6 +391,9 @@ class _Run:
     std: torch.Tensor
     health: StepHealth
     compiled: bool
+    run_id: str  # this run's, recorded in its checkpoints ("" on ranks that write nothing)
+    lock: Any = None  # the open lock file of the output folder (rank 0)
+    resumed: bool = False
     step: int = 0
     last: dict[str, Any] = dataclasses.field(default_factory=dict)  # last metrics line
     last_save: float = dataclasses.field(default_factory=time.monotonic)
@@ -368,14 +404,38 @@ class _Run:
         return self.steps_per_epoch * self.cfg.train.epochs
 
 
-def _setup(cfg: Config, resume: str | None, force: bool) -> _Run:
-    """Join the processes, load the data, build the model, restore a checkpoint."""
-    t = cfg.train
+def _setup(cfg: Config, resume: str | None, force: bool, overwrite: bool) -> _Run:
+    """Join the processes, lock the output folder, load the data, build the model,
+    restore a checkpoint."""
     out = Path(cfg.out)
-    proc, device = distributed.setup(t.device, t.dist_timeout_minutes)
+    proc, device = distributed.setup(cfg.train.device, cfg.train.dist_timeout_minutes)
+    lock = None
     if proc.is_main:
         check_writable(out)
-    state, resumed_from, cfg = _resume_state(cfg, out, resume, force)
+        lock = lock_folder(out)
+    try:
+        return _build_run(cfg, resume, force, overwrite, proc, device, lock)
+    except BaseException:
+        if lock is not None:
+            lock.close()  # releases the folder
+        raise
+
+
+def _build_run(
+    cfg: Config,
+    resume: str | None,
+    force: bool,
+    overwrite: bool,
+    proc: distributed.Process,
+    device: torch.device,
+    lock: Any,
+) -> _Run:
+    t, out = cfg.train, Path(cfg.out)
+    state, resumed_from, cfg, run_id = _resume_state(cfg, out, resume, force)
+    if proc.is_main:
+        run_id = start_run(out, overwrite, run_id)
+        if state is not None:
+            cut_metrics(out, int(state["step"]))
     images = load_split(cfg.data, cfg.model, "pretrain").images
     steps_per_epoch = len(images) // t.batch_size
     if steps_per_epoch == 0:
@@ -408,8 +468,7 @@ def _setup(cfg: Config, resume: str | None, force: bool) -> _Run:
     elif device.type == "cuda":
         images = images.pin_memory()
     if proc.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.to_yaml())
+        atomic_write_text(out / "config.yaml", cfg.to_yaml(), "config")
     return _Run(
         cfg=cfg,
         proc=proc,
@@ -426,6 +485,9 @@ def _setup(cfg: Config, resume: str | None, force: bool) -> _Run:
         std=torch.tensor(cfg.data.std, device=device),
         health=StepHealth(device),
         compiled=compiled,
+        run_id=run_id or "",
+        lock=lock,
+        resumed=state is not None,
         step=0 if state is None else int(state["step"]),
         last_checkpoint=resumed_from,
     )
@@ -444,41 +506,37 @@ def check_writable(out: Path) -> None:
 
 def _resume_state(
     cfg: Config, out: Path, resume: str | None, force: bool
-) -> tuple[dict | None, Path | None, Config]:
+) -> tuple[dict | None, Path | None, Config, str | None]:
     """The checkpoint to resume from (``resume``: a path, or "auto" for the newest
-    readable one in ``out``), its path and ``cfg`` normalising as that run did
-    (``data.mean``/``data.std`` left to measure are taken from it), after checking that
-    it was made with the same settings."""
+    readable one of ``out``'s run), its path, ``cfg`` normalising as that run did
+    (``data.mean``/``data.std`` left to measure are taken from it) and the run's id,
+    after checking that it was made with the same settings. Nothing to resume: None, None,
+    ``cfg``, None (a fresh run)."""
     if resume is None:
-        return None, None, cfg
-    found = _newest_checkpoint(out) if resume == "auto" else (Path(resume), None)
+        return None, None, cfg, None
+    found = _newest_checkpoint(out, run_id_of(out)) if resume == "auto" else (Path(resume), None)
     if found is None:
         log.info("no checkpoint in %s: starting from scratch", out)
-        return None, None, cfg
+        return None, None, cfg, None
     path, state = found
     state = state if state is not None else load_checkpoint(path)
-    saved_data = state["config"]["data"]
+    saved_cfg = checkpoint_config(state, path)
+    training_state(state, path)  # refuse a checkpoint without step or optimizer state
     data = dataclasses.replace(
-        cfg.data, mean=cfg.data.mean or saved_data["mean"], std=cfg.data.std or saved_data["std"]
+        cfg.data,
+        mean=cfg.data.mean or saved_cfg.data.mean,
+        std=cfg.data.std or saved_cfg.data.std,
     )
     cfg = dataclasses.replace(cfg, data=data)
-    saved = config_from_dict(state["config"]).to_dict()
-    current = cfg.to_dict()
-    for key in RESUMABLE_CHANGES:
-        *parents, leaf = key.split(".")
-        for tree in (saved, current):
-            node = tree
-            for part in parents:
-                node = node[part]
-            node.pop(leaf)
-    diffs = config_differences(saved, current)
+    diffs = settings_differences(saved_cfg, cfg)
     if diffs and not force:
         raise ConfigError(
             f"{path} was made with other settings (add --force to resume anyway): "
             + "; ".join(diffs)
         )
     log.info("resuming from %s at step %d", path, state["step"])
-    return state, path, cfg
+    run_id = state.get("run_id") if isinstance(state.get("run_id"), str) else None
+    return state, path, cfg, run_id or run_id_of(out) or uuid.uuid4().hex[:12]
 
 
 def _batch(run: _Run, step: int, order: torch.Tensor) -> tuple[torch.Tensor, Corruption]:
@@ -523,23 +581,23 @@ def _save(run: _Run, path: Path) -> Path:
         "optimizer": run.optimizer.state_dict(),
         "step": run.step,
         "epoch": run.step // run.steps_per_epoch,
+        "run_id": run.run_id,
     }
     try:
         save_checkpoint(path, state)
-    except CheckpointError as err:
-        raise CheckpointError(
+    except WriteError as err:
+        raise WriteError(
             f"{err}. The last good checkpoint is {run.last_checkpoint or 'none yet'}: free some "
             "space (or fix the folder) and continue with --resume auto."
         ) from None
     run.last_checkpoint = path
-    keep = run.cfg.train.keep_checkpoints
-    periodic = sorted(run.out.glob("checkpoint-*.pt"))
-    for old in periodic[: max(len(periodic) - keep, 0)] if keep else []:
-        old.unlink()
+    prune_checkpoints(run.out, run.run_id, run.cfg.train.keep_checkpoints)
     return path
 
 
-def pretrain(cfg: Config, resume: str | None = None, force: bool = False) -> PretrainResult:
+def pretrain(
+    cfg: Config, resume: str | None = None, force: bool = False, overwrite: bool = False
+) -> PretrainResult:
     """Pre-train ``cfg.model`` on ``cfg.data``.
 
     Writes into ``cfg.out`` (rank 0): ``config.yaml``, ``metrics.jsonl``, ``tensorboard/``,
@@ -547,19 +605,31 @@ def pretrain(cfg: Config, resume: str | None = None, force: bool = False) -> Pre
     every ``train.checkpoint_minutes``, the newest ``train.keep_checkpoints`` kept, and
     ``last.pt`` and ``denoise.png`` at the end.
 
+    The output folder is locked while the run writes into it, and a fresh run into a
+    folder that holds another run is refused (:mod:`dsmae.run_folder`). SIGTERM, SIGINT
+    and SIGUSR1 stop the run after the current step with a checkpoint
+    (:mod:`dsmae.preemption`).
+
     Args:
-        resume: a checkpoint path, or "auto" for the newest one in ``cfg.out``.
+        resume: a checkpoint path, or "auto" for the newest one of ``cfg.out``'s run.
         force: resume even if the checkpoint was made with other settings.
+        overwrite: start a fresh run in a folder that holds another run.
+
+    Raises:
+        Preempted: stopped by a signal, after writing a checkpoint.
     """
     started = time.perf_counter()
-    run = _setup(cfg, resume, force)
+    run = _setup(cfg, resume, force, overwrite)
     try:
-        return _train(run, started)
+        with StopSignals() as signals:
+            return _train(run, started, signals)
     finally:
+        if run.lock is not None:
+            run.lock.close()
         distributed.teardown()
 
 
-def _train(run: _Run, started: float) -> PretrainResult:
+def _train(run: _Run, started: float, signals: StopSignals) -> PretrainResult:
     cfg, t, proc = run.cfg, run.cfg.train, run.proc
     log.info(
         "pre-training %s (%s, %.1fM encoder parameters, %.2f GFLOP per image) on %d images, "
@@ -577,7 +647,8 @@ def _train(run: _Run, started: float) -> PretrainResult:
         f", torch.compile ({t.compile_scope})" if run.compiled else "",
     )
     monitor = Monitor(cfg, run.device) if proc.is_main else None
-    metrics = MetricsLog(run.out) if proc.is_main else None
+    purge = run.step + 1 if run.resumed else None  # TensorBoard hides the steps taken again
+    metrics = MetricsLog(run.out, purge_step=purge) if proc.is_main else None
     warmup_steps = run.steps_per_epoch * t.warmup_epochs
     timer = (time.perf_counter(), run.step)  # (time, step) of the last metrics line
     once = {"setup_s": timer[0] - started}  # written with the first metrics line
@@ -653,6 +724,9 @@ def _train(run: _Run, started: float) -> PretrainResult:
                 _end_of_epoch(run, epoch, started, monitor, metrics)
             elif save_now:
                 _save(run, run.out / f"checkpoint-{run.step:08d}.pt")
+            stop = _stop_requested(run, signals)  # after the epoch's teacher update
+            if stop is not None:
+                _stop(run, stop, metrics)
     checkpoint = _save(run, run.out / "last.pt")
     if proc.is_main:
         shown = eval_batch(run.images[:8], cfg.model.img_size, cfg.data.mean, cfg.data.std)
@@ -669,6 +743,29 @@ def _train(run: _Run, started: float) -> PretrainResult:
     seconds = time.perf_counter() - started
     log.info("pre-training done in %.0f s: %s", seconds, checkpoint)
     return PretrainResult(run.out, checkpoint, cfg, run.last, seconds)
+
+
+def _stop_requested(run: _Run, signals: StopSignals) -> str | None:
+    """The signal to stop on after this step, if any. Under torchrun the processes agree
+    (one all-reduce every ``train.log_every`` steps), so they all stop at the same step."""
+    if not run.proc.distributed:
+        return signals.received
+    if run.step % run.cfg.train.log_every:
+        return None
+    if distributed.any_process(signals.received is not None, run.proc, run.device):
+        return signals.received or "a signal to another process"
+    return None
+
+
+def _stop(run: _Run, signal_name: str, metrics: MetricsLog | None) -> None:
+    """Save a checkpoint at this step boundary and raise :class:`Preempted`."""
+    path = _save(run, run.out / f"checkpoint-{run.step:08d}.pt")
+    if metrics is not None:
+        metrics.close()
+    distributed.barrier(run.proc)
+    error = Preempted(signal_name, run.step, str(path))
+    log.warning("%s", error)
+    raise error
 
 
 def _synchronize(device: torch.device) -> None:

@@ -3,8 +3,11 @@ lambda`` (SPEC section 7).
 
 A grid is a list of cells; each cell pre-trains one model from the paper's preset for its
 data set and backbone (with the cell's method, noise ratio or lambda) and evaluates it by
-the grid's protocols. A cell whose ``last.pt`` has every step, or whose result file
-exists, is not run again, so an interrupted grid continues where it stopped. The table
+the grid's protocols. A cell whose ``last.pt`` has every step is not pre-trained again,
+and an evaluation on disk made with the same settings is not run again, so an interrupted
+grid continues where it stopped; a cell pre-trained with other settings stops the grid
+with the keys that differ, and every data set of the grid is checked before the first
+cell runs. The table
 (``results/<name>.md`` and ``.csv``) puts our numbers beside the paper's and states the
 settings that produced them; ``noise-ratio`` and ``lambda`` also draw their curve (the
 paper's Fig. 3 and Fig. 4) as ``results/<name>.png``.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -23,10 +27,12 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from dsmae.checkpoint import load_checkpoint
-from dsmae.config import Config, ConfigError, available_presets, build_config, config_from_dict
-from dsmae.engine import pretrain
+from dsmae.checkpoint import checkpoint_config, load_checkpoint
+from dsmae.config import Config, ConfigError, available_presets, build_config
+from dsmae.data.sources import check_available
+from dsmae.engine import pretrain, settings_differences
 from dsmae.evaluation.frozen import evaluation_settings, result_path
+from dsmae.writes import atomic_write_text, written
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +165,28 @@ def cell_config(cell: Cell, settings: GridSettings, runs: Path, grid: str) -> Co
 
 
 def _finished(checkpoint: Path, cfg: Config) -> bool:
-    """Whether ``checkpoint`` is the end of the run ``cfg`` describes."""
-    return checkpoint.is_file() and load_checkpoint(checkpoint)["epoch"] == cfg.train.epochs
+    """Whether ``checkpoint`` is the end of the run ``cfg`` describes.
+
+    Raises:
+        ConfigError: it was pre-trained with other settings (listed), so its results do
+            not belong in this grid.
+    """
+    if not checkpoint.is_file():
+        return False
+    state = load_checkpoint(checkpoint)
+    saved = checkpoint_config(state, checkpoint)
+    measured = dataclasses.replace(
+        cfg.data, mean=cfg.data.mean or saved.data.mean, std=cfg.data.std or saved.data.std
+    )
+    diffs = settings_differences(saved, dataclasses.replace(cfg, data=measured))
+    if diffs:
+        raise ConfigError(
+            f"{checkpoint.parent} holds a cell pre-trained with other settings ("
+            + "; ".join(diffs)
+            + "): give the grid another --results folder, or delete that folder to run the "
+            "cell again"
+        )
+    return state["epoch"] == cfg.train.epochs
 
 
 def run_cell(cell: Cell, cfg: Config) -> dict[str, dict[str, float]]:
@@ -217,7 +243,7 @@ def _finetune(checkpoint: Path, cfg: Config, scratch: bool) -> float:
     on the checkpoint's config (its measured normalisation)."""
     from dsmae.evaluation.finetune import finetune
 
-    saved = config_from_dict(load_checkpoint(checkpoint)["config"])
+    saved = checkpoint_config(load_checkpoint(checkpoint), checkpoint)
     saved = dataclasses.replace(saved, finetune=cfg.finetune, train=cfg.train)
     settings = evaluation_settings(cfg.finetune, saved.data.source)
     top1 = _cached_top1(result_path(checkpoint, "finetune", scratch, cfg.finetune.pool), settings)
@@ -233,6 +259,9 @@ def run_grid(name: str, settings: GridSettings, results: str | Path = "results")
     runs = results / name
     cells = grid_cells(name, settings)
     configs = [cell_config(c, settings, runs, name) for c in cells]  # all refused up front
+    for source, root, download in sorted({(c.data.source, c.data.root, c.data.download)
+                                          for c in configs}):  # fmt: skip
+        check_available(source, root=root, download=download)
     rows: list[dict[str, Any]] = []
     for i, (cell, cfg) in enumerate(zip(cells, configs, strict=True)):
         log.info("experiment %s: cell %d of %d: %s", name, i + 1, len(cells), cell.name)
@@ -249,13 +278,15 @@ def run_grid(name: str, settings: GridSettings, results: str | Path = "results")
                     "paper": paper_value(name, cell, protocol),
                 }
             )
-    results.mkdir(parents=True, exist_ok=True)
-    with open(results / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    with written("results", results):
+        results.mkdir(parents=True, exist_ok=True)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(results / f"{name}.csv", table.getvalue(), "results")
     markdown = results / f"{name}.md"
-    markdown.write_text(table_markdown(name, rows, configs[0], settings))
+    atomic_write_text(markdown, table_markdown(name, rows, configs[0], settings), "results")
     if name in ("noise-ratio", "lambda"):
         draw_curve(name, rows, results / f"{name}.png")
     return markdown
@@ -346,5 +377,6 @@ def draw_curve(name: str, rows: list[dict[str, Any]], out: Path) -> Path:
     ax.set(xlabel="noise ratio r" if key == "noise_ratio" else "lambda",
            ylabel="fine-tune top-1 (%)", title=name)  # fmt: skip
     ax.legend()
-    fig.savefig(out, dpi=100)
+    with written("figure", out):
+        fig.savefig(out, dpi=100)
     return out

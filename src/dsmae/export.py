@@ -28,12 +28,13 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save
 from timm.models.vision_transformer import VisionTransformer
 
-from dsmae.checkpoint import CheckpointError, load_checkpoint, load_weights
-from dsmae.config import Config, ModelConfig, config_from_dict
+from dsmae.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, load_weights
+from dsmae.config import Config, ConfigError, ModelConfig
 from dsmae.models.vit import create_encoder
+from dsmae.writes import atomic_write_bytes, atomic_write_text, written
 
 # our architectures as timm names (their depth, width and heads; see config.ARCHS)
 TIMM_NAMES = {
@@ -72,7 +73,7 @@ def encoder_from_checkpoint(
             not fit the architecture its config describes.
     """
     state = load_checkpoint(checkpoint)
-    cfg = config_from_dict(state["config"])
+    cfg = checkpoint_config(state, checkpoint)
     torch.manual_seed(seed)
     encoder = create_encoder(cfg.model)
     if not random_init:
@@ -84,15 +85,32 @@ def encoder_from_checkpoint(
     return encoder, cfg
 
 
-def export_encoder(checkpoint: str | Path, out: str | Path, *, teacher: bool = False) -> Path:
+def export_encoder(
+    checkpoint: str | Path, out: str | Path, *, teacher: bool = False, overwrite: bool = False
+) -> Path:
     """Write the encoder of ``checkpoint`` to ``out/model.safetensors`` and
-    ``out/config.json`` (see the module docstring). Returns ``out``."""
+    ``out/config.json`` (see the module docstring), each atomically. Returns ``out``.
+
+    Raises:
+        ConfigError: ``out`` is a file, or a folder that is not empty (unless
+            ``overwrite``).
+        WriteError: a file could not be written (e.g. a full disk); nothing half-written
+            is left.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder to write the export into")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"--out {out} is not empty; pick another folder, or pass --overwrite to replace "
+            "its model.safetensors and config.json"
+        )
     encoder, cfg = encoder_from_checkpoint(checkpoint, teacher=teacher)
     state = load_checkpoint(checkpoint)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with written("export", out):
+        out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    save_file(weights, out / WEIGHTS_FILE, metadata={"format": "pt"})
+    atomic_write_bytes(out / WEIGHTS_FILE, save(weights, metadata={"format": "pt"}), "export")
     config = {
         "architecture": TIMM_NAMES[cfg.model.arch],
         "model_args": timm_model_args(cfg.model),
@@ -104,14 +122,15 @@ def export_encoder(checkpoint: str | Path, out: str | Path, *, teacher: bool = F
         "checkpoint": Path(checkpoint).name,
         "dsmae_version": version("dsmae"),
     }
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n", "export")
     return out
 
 
 def load_encoder(path: str | Path, num_classes: int = 0, **timm_kwargs: Any) -> VisionTransformer:
-    """A timm ``VisionTransformer`` with the weights of an export folder (through
-    ``timm.create_model(..., pretrained=True)``, offline) or of a ``dsmae pretrain``
-    checkpoint file.
+    """A timm ``VisionTransformer`` with the weights of an export folder (the model from
+    ``timm.create_model``, the weights loaded strictly: a ``config.json`` that does not
+    describe the stored weights is an error naming the missing and unexpected ones) or of
+    a ``dsmae pretrain`` checkpoint file.
 
     Args:
         path: a folder written by :func:`export_encoder`, or a checkpoint.
@@ -126,13 +145,17 @@ def load_encoder(path: str | Path, num_classes: int = 0, **timm_kwargs: Any) -> 
         if not config_file.is_file():
             raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a dsmae export")
         config = json.loads(config_file.read_text())
-        return timm.create_model(
+        model = timm.create_model(
             config["architecture"],
-            pretrained=True,
-            pretrained_cfg_overlay={"file": str(path / WEIGHTS_FILE)},
+            pretrained=False,
             num_classes=num_classes,
             **{**config["model_args"], **timm_kwargs},
         )
+        weights = load_file(str(path / WEIGHTS_FILE))
+        if num_classes:  # a new classifier: its weights are the model's own, fresh ones
+            weights.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
+        load_weights(model, weights, f"{path} (export)")
+        return model
     encoder, _ = encoder_from_checkpoint(path)
     if num_classes:
         encoder.reset_classifier(num_classes)

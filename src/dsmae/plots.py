@@ -1,8 +1,7 @@
 """Pre-training curves of a run folder as one PNG (``dsmae plot RUN_DIR``).
 
 Reads ``metrics.jsonl``: the step lines (loss terms, learning rate, teacher momentum,
-throughput, skipped steps) and the k-NN monitor lines. After a resume the steps run again
-appear twice in the file; the last line of each step wins.
+throughput, skipped steps) and the k-NN monitor lines; the last line of each step wins.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global sta
 
 from dsmae.data.sources import DataError
 from dsmae.metrics import read_metrics
+from dsmae.writes import written
 
 LOSSES = (("loss", "L (total)"), ("loss_y", "L_y (pixels)"), ("loss_z", "L_z (features)"))
 
@@ -38,7 +38,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{run_dir} has no metrics.jsonl: not a dsmae pretrain run folder")
-    records = read_metrics(path)
+    try:
+        records = read_metrics(path)
+    except ValueError as err:
+        raise DataError(str(err)) from None
     steps_lines = [r for r in records if "loss" in r]
     if not steps_lines:
         raise DataError(f"{path} has no step lines yet (the run logs every train.log_every)")
@@ -84,5 +87,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     fig.suptitle(str(run_dir))
     out = Path(out) if out is not None else run_dir / "curves.png"
-    fig.savefig(out, dpi=100)
+    with written("figure", out):
+        fig.savefig(out, dpi=100)
     return out

@@ -12,18 +12,29 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from tqdm import tqdm
 
-from dsmae.config import ConfigError
+from dsmae.config import DEVICE_PATTERN, ConfigError
 
 log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; any other name is used as given."""
+    """``"auto"`` -> CUDA when available, else CPU; any other name is used as given.
+
+    Raises:
+        ConfigError: not auto, cpu, mps, cuda or cuda:N, or CUDA asked for where there is
+            none (or not that many GPUs).
+    """
+    if DEVICE_PATTERN.fullmatch(name) is None:
+        raise ConfigError(f"device {name!r} is not one of: auto, cpu, cuda, cuda:N, mps")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r}, but CUDA is not available here")
+        raise ConfigError(f"device {name!r}, but CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {name!r}, but this machine has {torch.cuda.device_count()} GPU(s)"
+        )
     return device
 
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from dsmae.checkpoint import load_checkpoint, load_weights
-from dsmae.config import ConfigError, config_from_dict
+from dsmae.checkpoint import checkpoint_config, load_checkpoint, load_weights
+from dsmae.config import ConfigError
 from dsmae.data.augment import denormalize, normalize, to_unit_float
 from dsmae.data.sources import decode_files
 from dsmae.losses import PATCH_NORM_EPS
@@ -28,6 +28,7 @@ from dsmae.models import DSMAE
 from dsmae.noise import pixel_mask
 from dsmae.patches import patchify, unpatchify
 from dsmae.runtime import generator, resolve_device
+from dsmae.writes import written
 
 
 def estimate_patch_stats(
@@ -150,7 +151,8 @@ def save_denoise_figure(
     columns = [to_uint8_images(x, mean, std) for x in (result.noisy, result.restored, images)]
     scale = max(1, 96 // images.shape[-1])
     path = Path(path)
-    triplet_grid(columns, per_row=2, scale=scale).save(path)
+    with written("figure", path):
+        triplet_grid(columns, per_row=2, scale=scale).save(path)
     return path
 
 
@@ -191,10 +193,14 @@ def denoise_files(
     statistics (:func:`estimate_patch_stats`), never from the clean image.
 
     Raises:
-        ConfigError: the checkpoint's method has no pixel decoder (``dsmae-lz``).
+        ConfigError: the checkpoint's method has no pixel decoder (``dsmae-lz``), or
+            ``out`` is not a ``.png`` file name.
+        DataError: an image cannot be read (naming it).
     """
+    if Path(out).suffix.lower() != ".png":
+        raise ConfigError(f"--out {out}: the figure is a PNG file; give a name ending in .png")
     state = load_checkpoint(checkpoint)
-    cfg = config_from_dict(state["config"])
+    cfg = checkpoint_config(state, checkpoint)
     m, d = cfg.model, cfg.data
     if m.method == "dsmae-lz":
         raise ConfigError(
@@ -205,7 +211,9 @@ def denoise_files(
     model = DSMAE(m)
     load_weights(model, state["model"], str(checkpoint))
     model.to(dev)
-    images, _ = decode_files([Path(f) for f in files], channels=m.in_chans, size=m.img_size)
+    images, _ = decode_files(
+        [Path(f) for f in files], channels=m.in_chans, size=m.img_size, offer_skip=False
+    )
     x = normalize(to_unit_float(images.to(dev)), d.mean, d.std)
     result = denoise(model, x, generator(seed, dev))
     assert result is not None
@@ -225,7 +233,8 @@ def denoise_files(
         f"{first} / reconstructed / original. PSNR on the corrupted patches: "
         f"input {report.psnr_input:.1f} dB, reconstruction {report.psnr_output:.1f} dB"
     )
-    _with_caption(grid, caption).save(report.figure)
+    with written("figure", report.figure):
+        _with_caption(grid, caption).save(report.figure)
     return report
 
 

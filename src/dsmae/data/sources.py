@@ -56,7 +56,7 @@ import logging
 import os
 from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +92,12 @@ _DIGITS_TRAIN_FRACTION = 0.75
 _DIGITS_SEED = 0
 
 _TORCHVISION_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10"}
+# the folder each one extracts to under its root (torchvision's base_folder)
+_TORCHVISION_FOLDERS = {
+    "cifar10": "cifar-10-batches-py",
+    "cifar100": "cifar-100-python",
+    "stl10": "stl10_binary",
+}
 
 # PIL's fixed-point ITU-R 601-2 luma weights (sum 65536): L = (R*299 + G*587 + B*114) / 1000.
 _LUMA_FIXED = (19595, 38470, 7471)
@@ -187,6 +193,29 @@ def load_images(
             )
         return _load_folder(folder, split, channels, size, skip_bad)
     return ImageTensors(_convert_channels(data.images, channels), data.labels, data.classes)
+
+
+def check_available(source: str, *, root: str | Path, download: bool = False) -> None:
+    """Fail early, without loading anything, if ``source`` cannot be loaded: a folder
+    that does not exist, or a torchvision data set absent from ``root`` and not to be
+    downloaded.
+
+    Raises:
+        DataError: as :func:`load_images` would, naming what is missing.
+    """
+    if source == "digits" or (source in _TORCHVISION_NAMES and download):
+        return
+    if source in _TORCHVISION_NAMES:
+        root = Path(root).expanduser()
+        if not (root / _TORCHVISION_FOLDERS[source]).is_dir():
+            pretty = _TORCHVISION_NAMES[source]
+            raise DataError(f"{pretty} was not found under {root}. {_alternatives(root)}")
+        return
+    if not Path(source).expanduser().is_dir():
+        raise DataError(
+            f"Unknown data set {source!r}: it is neither one of {', '.join(DATASETS)} nor an "
+            "existing folder. Pass one of these names or the path to a folder of images."
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,8 +333,14 @@ def _is_image(name: str) -> bool:
 
 
 def _find_images(folder: Path) -> list[Path]:
-    """All image files under ``folder`` (recursive, following links once), sorted."""
+    """All image files under ``folder`` (recursive, following links once), sorted.
+
+    Only regular files count (after resolving links): a FIFO, socket or device named like
+    an image would block or fail its reader, so each is named in a warning and skipped,
+    as are links to nothing.
+    """
     found: list[Path] = []
+    odd: list[Path] = []
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -314,7 +349,17 @@ def _find_images(folder: Path) -> list[Path]:
             continue
         seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(Path(dirpath, f) for f in filenames if _is_image(f))
+        for name in filenames:
+            if _is_image(name):
+                path = Path(dirpath, name)
+                (found if path.is_file() else odd).append(path)  # is_file follows links
+    if odd:
+        logger.warning(
+            "skipped %d path(s) named like images that are not regular files (FIFOs, "
+            "sockets, devices or broken links): %s",
+            len(odd),
+            ", ".join(repr(str(p)) for p in odd[:5]) + (" ..." if len(odd) > 5 else ""),
+        )
     return sorted(found)
 
 
@@ -400,10 +445,7 @@ def _decode(path: Path, mode: str, size: int | None) -> np.ndarray:
         with Image.open(path) as raw:
             img = _to_8bit(raw).convert(mode)
     except Exception as err:  # PIL raises many types for bad files
-        raise DataError(
-            f"Cannot read image {path}: {err}. Remove or replace this file, or pass "
-            "--skip-bad-images to skip unreadable files."
-        ) from None
+        raise DataError(f"Cannot read image {path}: {err}. Remove or replace this file.") from None
     if size is not None:
         img = _resize_centre_crop(img, size)
     arr = np.asarray(img, dtype=np.uint8)
@@ -488,6 +530,7 @@ def decode_files(
     channels: int = 3,
     size: int | None = None,
     skip_bad: bool = False,
+    offer_skip: bool = True,
 ) -> tuple[torch.Tensor, list[int]]:
     """Decode image files (any mode; see the module docstring) into one tensor.
 
@@ -497,6 +540,8 @@ def decode_files(
         size: resize the shorter side to ``size`` and centre-crop ``size x size``; None:
             native size, which must be the same for all.
         skip_bad: leave out unreadable files (counted in a warning) instead of raising.
+        offer_skip: the error about an unreadable file suggests ``--skip-bad-images``
+            (for the commands that have it).
 
     Returns:
         images (M, channels, H, W) uint8 and the indices into ``paths`` of the M files
@@ -506,13 +551,13 @@ def decode_files(
         DataError: an unreadable file (naming it), images of different sizes, or no
             readable file at all.
     """
-    where = os.path.commonpath([str(p) for p in paths]) if paths else "."
+    where = os.path.commonpath([os.path.abspath(p) for p in paths]) if paths else "."
     mode = "L" if channels == 1 else "RGB"
     out: np.ndarray | None = None
     good: list[int] = []
     bad: list[DataError] = []
     decoded = _decode_all(paths, mode, size, f"decoding {where}", skip_bad)
-    with closing(decoded):
+    with closing(decoded), _suggesting_skip(offer_skip and not skip_bad):
         for i, arr in enumerate(decoded):
             if isinstance(arr, DataError):
                 bad.append(arr)
@@ -540,6 +585,18 @@ def decode_files(
     if out is None:
         raise DataError(f"None of the {len(paths)} image files in {where} could be read.")
     return torch.from_numpy(out[: len(good)] if bad else out), good
+
+
+@contextmanager
+def _suggesting_skip(suggest: bool) -> Generator[None, None, None]:
+    """Add the ``--skip-bad-images`` hint to an unreadable-file error raised inside."""
+    try:
+        yield
+    except DataError as err:
+        if not suggest or not str(err).startswith("Cannot read image"):
+            raise
+        hint = ", or pass --skip-bad-images to skip unreadable files."
+        raise DataError(str(err).rstrip(".") + hint) from None
 
 
 def find_image_files(folder: str | Path) -> list[Path]:

@@ -4,7 +4,9 @@ the linear probe and k-NN), and of any folder of images (``dsmae features``)."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,9 @@ from dsmae.data.pipeline import eval_batch, load_split
 from dsmae.data.sources import DataError, ImageTensors, decode_files, find_image_files
 from dsmae.export import encoder_from_checkpoint
 from dsmae.runtime import progress, resolve_device
+from dsmae.writes import atomic_write_bytes, atomic_write_text, written
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -98,7 +103,7 @@ def save_result(checkpoint: str | Path, protocol: str, random_init: bool, result
     """Write a result dataclass to :func:`result_path` (for its ``pool``) as JSON; returns
     the path."""
     out = result_path(checkpoint, protocol, random_init, getattr(result, "pool", "avg"))
-    out.write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+    atomic_write_text(out, json.dumps(dataclasses.asdict(result), indent=2) + "\n", "result")
     return out
 
 
@@ -219,7 +224,7 @@ def folder_features(
     """
     encoder, cfg = encoder_from_checkpoint(checkpoint, teacher=teacher)
     folder = Path(folder).expanduser()
-    paths = find_image_files(folder)
+    paths = _listable(find_image_files(folder), folder, skip_bad_images)
     images, kept = decode_files(
         paths, channels=cfg.model.in_chans, size=cfg.model.img_size, skip_bad=skip_bad_images
     )
@@ -234,8 +239,34 @@ def folder_features(
         device=resolve_device(device),
     )
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, feats.numpy())
+    with written("features", out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.save(buffer, feats.numpy())
+    atomic_write_bytes(out, buffer.getvalue(), "features")
     names = out.with_name(out.stem + ".files.txt")
-    names.write_text("".join(f"{paths[i].relative_to(folder).as_posix()}\n" for i in kept))
+    listing = "".join(f"{paths[i].relative_to(folder).as_posix()}\n" for i in kept)
+    atomic_write_text(names, listing, "features")
     return out, names
+
+
+def _listable(paths: list[Path], folder: Path, skip: bool) -> list[Path]:
+    """``paths`` whose names can be written one per line: a name with a line break in it
+    would split its line of ``.files.txt`` and misalign every row after it, so it is
+    refused, or with ``skip`` left out with a warning naming it.
+
+    Raises:
+        DataError: such a name, without ``skip``.
+    """
+    broken = [p for p in paths if "\n" in str(p) or "\r" in str(p)]
+    if not broken:
+        return paths
+    named = ", ".join(repr(str(p.relative_to(folder))) for p in broken[:3])
+    if not skip:
+        raise DataError(
+            f"{len(broken)} image file name(s) in {folder} hold a line break ({named}), which "
+            "cannot be listed one per line in .files.txt: rename them, or pass "
+            "--skip-bad-images to leave them out"
+        )
+    log.warning("left out %d image(s) whose names hold a line break: %s", len(broken), named)
+    return [p for p in paths if p not in broken]

@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dsmae.checkpoint import load_checkpoint
-from dsmae.config import config_from_dict
+from dsmae.checkpoint import checkpoint_config, load_checkpoint
 from dsmae.evaluation.frozen import frozen_features, save_result
 
 __all__ = ["KnnResult", "knn_accuracy", "knn_eval", "knn_predict"]
@@ -248,7 +247,7 @@ def knn_eval(
     Writes ``<checkpoint stem>.knn[-cls][-random-init].json`` beside the checkpoint.
     """
     if pool is None:
-        pool = config_from_dict(load_checkpoint(checkpoint)["config"]).probe.pool
+        pool = checkpoint_config(load_checkpoint(checkpoint), checkpoint).probe.pool
     feats = frozen_features(
         checkpoint,
         pool=pool,

@@ -1,0 +1,161 @@
+"""The output folder of a pre-training run: one writer at a time, and one run per folder.
+
+- **Lock.** While a run writes into ``--out`` it holds an exclusive ``fcntl`` lock on
+  ``<out>/.lock``, which holds its PID. A second writer is refused with a message naming
+  the folder and that PID. The kernel drops the lock of a process that died, so a lock
+  file left by a killed run is stale and simply taken over.
+- **Run id.** A fresh run gets an id, written to ``<out>/run.json`` and into each of its
+  checkpoints. ``--resume auto`` and the pruning of old checkpoints only ever consider the
+  checkpoints of the folder's run, never those of another run that used the folder before.
+- **One run per folder.** A fresh run into a folder that holds another run's checkpoints is
+  refused unless ``--resume`` (continue it) or ``--overwrite`` (start over: its metrics and
+  TensorBoard logs are replaced; its checkpoints are left alone and never resumed).
+- **Metrics after a resume.** ``metrics.jsonl`` is cut back to the resumed step, so the
+  steps taken again after a kill are not logged twice.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import IO
+
+import torch
+
+from dsmae.config import ConfigError
+from dsmae.writes import atomic_write_text, written
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE, RUN_FILE = ".lock", "run.json"
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pt")
+
+
+class RunFolderError(ConfigError):
+    """The output folder is in use by another process, or holds another run."""
+
+
+def lock_folder(out: Path) -> IO[str]:
+    """Take the exclusive lock of ``out`` (created if needed) for this process; keep the
+    returned file open for as long as the run writes (closing it releases the lock).
+
+    Raises:
+        RunFolderError: another live process holds it.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    handle = open(path, "a+")  # noqa: SIM115 (held open for the whole run)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunFolderError(
+            f"{out} is in use by another dsmae run (process {holder}); wait for it to end, "
+            "or give this run another --out"
+        ) from None
+    handle.seek(0)
+    previous = handle.read().strip()
+    if previous and previous != str(os.getpid()):
+        log.warning("took over the stale lock of %s (process %s is gone)", out, previous)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def run_id_of(out: Path) -> str | None:
+    """The id of the run that owns ``out`` (from ``run.json``); None for a folder without
+    one (new, or written by a dsmae that predates run ids)."""
+    try:
+        return json.loads((out / RUN_FILE).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The run id stored in a checkpoint, read without loading its tensors (memory-mapped);
+    None when it has none or cannot be read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # an unreadable file belongs to nobody; resume reports it
+        return None
+    return state.get("run_id") if isinstance(state, dict) else None
+
+
+def checkpoints_in(out: Path) -> list[tuple[int, Path]]:
+    """The periodic checkpoints of ``out`` as (step, path), oldest first."""
+    found = [(int(m.group(1)), p) for p in out.glob("checkpoint-*.pt")
+             if (m := CHECKPOINT_PATTERN.fullmatch(p.name))]  # fmt: skip
+    return sorted(found)
+
+
+def start_run(out: Path, overwrite: bool, run_id: str | None = None) -> str:
+    """Make ``out`` the folder of a new run (or of the resumed run ``run_id``) and return
+    its id.
+
+    Raises:
+        RunFolderError: a fresh run (``run_id`` None) into a folder holding checkpoints of
+            another run, without ``overwrite``.
+    """
+    if run_id is None:
+        others = [p.name for _, p in checkpoints_in(out)] + (
+            ["last.pt"] if (out / "last.pt").is_file() else []
+        )
+        if others and not overwrite:
+            more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+            shown = ", ".join(others[:3]) + more
+            raise RunFolderError(
+                f"{out} holds another run ({shown}): continue it with --resume auto, start "
+                "over in this folder with --overwrite, or give this run another --out"
+            )
+        run_id = uuid.uuid4().hex[:12]
+        if others:
+            log.warning("--overwrite: a new run in %s; the old run's checkpoints stay", out)
+        for old in ("metrics.jsonl", "config.yaml"):
+            with written("run folder", out / old):
+                (out / old).unlink(missing_ok=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    if run_id_of(out) != run_id:
+        atomic_write_text(out / RUN_FILE, json.dumps({"run_id": run_id}) + "\n", "run file")
+    return run_id
+
+
+def prune_checkpoints(out: Path, run_id: str, keep: int) -> list[Path]:
+    """Delete this run's periodic checkpoints beyond the newest ``keep`` (0: keep all);
+    other runs' are never touched. Returns the deleted paths."""
+    if not keep:
+        return []
+    mine = [p for _, p in checkpoints_in(out) if checkpoint_run_id(p) == run_id]
+    doomed = mine[: max(len(mine) - keep, 0)]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
+
+
+def cut_metrics(out: Path, step: int) -> None:
+    """Drop the lines of ``metrics.jsonl`` after ``step`` (written by a run that was killed
+    after its last checkpoint), atomically; a truncated last line goes too."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by the kill
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept), "metrics")

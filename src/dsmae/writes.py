@@ -1,0 +1,101 @@
+"""Writing files so that a failure is a message, never a half-written file.
+
+Libraries wrap the operating system's error: ``torch.save`` on a full disk raises
+``RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos`` with the
+``OSError: [Errno 28]`` only as its cause, and TensorBoard's writer raises from its
+background thread at a later call. :func:`os_error_behind` digs the ``OSError`` out, and
+:class:`WriteError` carries one sentence naming what could not be written and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+LOW_SPACE_BYTES = 1 << 20  # a folder with less free space than this counts as full
+
+
+class WriteError(OSError):
+    """A file could not be written (full disk, read-only folder, ...); the message says
+    which file and why, and that nothing half-written was left behind."""
+
+
+def os_error_behind(err: BaseException) -> OSError | None:
+    """``err`` itself if it is an ``OSError``, else the first one in its chain of causes
+    and contexts; None if there is none."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def disk_full(folder: str | Path) -> bool:
+    """Whether the file system of ``folder`` (or its nearest existing parent) is full."""
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
+def reason(err: BaseException, path: str | Path) -> str | None:
+    """Why writing ``path`` failed, in words (e.g. "No space left on device"), when
+    ``err`` is (or wraps) an operating-system error or the disk is full; None when it is
+    something else, a bug to let through."""
+    os_err = os_error_behind(err)
+    if os_err is not None:
+        return os_err.strerror or str(os_err)
+    if disk_full(Path(path).parent):
+        return os.strerror(28)  # "No space left on device", from a library's own error
+    return None
+
+
+@contextlib.contextmanager
+def written(what: str, path: str | Path) -> Iterator[None]:
+    """Turn a failed write of ``path`` in the body into a :class:`WriteError` that names
+    ``what`` ("checkpoint", "metrics", ...) and the reason; other errors pass through."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except (OSError, RuntimeError) as err:
+        why = reason(err, path)
+        if why is None:
+            raise
+        raise WriteError(f"could not write {what} {path}: {why}") from err
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, what: str = "file") -> Path:
+    """Write ``data`` to ``path`` through a hidden temporary file beside it, flushed and
+    renamed over it: ``path`` holds either its old content or the new one, never part.
+
+    Raises:
+        WriteError: the write failed; the temporary file is removed.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with written(what, path):
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str, what: str = "file") -> Path:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
+    return atomic_write_bytes(path, text.encode(), what)

@@ -1,0 +1,100 @@
+"""SIGTERM, SIGUSR1 and Ctrl-C stop a run with a checkpoint, and it resumes exactly."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dsmae.checkpoint import load_checkpoint
+from dsmae.cli import main
+from dsmae.preemption import PREEMPTED_EXIT, StopSignals
+
+RUN = [
+    "pretrain", "--preset", "quickstart", "--patch-size", "4", "--batch-size", "32",
+    "--set", "data.subset=128", "--set", "model.depth=1", "--set", "model.embed_dim=32",
+    "--set", "model.num_heads=2", "--set", "model.decoder_depth=1",
+    "--set", "model.regressor_depth=1", "--set", "train.log_every=1",
+    "--set", "train.checkpoint_every=0", "--set", "probe.after_pretrain=false",
+    "--set", "monitor.knn_every=0", "--set", "monitor.images_every=0", "--device", "cpu",
+    "--epochs", "25",
+]  # fmt: skip
+
+
+def _stopped_by(sig: signal.Signals, out, tmp_path) -> tuple[int, str]:
+    """Start a run in a child process, send ``sig`` once it has logged a few steps;
+    its exit status and stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "dsmae", *RUN, "--out", str(out)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        if metrics.is_file() and metrics.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    child.send_signal(sig)
+    _, err = child.communicate(timeout=120)
+    return child.returncode, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_a_signal_stops_the_run_with_a_checkpoint_that_resumes_exactly(tmp_path, sig):
+    code, err = _stopped_by(sig, tmp_path / "stopped", tmp_path)
+    assert code == PREEMPTED_EXIT, err[-2000:]
+    found = re.search(rf"stopped by {sig.name} at step (\d+); the checkpoint is (\S+);", err)
+    assert found and "resume with --resume auto" in err and "Traceback" not in err
+    step, checkpoint = int(found.group(1)), found.group(2)
+    assert 3 <= step < 100 and load_checkpoint(checkpoint)["step"] == step
+    assert checkpoint.endswith(f"checkpoint-{step:08d}.pt")
+
+    assert main([*RUN, "--out", str(tmp_path / "stopped"), "--resume", "auto"]) == 0
+    assert main([*RUN, "--out", str(tmp_path / "straight")]) == 0
+    a = load_checkpoint(tmp_path / "stopped" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
+    assert all(torch.equal(t, b[name]) for name, t in a.items())
+
+
+def test_stop_signals_are_recorded_and_handlers_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        assert stop.received is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == "SIGTERM"  # the process lives on
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.received == "SIGTERM"  # the first one is what is reported
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C interrupts at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_under_torchrun_every_rank_stops_at_the_same_step(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "dsmae", *RUN, "--out", str(out)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and launcher.poll() is None:
+        if metrics.is_file() and metrics.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
+    _, err = launcher.communicate(timeout=180)
+    steps = {int(s) for s in re.findall(r"stopped by SIGTERM at step (\d+)", err)}
+    assert len(steps) == 1, err[-3000:]  # one step, whichever rank reported it
+    (step,) = steps
+    assert load_checkpoint(out / f"checkpoint-{step:08d}.pt")["step"] == step

@@ -1,0 +1,109 @@
+"""One writer per run folder, one run per folder, and metrics that match the checkpoints."""
+
+import json
+import os
+
+import pytest
+
+from dsmae import engine
+from dsmae.cli import main
+from dsmae.metrics import read_metrics
+from dsmae.run_folder import (
+    LOCK_FILE,
+    RunFolderError,
+    checkpoint_run_id,
+    cut_metrics,
+    lock_folder,
+    run_id_of,
+)
+
+# quickstart (real digits, 8x8) shrunk: 128 images, batch 32 -> 4 steps an epoch
+RUN = [
+    "pretrain", "--preset", "quickstart", "--patch-size", "4", "--batch-size", "32",
+    "--set", "data.subset=128", "--set", "model.depth=1", "--set", "model.embed_dim=32",
+    "--set", "model.num_heads=2", "--set", "model.decoder_depth=1",
+    "--set", "model.regressor_depth=1", "--set", "train.log_every=1",
+    "--set", "train.checkpoint_every=1", "--set", "train.keep_checkpoints=0",
+    "--set", "probe.after_pretrain=false", "--device", "cpu",
+]  # fmt: skip
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path, capsys):
+    out = tmp_path / "run"
+    held = lock_folder(out)
+    try:
+        holder = f"in use by another dsmae run .process {os.getpid()}"
+        with pytest.raises(RunFolderError, match=holder):
+            lock_folder(out)
+        assert main([*RUN, "--epochs", "1", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{out} is in use by another dsmae run (process {os.getpid()})" in err
+        assert "Traceback" not in err
+    finally:
+        held.close()
+    assert main([*RUN, "--epochs", "1", "--out", str(out)]) == 0  # released: it runs
+
+
+def test_a_stale_lock_is_taken_over(tmp_path, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).write_text("999999\n")  # a process that died: no lock held on it
+    with lock_folder(out) as handle:
+        assert (out / LOCK_FILE).read_text().strip() == str(os.getpid())
+        assert not handle.closed
+    assert "stale lock" in caplog.text and "999999" in caplog.text
+
+
+def test_a_fresh_run_into_another_runs_folder_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*RUN, "--epochs", "2", "--out", str(out)]) == 0
+    first = run_id_of(out)
+    assert first and checkpoint_run_id(out / "last.pt") == first
+    assert main([*RUN, "--epochs", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds another run (checkpoint-00000004.pt, last.pt)" in err
+    assert "--resume auto" in err and "--overwrite" in err and "Traceback" not in err
+
+    assert main([*RUN, "--epochs", "1", "--out", str(out), "--overwrite"]) == 0
+    second = run_id_of(out)
+    assert second != first and checkpoint_run_id(out / "last.pt") == second
+    # the old run's metrics made way for the new run's; its checkpoints are not touched
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert checkpoint_run_id(out / "checkpoint-00000004.pt") == first
+
+
+def test_pruning_and_resume_only_see_their_own_run(tmp_path):
+    out = tmp_path / "run"
+    assert main([*RUN, "--epochs", "4", "--out", str(out)]) == 0  # checkpoints 4, 8, 12
+    old = run_id_of(out)
+    newer = [*RUN, "--epochs", "3", "--set", "train.keep_checkpoints=1", "--overwrite"]
+    assert main([*newer, "--out", str(out)]) == 0  # writes 4, 8 (keeps 1) and last.pt
+    new = run_id_of(out)
+    names = sorted(p.name for p in out.glob("checkpoint-*.pt"))
+    # its own oldest was pruned; the old run's newer checkpoint 12 was not
+    assert names == ["checkpoint-00000008.pt", "checkpoint-00000012.pt"]
+    assert checkpoint_run_id(out / "checkpoint-00000008.pt") == new
+    assert checkpoint_run_id(out / "checkpoint-00000012.pt") == old
+    (out / "last.pt").unlink()  # as if the new run had been killed before its end
+    assert engine.find_resume_checkpoint(out) == out / "checkpoint-00000008.pt"
+
+
+def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
+    out = tmp_path / "run"
+    assert main([*RUN, "--epochs", "3", "--out", str(out)]) == 0
+    # as if killed after step 10: the checkpoint after 8 and lines up to 10 survive
+    for name in ("last.pt", "checkpoint-00000012.pt"):
+        (out / name).unlink(missing_ok=True)
+    lines = [json.dumps(r) for r in read_metrics(out / "metrics.jsonl") if r["step"] <= 10]
+    (out / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 11, "lo')  # cut short
+    assert main([*RUN, "--epochs", "3", "--out", str(out), "--resume", "auto"]) == 0
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
+    assert steps == list(range(1, 13))  # each step once, in order
+
+
+def test_cut_metrics_keeps_lines_up_to_the_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "knn_top1": 5}\n{"step": 3}\n{"step": 4')
+    cut_metrics(tmp_path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2, "knn_top1": 5}\n'
+    cut_metrics(tmp_path / "nowhere", 2)  # no metrics yet: nothing to do

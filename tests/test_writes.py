@@ -1,0 +1,90 @@
+"""Failed writes are messages that name the file, and leave nothing half-written: on a
+real, small, full file system, and for the errors libraries wrap around the OS's."""
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from dsmae.writes import WriteError, atomic_write_text, os_error_behind, written
+
+RUN = (
+    "pretrain --preset quickstart --epochs 2 --batch-size 32 --set data.subset=128 "
+    "--set train.checkpoint_every=1 --set probe.after_pretrain=false --device cpu"
+)
+
+
+def test_the_os_error_behind_a_library_error_is_found():
+    cause = OSError(errno.ENOSPC, "No space left on device")
+    try:
+        try:
+            raise cause
+        except OSError as err:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from err
+    except RuntimeError as wrapped:
+        assert os_error_behind(wrapped) is cause
+    assert os_error_behind(ValueError("no OS error here")) is None
+
+
+def test_written_names_the_file_and_the_reason(tmp_path):
+    expected = r"could not write metrics .*m\.jsonl: No space left"
+    with pytest.raises(WriteError, match=expected), written("metrics", tmp_path / "m.jsonl"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    # anything else is not a failed write but a bug: let through
+    with pytest.raises(KeyError), written("metrics", tmp_path / "m.jsonl"):
+        raise KeyError("step")
+
+
+def test_an_atomic_write_keeps_the_old_content_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "config.json"
+    atomic_write_text(path, "old")
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(WriteError, match="No space left on device"):
+        atomic_write_text(path, "new")
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json"
+    ]
+
+
+def _in_a_small_file_system(script: str, size: str = "3m") -> subprocess.CompletedProcess:
+    """Run ``script`` (sh) with a fresh tmpfs of ``size`` mounted at $MNT, in a private
+    mount namespace (as root; else as a user namespace's root): a real full disk, gone
+    when the script ends. Skips where neither is allowed."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a private tmpfs")
+    ns = ["unshare", "--mount", "--propagation", "private"]
+    if os.geteuid() != 0:
+        ns = ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"]
+    setup = f'MNT=$(mktemp -d) && mount -t tmpfs -o size={size} tmpfs "$MNT" || exit 97\n'
+    done = subprocess.run(
+        [*ns, "sh", "-c", setup + textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    if done.returncode == 97 or "unshare failed" in done.stderr:
+        pytest.skip(f"a tmpfs cannot be mounted here: {done.stderr.strip()[-200:]}")
+    return done
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="tmpfs and mount namespaces are Linux's")
+def test_a_real_full_disk_is_a_message_and_leaves_no_temporary_file():
+    done = _in_a_small_file_system(f"""
+        "$PYTHON" -m dsmae {RUN} --out "$MNT/run"; echo "first: $?"
+        ls -a "$MNT/run"; echo "free: $(df -k "$MNT" | tail -1)"
+        "$PYTHON" -m dsmae {RUN} --out "$MNT/run" --resume auto; echo "again: $?"
+    """)
+    out = done.stdout + done.stderr
+    assert "first: 2" in out and "again: 2" in out, out[-3000:]
+    assert "could not write checkpoint" in out and "No space left on device" in out
+    assert ".tmp" not in done.stdout  # no half-written checkpoint left filling the disk
+    assert "Traceback" not in out
