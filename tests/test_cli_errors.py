@@ -164,6 +164,10 @@ def test_a_fifo_named_like_an_image_is_skipped_not_waited_for(
     assert main(argv) == 0
     assert (tmp_path / "f.files.txt").read_text() == "a.jpg\n"
     assert "not regular files" in caplog.text and "x.jpg" in caplog.text
+    # named on the command line (denoise takes files): refused, not waited for
+    denoise = ["denoise", "--checkpoint", str(digits_run / "last.pt"), str(folder / "x.jpg"),
+               "--out", str(tmp_path / "fig.png")]  # fmt: skip
+    assert main(denoise) == 2
 
 
 def test_export_refuses_to_overwrite_unless_asked(digits_run, tmp_path, capsys):

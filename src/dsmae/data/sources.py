@@ -441,6 +441,8 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 def _decode(path: Path, mode: str, size: int | None) -> np.ndarray:
     """One file -> (C, H, W) uint8 array, whatever its mode (grey, palette, RGBA, CMYK,
     16-bit; alpha is dropped)."""
+    if not path.is_file():  # a FIFO or device would block or fail its reader
+        raise DataError(f"Cannot read image {path}: it is not a regular file. Remove it.")
     try:
         with Image.open(path) as raw:
             img = _to_8bit(raw).convert(mode)
