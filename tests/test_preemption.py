@@ -25,30 +25,27 @@ RUN = [
 ]  # fmt: skip
 
 
-def _stopped_by(sig: signal.Signals, out, tmp_path) -> tuple[int, str]:
-    """Start a run in a child process, send ``sig`` once it has logged a few steps;
-    its exit status and stderr."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    child = subprocess.Popen(
-        [sys.executable, "-m", "dsmae", *RUN, "--out", str(out)],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _stopped_by(sig: signal.Signals, argv: list[str], out, threads: int) -> tuple[int, str]:
+    """Start ``argv`` (a run into ``out``) as a child process, send it ``sig`` once the run
+    has logged a few steps; its exit status and stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    child = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline and child.poll() is None:
         if metrics.is_file() and metrics.read_text().count("\n") >= 3:
             break
         time.sleep(0.05)
     child.send_signal(sig)
-    _, err = child.communicate(timeout=120)
+    _, err = child.communicate(timeout=180)
     return child.returncode, err
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_a_signal_stops_the_run_with_a_checkpoint_that_resumes_exactly(tmp_path, sig):
-    code, err = _stopped_by(sig, tmp_path / "stopped", tmp_path)
+    out = tmp_path / "stopped"
+    argv = [sys.executable, "-m", "dsmae", *RUN, "--out", str(out)]
+    code, err = _stopped_by(sig, argv, out, torch.get_num_threads())
     assert code == PREEMPTED_EXIT, err[-2000:]
     found = re.search(rf"stopped by {sig.name} at step (\d+); the checkpoint is (\S+);", err)
     assert found and "resume with --resume auto" in err and "Traceback" not in err
@@ -78,22 +75,9 @@ def test_stop_signals_are_recorded_and_handlers_restored():
 
 def test_under_torchrun_every_rank_stops_at_the_same_step(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "dsmae", *RUN, "--out", str(out)],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and launcher.poll() is None:
-        if metrics.is_file() and metrics.read_text().count("\n") >= 3:
-            break
-        time.sleep(0.05)
-    launcher.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
-    _, err = launcher.communicate(timeout=180)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "dsmae", *RUN, "--out", str(out)]  # fmt: skip
+    _, err = _stopped_by(signal.SIGTERM, argv, out, 1)  # torchrun passes it on to its workers
     steps = {int(s) for s in re.findall(r"stopped by SIGTERM at step (\d+)", err)}
     assert len(steps) == 1, err[-3000:]  # one step, whichever rank reported it
     (step,) = steps

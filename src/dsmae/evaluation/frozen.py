@@ -69,6 +69,19 @@ def pooled_features(encoder: VisionTransformer, images: torch.Tensor, pool: str)
     raise ValueError(f"pool must be 'avg' or 'cls', not {pool!r}")
 
 
+def data_with(
+    base: DataConfig,
+    source: str | None = None,
+    root: str | None = None,
+    download: bool | None = None,
+    skip_bad_images: bool | None = None,
+) -> DataConfig:
+    """``base`` with the data options an evaluation command was given (None: keep)."""
+    given = {"source": source, "root": root, "download": download,
+             "skip_bad_images": skip_bad_images}  # fmt: skip
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
 def labelled_splits(data: DataConfig, model: ModelConfig, purpose: str) -> dict[str, ImageTensors]:
     """The "train" and "test" splits of ``data``, refused unless every image has a class.
 
@@ -164,13 +177,7 @@ def frozen_features(
         DataError: a split without class labels (a folder without class sub-folders).
     """
     encoder, cfg = encoder_from_checkpoint(checkpoint, random_init=random_init, seed=seed)
-    given = {
-        "source": data,
-        "root": data_root,
-        "download": download,
-        "skip_bad_images": skip_bad_images,
-    }
-    data_cfg = dataclasses.replace(cfg.data, **{k: v for k, v in given.items() if v is not None})
+    data_cfg = data_with(cfg.data, data, data_root, download, skip_bad_images)
     splits = labelled_splits(data_cfg, cfg.model, purpose)
     dev = resolve_device(device)
     feats = {

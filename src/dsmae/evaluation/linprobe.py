@@ -33,6 +33,7 @@ from dsmae.data.pipeline import augmented_batch, eval_batch
 from dsmae.data.sources import ImageTensors
 from dsmae.evaluation.frozen import (
     best_epoch,
+    data_with,
     evaluation_settings,
     extract_features,
     labelled_splits,
@@ -311,13 +312,7 @@ def load_probe_data(
     Raises:
         DataError: a split without class labels (a folder without class sub-folders).
     """
-    given = {
-        "source": data,
-        "root": data_root,
-        "download": download,
-        "skip_bad_images": skip_bad_images,
-    }
-    data_cfg = dataclasses.replace(cfg.data, **{k: v for k, v in given.items() if v is not None})
+    data_cfg = data_with(cfg.data, data, data_root, download, skip_bad_images)
     splits = labelled_splits(data_cfg, cfg.model, "a linear probe")
     dev = resolve_device(device)
     encoder.eval().requires_grad_(False).to(dev)
