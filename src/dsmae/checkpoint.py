@@ -129,8 +129,8 @@ def checkpoint_config(state: dict[str, Any], source: str | Path) -> Config:
     stored = sum(t.numel() for k, t in state["model"].items() if k.startswith("encoder."))
     if described > max(16 * stored, SMALL_MODEL):  # a model this size builds in no time
         raise CheckpointError(
-            f"{source}: its config describes an encoder of about {described / 1e6:.1f}M "
-            f"parameters, but the file holds {stored / 1e6:.1f}M: config and weights do not "
+            f"{source}: its config describes an encoder of about {described:,.0f} "
+            f"parameters, but the file holds {stored:,}: config and weights do not "
             "belong together"
         )
     return cfg
