@@ -17,7 +17,6 @@ square matmul in the step's dtype, measured in the same process.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import platform
@@ -33,7 +32,7 @@ from typing import Any
 
 import torch
 
-from dsmae.config import Config, ConfigError, build_config
+from dsmae.config import Config, ConfigError, build_config, fill_data_stats
 from dsmae.engine import Corruption, build_optimizer, draw_step, load_batch, train_step
 from dsmae.flops import flop_counter_mode
 from dsmae.masking import split_indices
@@ -43,6 +42,7 @@ from dsmae.runtime import (
     compile_model,
     generator,
     resolve_device,
+    synchronize,
     use_amp,
     use_compile,
 )
@@ -203,13 +203,6 @@ def count_step_flops(
 # ----------------------------------------------------------------------------- timing
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def matmul_peak_gflops(
     device: torch.device, dtype: torch.dtype, size: int = MATMUL_SIZE, repeats: int = 5
 ) -> float:
@@ -225,7 +218,7 @@ def matmul_peak_gflops(
     out = torch.empty(size, size, device=device, dtype=dtype)
     for _ in range(2):
         torch.mm(a, b, out=out)
-    _synchronize(device)
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         if device.type == "cuda":
@@ -320,10 +313,10 @@ def time_calls(
     for i in range(warmup + steps):
         if i == warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         fn(i)
-        _synchronize(device)
+        synchronize(device)
         seconds = time.perf_counter() - start
         if i == 0 and warmup:
             first = seconds
@@ -382,10 +375,10 @@ def time_parts(
     for name, run in part_steps(model, images, mask, amp=amp).items():
         times = []
         for i in range(warmup + steps):
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             run()
-            _synchronize(device)
+            synchronize(device)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
             model.zero_grad(set_to_none=True)
@@ -420,15 +413,6 @@ def device_name(device: torch.device) -> str:
 
 
 # ----------------------------------------------------------------------------- the command
-
-
-def _with_data_stats(cfg: Config) -> Config:
-    """``cfg`` normalising with mean 0.5 and std 0.29 (uniform pixels) where unset."""
-    c = cfg.model.in_chans
-    data = dataclasses.replace(
-        cfg.data, mean=cfg.data.mean or [0.5] * c, std=cfg.data.std or [0.29] * c
-    )
-    return dataclasses.replace(cfg, data=data)
 
 
 def run_bench(
@@ -501,7 +485,7 @@ def run_bench(
     warmup = max(warmup, 1) if compiled else warmup  # the first step compiles
     shape = (DATA_BATCHES * batch_size, m.in_chans, m.img_size, m.img_size)
     data = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator(seed)).to(dev)
-    cfg = _with_data_stats(cfg)
+    cfg = fill_data_stats(cfg, [0.5] * m.in_chans, [0.29] * m.in_chans)  # uniform pixels
     log.info(
         "bench %s %s (depth %d, width %d), %d px, patch %d, batch %d on %s, %s%s",
         m.method,

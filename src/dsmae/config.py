@@ -450,6 +450,19 @@ def resolve_model(m: ModelConfig) -> ModelConfig:
     return m
 
 
+def fill_data_stats(
+    cfg: Config, mean: typing.Sequence[float] | None, std: typing.Sequence[float] | None
+) -> Config:
+    """``cfg`` with ``data.mean``/``data.std`` set to ``mean``/``std`` where they are None
+    (measured ones, or a checkpoint's)."""
+    data = dataclasses.replace(
+        cfg.data,
+        mean=cfg.data.mean if cfg.data.mean is not None else mean,
+        std=cfg.data.std if cfg.data.std is not None else std,
+    )
+    return dataclasses.replace(cfg, data=data)
+
+
 def model_config(method: str = "dsmae", **options: Any) -> ModelConfig:
     """A resolved :class:`ModelConfig` from keywords (the field names of ModelConfig)."""
     return resolve_model(_build(ModelConfig, {"method": method, **options}, prefix="model."))

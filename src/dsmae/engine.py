@@ -34,7 +34,7 @@ from dsmae.checkpoint import (
     save_checkpoint,
     training_state,
 )
-from dsmae.config import Config, ConfigError, TrainConfig
+from dsmae.config import Config, ConfigError, TrainConfig, fill_data_stats
 from dsmae.data.augment import crop_boxes
 from dsmae.data.pipeline import (
     augmented_batch,
@@ -61,6 +61,7 @@ from dsmae.runtime import (
     compile_model,
     generator,
     progress,
+    synchronize,
     use_amp,
     use_compile,
 )
@@ -240,13 +241,7 @@ def resolve_data_stats(cfg: Config, images: torch.Tensor) -> Config:
     """Fill ``data.mean``/``data.std`` from the pre-training images where they are None."""
     if cfg.data.mean is not None and cfg.data.std is not None:
         return cfg
-    mean, std = channel_stats(images)
-    data = dataclasses.replace(
-        cfg.data,
-        mean=cfg.data.mean if cfg.data.mean is not None else mean,
-        std=cfg.data.std if cfg.data.std is not None else std,
-    )
-    return dataclasses.replace(cfg, data=data)
+    return fill_data_stats(cfg, *channel_stats(images))
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -357,6 +352,8 @@ class StepHealth:
         self.longest.copy_(self.in_a_row)
         new, first = skipped - self.reported, self.checked_step + 1
         self.reported, self.checked_step = skipped, step
+        if not new and not (limit and longest >= limit):
+            return skipped
         values = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
         if new:
             where = f"step {step}" if first == step else f"{new} of steps {first}-{step}"
@@ -522,12 +519,7 @@ def _resume_state(
     state = state if state is not None else load_checkpoint(path)
     saved_cfg = checkpoint_config(state, path)
     training_state(state, path)  # refuse a checkpoint without step or optimizer state
-    data = dataclasses.replace(
-        cfg.data,
-        mean=cfg.data.mean or saved_cfg.data.mean,
-        std=cfg.data.std or saved_cfg.data.std,
-    )
-    cfg = dataclasses.replace(cfg, data=data)
+    cfg = fill_data_stats(cfg, saved_cfg.data.mean, saved_cfg.data.std)
     diffs = settings_differences(saved_cfg, cfg)
     if diffs and not force:
         raise ConfigError(
@@ -689,7 +681,7 @@ def _train(run: _Run, started: float, signals: StopSignals) -> PretrainResult:
             bar.update(t.batch_size)
             if step == first_step and run.compiled:
                 # the first step compiles: time it alone and leave it out of the throughput
-                _synchronize(run.device)
+                synchronize(run.device)
                 now = time.perf_counter()
                 once["compile_s"] = now - timer[0]
                 log.info("first step (torch.compile included): %.1f s", once["compile_s"])
@@ -766,11 +758,6 @@ def _stop(run: _Run, signal_name: str, metrics: MetricsLog | None) -> None:
     error = Preempted(signal_name, run.step, str(path))
     log.warning("%s", error)
     raise error
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _end_of_epoch(

@@ -28,7 +28,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from dsmae.checkpoint import checkpoint_config, load_checkpoint
-from dsmae.config import Config, ConfigError, available_presets, build_config
+from dsmae.config import Config, ConfigError, available_presets, build_config, fill_data_stats
 from dsmae.data.sources import check_available
 from dsmae.engine import pretrain, settings_differences
 from dsmae.evaluation.frozen import evaluation_settings, result_path
@@ -175,10 +175,8 @@ def _finished(checkpoint: Path, cfg: Config) -> bool:
         return False
     state = load_checkpoint(checkpoint)
     saved = checkpoint_config(state, checkpoint)
-    measured = dataclasses.replace(
-        cfg.data, mean=cfg.data.mean or saved.data.mean, std=cfg.data.std or saved.data.std
-    )
-    diffs = settings_differences(saved, dataclasses.replace(cfg, data=measured))
+    asked = fill_data_stats(cfg, saved.data.mean, saved.data.std)
+    diffs = settings_differences(saved, asked)
     if diffs:
         raise ConfigError(
             f"{checkpoint.parent} holds a cell pre-trained with other settings ("
