@@ -9,6 +9,7 @@ import torch
 
 from dsmae.checkpoint import load_checkpoint
 from dsmae.cli import main
+from dsmae.distributed import Process, local_share, wrap
 from dsmae.metrics import read_metrics
 
 RUN = [
@@ -64,3 +65,14 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path):
     _torchrun(*RUN, "--set", "train.checkpoint_every=1", "--out", str(out), "--resume", "auto")
     assert load_checkpoint(out / "last.pt")["step"] == 8
     _assert_close_weights(tmp_path / "straight" / "last.pt", out / "last.pt")
+
+
+def test_local_share_splits_a_global_batch():
+    shares = [local_share(10, Process(rank=r, world_size=3)) for r in range(3)]
+    assert shares == [slice(0, 3), slice(3, 6), slice(6, 10)]
+    assert local_share(8, Process()) == slice(0, 8)
+
+
+def test_wrap_is_the_model_itself_in_one_process():
+    model = torch.nn.Linear(2, 2)
+    assert wrap(model, Process(), torch.device("cpu")) is model

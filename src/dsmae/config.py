@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from dsmae.masking import num_selected
+from dsmae.schedules import scaled_lr
 
 METHODS = ("dsmae", "dsmae-ly", "dsmae-lz", "mae")
 # name: (depth, width, heads), paper section 4.A; MLP ratio 4 for all.
@@ -417,12 +418,12 @@ def resolve(cfg: Config, world_size: int | None = None) -> Config:
         raise ConfigError(f"train.batch_size={t.batch_size} does not split over {world} processes")
     train = dataclasses.replace(
         t,
-        lr=t.lr if t.lr is not None else t.base_lr * t.batch_size / 256,
+        lr=t.lr if t.lr is not None else scaled_lr(t.base_lr, t.batch_size),
         micro_batch=t.micro_batch if t.micro_batch is not None else per_device,
     )
     f = cfg.finetune
     finetune = dataclasses.replace(
-        f, lr=f.lr if f.lr is not None else f.base_lr * f.batch_size / 256
+        f, lr=f.lr if f.lr is not None else scaled_lr(f.base_lr, f.batch_size)
     )
     out = dataclasses.replace(cfg, model=resolve_model(cfg.model), train=train, finetune=finetune)
     validate(out, world)

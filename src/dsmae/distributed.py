@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from dsmae.runtime import resolve_device
 
@@ -78,6 +79,22 @@ def mean_over_processes(values: dict[str, torch.Tensor], proc: Process) -> dict[
     dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
     stacked /= proc.world_size
     return dict(zip(keys, stacked.unbind(), strict=True))
+
+
+def local_share(batch_size: int, proc: Process) -> slice:
+    """This process's rows of a global batch of ``batch_size``:
+    ``[rank * B // W, (rank + 1) * B // W)``."""
+    b, w = batch_size, proc.world_size
+    return slice(proc.rank * b // w, (proc.rank + 1) * b // w)
+
+
+def wrap(model: torch.nn.Module, proc: Process, device: torch.device) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel under torchrun (on this rank's GPU, if any);
+    ``model`` itself in a single process."""
+    if not proc.distributed:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
 
 
 def barrier(proc: Process) -> None:

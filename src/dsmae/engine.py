@@ -35,7 +35,7 @@ from dsmae.checkpoint import (
     training_state,
 )
 from dsmae.config import Config, ConfigError, TrainConfig, fill_data_stats
-from dsmae.data.augment import crop_boxes
+from dsmae.data.augment import crop_boxes, random_flips
 from dsmae.data.pipeline import (
     augmented_batch,
     channel_stats,
@@ -66,6 +66,7 @@ from dsmae.runtime import (
     use_compile,
 )
 from dsmae.schedules import lr_at, momentum_at
+from dsmae.seeds import pretrain_step_seed
 from dsmae.visualize import save_denoise_figure
 from dsmae.writes import WriteError, atomic_write_text
 
@@ -159,13 +160,10 @@ class Corruption:
 def draw_step(model: DSMAE, cfg: Config, step: int, device: torch.device) -> Corruption:
     """Every random choice of optimizer step ``step`` for the whole global batch, from a
     generator seeded by (seed, step) alone."""
-    rng = generator((cfg.train.seed * 1_000_003 + 7) * 1_000_000_007 % 2**62 + step, device)
+    rng = generator(pretrain_step_seed(cfg.train.seed, step), device)
     b = cfg.train.batch_size
     boxes = crop_boxes(b, cfg.data.crop_scale, generator=rng, device=device)
-    if cfg.data.hflip:
-        flips = torch.rand(b, generator=rng, device=device) < 0.5
-    else:
-        flips = torch.zeros(b, dtype=torch.bool, device=device)
+    flips = random_flips(b, cfg.data.hflip, generator=rng, device=device)
     mask, eps = model.sample_corruption(b, rng, device)
     return Corruption(boxes, flips, mask, eps)
 
@@ -452,10 +450,7 @@ def _build_run(
     sample = eval_batch(images[:2], cfg.model.img_size, cfg.data.mean, cfg.data.std).to(device)
     flops = train_flops_per_image(model, sample)
 
-    forward: torch.nn.Module = model
-    if proc.distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        forward = DistributedDataParallel(model, device_ids=ids)
+    forward = distributed.wrap(model, proc, device)
     compiled = use_compile(device, t.compile)
     if compiled:
         forward = compile_model(forward, t.compile_scope)
@@ -540,7 +535,7 @@ def _batch(run: _Run, step: int, order: torch.Tensor) -> tuple[torch.Tensor, Cor
     cfg, proc = run.cfg, run.proc
     b = cfg.train.batch_size
     start = (step % run.steps_per_epoch) * b
-    mine = slice(proc.rank * b // proc.world_size, (proc.rank + 1) * b // proc.world_size)
+    mine = distributed.local_share(b, proc)
     idx = order[start : start + b][mine]
     corruption = draw_step(run.model, cfg, step, run.device)[mine]
     images = load_batch(run.images, idx, corruption, cfg.model.img_size, run.mean, run.std)

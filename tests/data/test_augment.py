@@ -5,7 +5,7 @@ from dsmae.data.augment import (
     crop_flip_resize,
     denormalize,
     normalize,
-    random_resized_crop_flip,
+    random_flips,
     resize,
 )
 
@@ -35,12 +35,27 @@ def test_boxes_respect_scale_and_stay_inside():
     assert 0.5 < area.mean() < 0.65
 
 
+def _augment(x: torch.Tensor, seed: int) -> torch.Tensor:
+    rng = torch.Generator().manual_seed(seed)
+    boxes = crop_boxes(len(x), (0.2, 1.0), generator=rng)
+    return crop_flip_resize(x, boxes, random_flips(len(x), generator=rng), 32)
+
+
 def test_augmentation_is_seeded():
     x = torch.rand(4, 3, 32, 32)
-    a = random_resized_crop_flip(x, 32, generator=torch.Generator().manual_seed(1))
-    b = random_resized_crop_flip(x, 32, generator=torch.Generator().manual_seed(1))
-    c = random_resized_crop_flip(x, 32, generator=torch.Generator().manual_seed(2))
+    a, b, c = _augment(x, 1), _augment(x, 1), _augment(x, 2)
     assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (4, 3, 32, 32)
+
+
+def test_random_flips_by_hand():
+    rng = torch.Generator().manual_seed(3)
+    expected = torch.rand(1000, generator=torch.Generator().manual_seed(3)) < 0.5
+    flips = random_flips(1000, generator=rng)
+    assert torch.equal(flips, expected) and 400 < int(flips.sum()) < 600
+    state = rng.get_state()
+    off = random_flips(7, False, generator=rng)
+    assert off.dtype == torch.bool and off.shape == (7,) and not off.any()
+    assert torch.equal(rng.get_state(), state)  # nothing drawn when off
 
 
 def test_normalize_round_trip_and_resize():

@@ -93,30 +93,15 @@ def crop_flip_resize(
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def random_resized_crop_flip(
-    images: torch.Tensor,
-    size: int,
-    scale: Sequence[float] = (0.2, 1.0),
-    hflip: bool = True,
+def random_flips(
+    batch_size: int,
+    enabled: bool = True,
     *,
     generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """The pre-training augmentation for a batch.
-
-    Args:
-        images: (B, C, H, W) float.
-        size: output side.
-        scale: range of the crop's area fraction.
-        hflip: mirror each image with probability 1/2.
-        generator: source of randomness, on the same device as ``images``.
-
-    Returns:
-        (B, C, size, size).
-    """
-    b = images.shape[0]
-    boxes = crop_boxes(b, scale, generator=generator, device=images.device)
-    if hflip:
-        flip = torch.rand(b, generator=generator, device=images.device) < 0.5
-    else:
-        flip = torch.zeros(b, dtype=torch.bool, device=images.device)
-    return crop_flip_resize(images, boxes, flip, size)
+    """Which images of a batch to mirror: each with probability 1/2 where ``enabled``
+    (one uniform draw per image), none otherwise (nothing drawn). (B,) bool."""
+    if not enabled:
+        return torch.zeros(batch_size, dtype=torch.bool, device=device)
+    return torch.rand(batch_size, generator=generator, device=device) < 0.5

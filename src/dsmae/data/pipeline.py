@@ -15,6 +15,8 @@ import torch
 from dsmae.config import DataConfig, ModelConfig
 from dsmae.data.augment import crop_flip_resize, normalize, resize, to_unit_float
 from dsmae.data.sources import ImageTensors, load_images
+from dsmae.runtime import generator
+from dsmae.seeds import epoch_order_seed
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +74,7 @@ def channel_stats(
 def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of one epoch: a permutation that depends only on (seed, epoch), so a
     resumed run, or one with another number of processes, sees the same order. (N,) int64."""
-    return torch.randperm(
-        num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
-    )
+    return torch.randperm(num_items, generator=generator(epoch_order_seed(seed, epoch)))
 
 
 def augmented_batch(

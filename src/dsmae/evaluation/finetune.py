@@ -56,7 +56,6 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from dsmae import distributed
@@ -73,6 +72,7 @@ from dsmae.export import encoder_from_checkpoint
 from dsmae.metrics import MetricsLog
 from dsmae.runtime import autocast, generator, progress, use_amp
 from dsmae.schedules import lr_at
+from dsmae.seeds import finetune_epoch_seed, process_seed
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class ShardedBatches(Sampler[list[tuple[int, int]]]):
         self, num_images: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
     ) -> None:
         self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
-        self.mine = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+        self.mine = distributed.local_share(batch_size, distributed.Process(rank, world_size))
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -278,7 +278,9 @@ class ShardedBatches(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, size = self.epoch, self.batch_size
-        order = torch.randperm(self.num_images, generator=generator(self.seed + epoch))
+        order = torch.randperm(
+            self.num_images, generator=generator(finetune_epoch_seed(self.seed, epoch))
+        )
         for i in range(len(self)):
             yield [(epoch, index) for index in order[i * size : (i + 1) * size][self.mine].tolist()]
 
@@ -363,15 +365,13 @@ def finetune(
         torch.manual_seed(t.seed)
         model = classifier(encoder, num_classes, f).to(device)
         optimizer = build_finetune_optimizer(model, f, device)
-        forward: torch.nn.Module = model
-        if proc.distributed:
-            ids = [device.index] if device.type == "cuda" else None
-            forward = DistributedDataParallel(model, device_ids=ids)
+        forward = distributed.wrap(model, proc, device)
         # mixup (numpy) and drop path (torch) draw from the global RNGs, seeded per process
         # as MAE does (``seed + rank``); the images are seeded per image (AugmentedImages)
-        random.seed(t.seed + proc.rank)
-        np.random.seed(t.seed + proc.rank)
-        torch.manual_seed(t.seed + proc.rank)
+        own = process_seed(t.seed, proc.rank)
+        random.seed(own)
+        np.random.seed(own)
+        torch.manual_seed(own)
         amp = use_amp(device, t.amp)
         mixup = None
         if f.mixup > 0 or f.cutmix > 0:

@@ -28,7 +28,7 @@ from timm.optim import Lars
 from torch import nn
 
 from dsmae.config import Config, ConfigError, ProbeConfig
-from dsmae.data.augment import crop_boxes
+from dsmae.data.augment import crop_boxes, random_flips
 from dsmae.data.pipeline import augmented_batch, eval_batch
 from dsmae.data.sources import ImageTensors
 from dsmae.evaluation.frozen import (
@@ -43,6 +43,7 @@ from dsmae.evaluation.frozen import (
 from dsmae.export import encoder_from_checkpoint
 from dsmae.runtime import autocast, generator, resolve_device, use_amp
 from dsmae.schedules import lr_at, scaled_lr
+from dsmae.seeds import probe_step_seed
 
 log = logging.getLogger(__name__)
 
@@ -219,17 +220,12 @@ def encode(
         x = eval_batch(x, model.img_size, src.config.data.mean, src.config.data.std)
     else:
         boxes = crop_boxes(len(x), MAE_CROP_SCALE, generator=rng, device=dev)
-        flips = torch.rand(len(x), generator=rng, device=dev) < 0.5
+        flips = random_flips(len(x), True, generator=rng, device=dev)
         x = augmented_batch(
             x, model.img_size, boxes, flips, src.config.data.mean, src.config.data.std
         )
     with autocast(dev, amp):
         return pooled_features(src.encoder, x, pool).float()
-
-
-def _step_seed(seed: int, step: int) -> int:
-    """The seed of the crops and flips of probe step ``step`` (a function of both alone)."""
-    return (seed * 1_000_003 + 11) * 1_000_000_007 % 2**62 + step
 
 
 def train_mae_probe(src: ProbeData, probe: ProbeConfig, seed: int = 0) -> tuple[float, list[float]]:
@@ -262,7 +258,7 @@ def train_mae_probe(src: ProbeData, probe: ProbeConfig, seed: int = 0) -> tuple[
     optimizer = mae_lars(head, scaled_lr(probe.base_lr, batch), probe.weight_decay)
 
     def features(step: int, idx: torch.Tensor) -> torch.Tensor:
-        crops = generator(_step_seed(seed, step), dev)
+        crops = generator(probe_step_seed(seed, step), dev)
         return encode(src, train.images[idx], probe.pool, amp, crops)
 
     test = (test_x, src.test.labels.to(dev))
