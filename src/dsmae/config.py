@@ -23,7 +23,6 @@ from typing import Any
 
 import yaml
 
-from dsmae.masking import num_selected
 from dsmae.schedules import scaled_lr
 
 METHODS = ("dsmae", "dsmae-ly", "dsmae-lz", "mae")
@@ -481,6 +480,8 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 def validate_model(m: ModelConfig) -> None:
     """Refuse impossible model settings (expects a resolved ModelConfig)."""
+    from dsmae.masking import num_selected  # imports torch: kept out of `dsmae --help`
+
     _check_choice("model.method", m.method, METHODS)
     _check_choice("model.arch", m.arch, tuple(ARCHS))
     _check_choice("model.noise_mode", m.noise_mode, ("add", "replace"))
