@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import dsmae.monitor
 from dsmae.config import build_config
 from dsmae.metrics import MetricsLog, read_metrics
-from dsmae.models import DSMAE
+from dsmae.models import DSMAE, build_model
 from dsmae.monitor import HEALTH_IMAGES, Monitor
 
 HEALTH = ("health_feature_std", "health_effective_rank")
@@ -121,7 +121,7 @@ def test_health_runs_without_a_knn_split_and_on_small_data(tmp_path, monkeypatch
     asked = _count_loads(monkeypatch)
     cfg = _config(tmp_path, str(folder), **{"model.method": "mae", "monitor.images_every": 1})
     monitor = Monitor(cfg, torch.device("cpu"))
-    model = DSMAE(cfg.model)
+    model = build_model(cfg.model)
     with (
         caplog.at_level(logging.INFO, logger="dsmae.monitor"),
         MetricsLog(tmp_path / "metrics") as metrics,

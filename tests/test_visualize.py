@@ -51,11 +51,11 @@ def test_denoised_keeps_clean_patches_and_predicts_the_others():
     model = dsmae.build("dsmae", norm_pix_loss=False, **TINY)
     images = torch.randn(2, 3, 16, 16)
     noisy, restored, mask = denoise(model, images, torch.Generator().manual_seed(0))
-    out = model.eval()(images, generator=torch.Generator().manual_seed(0))
+    out = model.eval().reconstruct(images, generator=torch.Generator().manual_seed(0))
     keep = ~out.mask
     assert torch.equal(patchify(restored, 4)[keep], patchify(images, 4)[keep])
     assert torch.allclose(patchify(restored, 4)[out.mask], out.pred[out.mask], atol=1e-6)
-    assert torch.equal(noisy, out.noisy) and torch.equal(mask, out.mask)
+    assert torch.equal(noisy, out.student_input) and torch.equal(mask, out.mask)
 
 
 def test_psnr_against_a_hand_computation():

@@ -11,8 +11,10 @@ median is reported, and the data part (gather, augmentation, draws) is also time
 
 FLOPs are counted by PyTorch's ``FlopCounterMode`` (matmul-like ops only: every linear
 layer, the patch-embedding convolution and attention's two batched matmuls), per
-part of the model. MFU is the achieved model FLOP rate over the best rate of a large
-square matmul in the step's dtype, measured in the same process.
+part of the model: each part is one of the model's public stages, run alone
+(:func:`dsmae.flops.part_steps`), and the same parts are timed alone with ``--parts``.
+MFU is the achieved model FLOP rate over the best rate of a large square matmul in the
+step's dtype, measured in the same process.
 """
 
 from __future__ import annotations
@@ -34,11 +36,9 @@ import torch
 
 from dsmae.config import Config, ConfigError, build_config, fill_data_stats
 from dsmae.engine import Corruption, build_optimizer, draw_step, load_batch, train_step
-from dsmae.flops import flop_counter_mode
-from dsmae.masking import split_indices
-from dsmae.models import DSMAE, encode_visible, patch_tokens
+from dsmae.flops import PARTS, count_step_flops, part_steps
+from dsmae.models import PretrainModel, build_model
 from dsmae.runtime import (
-    autocast,
     compile_model,
     generator,
     resolve_device,
@@ -49,155 +49,11 @@ from dsmae.runtime import (
 
 log = logging.getLogger(__name__)
 
-PARTS = ("student_fwd_bwd", "teacher_fwd", "decoder_fwd_bwd", "regressor_fwd_bwd")
 MATMUL_SIZE = 4096  # side of the square matmul that measures the peak FLOP rate (CPU)
 CUDA_MATMUL_SIZE = 8192  # ... on a GPU: large enough to reach the tensor cores' peak
 FLOP_COUNT_BATCH = 8  # images the FLOPs are counted on (FLOPs are linear in the batch)
 DATA_BATCHES = 4  # the synthetic data set holds this many batches
 TEACHER_MOMENTUM = 0.99
-
-
-# ----------------------------------------------------------------------------- FLOPs
-
-
-def _counted(fn: Any) -> int:
-    counter = flop_counter_mode()
-    with counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def _default_corruption(
-    model: DSMAE, images: torch.Tensor, mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``mask`` (drawn from a generator seeded 0 when None) and a noise tensor to go
-    with it (None for mae)."""
-    if mask is None:
-        return model.sample_corruption(images.shape[0], generator(0, images.device), images.device)
-    return mask, None if model.method == "mae" else torch.zeros_like(images)
-
-
-def part_steps(
-    model: DSMAE, images: torch.Tensor, mask: torch.Tensor, *, amp: bool = False
-) -> dict[str, Callable[[], None]]:
-    """Each part of a training step as a closure that runs it alone, on the shapes of the
-    step: the student encoder forward and backward, the teacher forward (no gradient),
-    the decoder and the regressor forward and backward (their input needs a gradient, as
-    in the step). Parts a method does not have are absent.
-
-    Shapes are all that matters for counting and timing, so the student is fed the clean
-    images and the heads a fixed latent of the right shape. Running a part leaves
-    gradients in the model; clear them after.
-
-    Args:
-        model: a DSMAE in train mode.
-        images: (B, C, H, W) on the model's device.
-        mask: (B, N) bool corruption mask.
-        amp: run under bf16 autocast (as the step does on CUDA).
-    """
-    device = images.device
-    corrupted, clean = split_indices(mask, model.num_corrupted)
-    mae = model.method == "mae"
-
-    def encode() -> torch.Tensor:
-        if mae:
-            return encode_visible(model.encoder, images, clean)  # (B, 1 + V, D)
-        return patch_tokens(model.encoder, images)  # (B, N, D), as from the noisy images
-
-    def student_fwd_bwd() -> None:
-        with autocast(device, amp):
-            out = encode()
-        out.float().sum().backward()
-
-    with torch.no_grad():
-        tokens = encode()
-    # what the heads get: mae's decoder every encoded token, dsmae's heads the corrupted ones
-    if not mae:
-        tokens = tokens.gather(1, corrupted.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-    latent = tokens
-    parts: dict[str, Callable[[], None]] = {"student_fwd_bwd": student_fwd_bwd}
-
-    if model.teacher is not None:
-        teacher = model.teacher
-
-        def teacher_fwd() -> None:
-            with torch.no_grad(), autocast(device, amp):
-                patch_tokens(teacher, images)
-
-        parts["teacher_fwd"] = teacher_fwd
-
-    if model.decoder is not None:
-        decoder = model.decoder
-
-        def decoder_fwd_bwd() -> None:
-            x = latent.clone().requires_grad_(True)
-            with autocast(device, amp):
-                pred = decoder.forward_masked(x, clean) if mae else decoder(x, corrupted)
-            pred.float().sum().backward()
-
-        parts["decoder_fwd_bwd"] = decoder_fwd_bwd
-
-    if model.regressor is not None:
-        regressor = model.regressor
-
-        def regressor_fwd_bwd() -> None:
-            x = latent.clone().requires_grad_(True)
-            with autocast(device, amp):
-                out = regressor(x)
-            out.float().sum().backward()
-
-        parts["regressor_fwd_bwd"] = regressor_fwd_bwd
-    return parts
-
-
-def count_step_flops(
-    model: DSMAE,
-    images: torch.Tensor,
-    *,
-    mask: torch.Tensor | None = None,
-    amp: bool = False,
-) -> dict[str, float]:
-    """FLOPs per image of one training step (forward and backward; the optimizer and the
-    teacher update do no matmuls), in total and per part (see :func:`part_steps`).
-
-    The whole step (``model(images).loss.backward()``) is counted once for the total, and
-    each part under its own counter. The parts must add up to the total, else this raises.
-
-    What FlopCounterMode counts for a backward pass: the matmuls actually run. A linear
-    layer whose input needs a gradient costs 2x its forward (grad input, grad weight);
-    the patch embedding costs 1x (the image needs no gradient); the fused attention
-    backward costs 2.5x its forward (five batched matmuls, QK^T recomputed).
-
-    Args:
-        model: a DSMAE in train mode; the gradients it is left with are cleared.
-        images: (B, C, H, W) on the model's device.
-        mask: (B, N) bool corruption mask; drawn from a generator seeded 0 when None.
-        amp: count under bf16 autocast (as the step runs on CUDA).
-
-    Returns:
-        ``{"total": ..., "student_fwd_bwd": ..., "teacher_fwd": ..., "decoder_fwd_bwd":
-        ..., "regressor_fwd_bwd": ...}`` in FLOPs per image (absent parts 0).
-    """
-    device, batch = images.device, images.shape[0]
-    mask, eps = _default_corruption(model, images, mask)
-
-    def whole_step() -> None:
-        with autocast(device, amp):
-            out = model(images, mask=mask, eps=eps)
-        out.loss.backward()
-
-    total = _counted(whole_step)
-    parts = dict.fromkeys(PARTS, 0)
-    for name, run in part_steps(model, images, mask, amp=amp).items():
-        parts[name] = _counted(run)
-    model.zero_grad(set_to_none=True)
-
-    if sum(parts.values()) != total:
-        raise RuntimeError(
-            f"FLOPs of the parts {parts} add up to {sum(parts.values())}, but the whole step "
-            f"counts {total}: part_steps no longer mirrors DSMAE.forward"
-        )
-    return {"total": total / batch, **{k: v / batch for k, v in parts.items()}}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -252,7 +108,7 @@ class BenchStep:
 
 
 def bench_step(
-    model: DSMAE,
+    model: PretrainModel,
     optimizer: torch.optim.Optimizer,
     data: torch.Tensor,
     cfg: Config,
@@ -264,7 +120,7 @@ def bench_step(
     """The step of ``dsmae pretrain`` on ``data``.
 
     Args:
-        model: a DSMAE in train mode.
+        model: a pre-training model in train mode.
         data: (M, C, H, W) uint8 images on the model's device; M a multiple of the batch.
         cfg: the run's config (batch size, micro-batch, augmentation, seed, EMA rhythm).
         forward: the module the step calls (default ``model``; e.g. compiled).
@@ -355,7 +211,7 @@ def host_syncs(fn: Callable[[], Any], device: torch.device) -> list[str] | None:
 
 
 def time_parts(
-    model: DSMAE,
+    model: PretrainModel,
     images: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -471,20 +327,43 @@ def run_bench(
         "train.seed": seed,
         **(overrides or {}),
     }
-    cfg = build_config(overrides=values)
-    m = cfg.model
-    dev = resolve_device(cfg.train.device)
-    amp = use_amp(dev, cfg.train.amp)
-    compiled = use_compile(dev, cfg.train.compile)
-    dtype = torch.bfloat16 if amp else torch.float32
-    torch.manual_seed(seed)
-    model = DSMAE(m).to(dev).train()
-    if cfg.train.grad_checkpointing:
+    setup = _set_up(build_config(overrides=values), warmup)
+    measured = _measure(setup, steps, matmul_size, parts_time)
+    return {**_settings(setup, steps), **_figures(setup, measured)}
+
+
+@dataclass
+class _Setup:
+    """A benchmark ready to run: its config (data statistics filled), the model in train
+    mode, its step on the synthetic data, and how the step runs."""
+
+    cfg: Config
+    device: torch.device
+    amp: bool
+    compiled: bool
+    warmup: int  # at least 1 when compiled: the first step compiles
+    model: PretrainModel
+    step: BenchStep
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.amp else torch.float32
+
+
+def _set_up(cfg: Config, warmup: int) -> _Setup:
+    """Build the model (weights drawn after ``torch.manual_seed(train.seed)``), the
+    synthetic uint8 data set (:data:`DATA_BATCHES` batches of seeded uniform pixels), the
+    optimizer and the step."""
+    m, t = cfg.model, cfg.train
+    dev = resolve_device(t.device)
+    amp, compiled = use_amp(dev, t.amp), use_compile(dev, t.compile)
+    torch.manual_seed(t.seed)
+    model = build_model(m).to(dev).train()
+    if t.grad_checkpointing:
         model.encoder.set_grad_checkpointing(True)
-    forward = compile_model(model, cfg.train.compile_scope) if compiled else model
-    warmup = max(warmup, 1) if compiled else warmup  # the first step compiles
-    shape = (DATA_BATCHES * batch_size, m.in_chans, m.img_size, m.img_size)
-    data = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator(seed)).to(dev)
+    forward = compile_model(model, t.compile_scope) if compiled else model
+    shape = (DATA_BATCHES * t.batch_size, m.in_chans, m.img_size, m.img_size)
+    data = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator(t.seed)).to(dev)
     cfg = fill_data_stats(cfg, [0.5] * m.in_chans, [0.29] * m.in_chans)  # uniform pixels
     log.info(
         "bench %s %s (depth %d, width %d), %d px, patch %d, batch %d on %s, %s%s",
@@ -494,36 +373,70 @@ def run_bench(
         m.embed_dim,
         m.img_size,
         m.patch_size,
-        batch_size,
+        t.batch_size,
         dev,
-        str(dtype).removeprefix("torch."),
-        f", torch.compile ({cfg.train.compile_scope})" if compiled else "",
+        "bfloat16" if amp else "float32",
+        f", torch.compile ({t.compile_scope})" if compiled else "",
     )
-
-    optimizer = build_optimizer(model, cfg.train, dev)
+    optimizer = build_optimizer(model, t, dev)
     step = bench_step(model, optimizer, data, cfg, amp=amp, forward=forward)
-    sample, corruption = step.inputs(0)
+    warmup = max(warmup, 1) if compiled else warmup  # the first step compiles
+    return _Setup(cfg, dev, amp, compiled, warmup, model, step)
+
+
+@dataclass
+class _Measured:
+    """The raw numbers of a benchmark (seconds, FLOPs per image, MiB, GFLOP/s)."""
+
+    flops: dict[str, float]  # count_step_flops
+    step_s: float  # median step
+    first_s: float | None  # the first step (compilation included)
+    peak_mem_mb: float
+    data_s: float  # median data part alone
+    syncs: list[str] | None  # host_syncs of one step
+    parts_s: dict[str, float] | None  # time_parts, where asked for
+    matmul_size: int
+    peak_gflops: float  # matmul_peak_gflops
+
+
+def _measure(setup: _Setup, steps: int, matmul_size: int | None, parts_time: bool) -> _Measured:
+    """Count the FLOPs, time the steps, the data part alone and (``parts_time``) each part
+    alone, find the host syncs and the matmul peak: the raw numbers of a benchmark."""
+    s, dev, warmup = setup, setup.device, setup.warmup
+    sample, corruption = s.step.inputs(0)
+    counted = corruption[:FLOP_COUNT_BATCH]
     flops = count_step_flops(
-        model, sample[:FLOP_COUNT_BATCH], mask=corruption.mask[:FLOP_COUNT_BATCH], amp=amp
+        s.model, sample[:FLOP_COUNT_BATCH], mask=counted.mask, eps=counted.eps, amp=s.amp
     )
-    times, first_s = time_calls(step.run, dev, steps=steps, warmup=warmup)
+    times, first_s = time_calls(s.step.run, dev, steps=steps, warmup=warmup)
     peak_mem = peak_memory_mb(dev)  # before the matmuls: CPU's peak RSS never goes down
-    data_times, _ = time_calls(step.inputs, dev, steps=steps, warmup=1)
-    syncs = host_syncs(lambda: step.run(warmup + steps), dev)
-    parts_ms = None
+    data_times, _ = time_calls(s.step.inputs, dev, steps=steps, warmup=1)
+    syncs = host_syncs(lambda: s.step.run(warmup + steps), dev)
+    parts_s = None
     if parts_time:
-        seconds = time_parts(model, sample, corruption.mask, steps=steps, warmup=warmup, amp=amp)
-        parts_ms = {name: 1e3 * value for name, value in seconds.items()}
+        parts_s = time_parts(
+            s.model, sample, corruption.mask, steps=steps, warmup=warmup, amp=s.amp
+        )
     size = matmul_size or (CUDA_MATMUL_SIZE if dev.type == "cuda" else MATMUL_SIZE)
     log.info("timing %dx%d matmuls for the peak rate", size, size)
-    peak = matmul_peak_gflops(dev, dtype, size=size)
+    peak = matmul_peak_gflops(dev, s.dtype, size=size)
+    return _Measured(
+        flops=flops,
+        step_s=statistics.median(times),
+        first_s=first_s,
+        peak_mem_mb=peak_mem,
+        data_s=statistics.median(data_times),
+        syncs=syncs,
+        parts_s=parts_s,
+        matmul_size=size,
+        peak_gflops=peak,
+    )
 
-    step_s = statistics.median(times)
-    img_per_s = batch_size / step_s
-    parts = {name: flops[name] / 1e9 for name in PARTS}
-    gflop_per_img = sum(parts.values())  # = flops["total"] / 1e9
-    achieved = gflop_per_img * img_per_s
-    result = {
+
+def _settings(setup: _Setup, steps: int) -> dict[str, Any]:
+    """The settings half of a :func:`run_bench` result."""
+    m = setup.cfg.model
+    return {
         "method": m.method,
         "arch": m.arch,
         "img_size": m.img_size,
@@ -532,38 +445,51 @@ def run_bench(
         "depth": m.depth,
         "embed_dim": m.embed_dim,
         "num_heads": m.num_heads,
-        "batch_size": batch_size,
+        "batch_size": setup.cfg.train.batch_size,
         "steps": steps,
-        "warmup": warmup,
-        "device": device_name(dev),
-        "dtype": str(dtype).removeprefix("torch."),
+        "warmup": setup.warmup,
+        "device": device_name(setup.device),
+        "dtype": str(setup.dtype).removeprefix("torch."),
         "torch": torch.__version__,
+    }
+
+
+def _figures(setup: _Setup, measured: _Measured) -> dict[str, Any]:
+    """The measured half of a :func:`run_bench` result, from :func:`_measure`'s numbers."""
+    r, batch, scope = measured, setup.cfg.train.batch_size, setup.cfg.train.compile_scope
+    step_s, peak = r.step_s, r.peak_gflops
+    img_per_s = batch / step_s
+    parts = {name: r.flops[name] / 1e9 for name in PARTS}
+    gflop_per_img = sum(parts.values())  # = flops["total"] / 1e9
+    achieved = gflop_per_img * img_per_s
+    figures = {
         "step_ms": step_s * 1e3,
         "img_per_s": img_per_s,
-        "peak_mem_mb": peak_mem,
+        "peak_mem_mb": r.peak_mem_mb,
         "gflop_per_img": gflop_per_img,
         "parts": parts,
         "achieved_gflops": achieved,
         "matmul_peak_gflops": peak,
-        "matmul_size": size,
+        "matmul_size": r.matmul_size,
         "mfu": achieved / peak,
-        "compile": compiled,
-        "compile_scope": cfg.train.compile_scope if compiled else None,
-        "compile_s": first_s - step_s if compiled and first_s is not None else None,
-        "data_ms": statistics.median(data_times) * 1e3,
-        "data_share": statistics.median(data_times) / step_s,
-        "host_syncs_per_step": None if syncs is None else len(syncs),
-        "host_sync_sites": syncs,
+        "compile": setup.compiled,
+        "compile_scope": scope if setup.compiled else None,
+        "compile_s": r.first_s - step_s if setup.compiled and r.first_s is not None else None,
+        "data_ms": r.data_s * 1e3,
+        "data_share": r.data_s / step_s,
+        "host_syncs_per_step": None if r.syncs is None else len(r.syncs),
+        "host_sync_sites": r.syncs,
     }
-    if parts_ms is not None:
-        result["parts_ms"] = parts_ms
-        result["sum_parts_ms"] = sum(parts_ms.values())
-        result["overhead_vs_parts"] = result["step_ms"] / result["sum_parts_ms"] - 1
-        result["parts_mfu"] = {  # each part's FLOP rate alone, over the matmul peak
-            name: parts[name] * batch_size / (ms / 1e3) / peak if ms else 0.0
+    if r.parts_s is not None:
+        parts_ms = {name: 1e3 * value for name, value in r.parts_s.items()}
+        figures["parts_ms"] = parts_ms
+        figures["sum_parts_ms"] = sum(parts_ms.values())
+        figures["overhead_vs_parts"] = figures["step_ms"] / figures["sum_parts_ms"] - 1
+        figures["parts_mfu"] = {  # each part's FLOP rate alone, over the matmul peak
+            name: parts[name] * batch / (ms / 1e3) / peak if ms else 0.0
             for name, ms in parts_ms.items()
         }
-    return result
+    return figures
 
 
 def format_report(result: Mapping[str, Any]) -> str:

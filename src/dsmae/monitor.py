@@ -17,7 +17,7 @@ from dsmae.evaluation.frozen import extract_features
 from dsmae.evaluation.knn import knn_accuracy
 from dsmae.health import effective_rank, feature_std, teacher_student_cosine
 from dsmae.metrics import MetricsLog
-from dsmae.models import DSMAE, patch_tokens
+from dsmae.models import PretrainModel, patch_tokens
 from dsmae.runtime import generator
 from dsmae.visualize import denoise, to_uint8_images, triplet_grid
 
@@ -42,7 +42,7 @@ class Monitor:
 
     def after_epoch(
         self,
-        model: DSMAE,
+        model: PretrainModel,
         epoch: int,
         step: int,
         wall_s: float,
@@ -88,7 +88,7 @@ class Monitor:
                 self._knn_off = True
         return self._splits
 
-    def knn_top1(self, model: DSMAE) -> float | None:
+    def knn_top1(self, model: PretrainModel) -> float | None:
         """k-NN (cosine, temperature-weighted) top-1 in % of the student's features, train ->
         test split; None when the data has no labelled splits."""
         splits = self._load()
@@ -126,7 +126,7 @@ class Monitor:
             temperature=mon.knn_temperature,
         )
 
-    def denoising_grid(self, model: DSMAE) -> np.ndarray | None:
+    def denoising_grid(self, model: PretrainModel) -> np.ndarray | None:
         """(H, W, C) uint8 Fig. 2 grid of the first train images (fixed, not augmented);
         None without a train split."""
         self._load()
@@ -163,7 +163,7 @@ class Monitor:
         return self._health_images
 
     @torch.no_grad()
-    def health(self, model: DSMAE) -> dict[str, float] | None:
+    def health(self, model: PretrainModel) -> dict[str, float] | None:
         """Representation health of the student's patch tokens (after the final norm) on
         :meth:`health_images`, normalised as the k-NN features are, with the model in eval
         mode (its train mode is restored after).

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
 from dsmae.data.sources import DataError
@@ -35,6 +36,26 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         DataError: no ``metrics.jsonl`` with step lines in ``run_dir``.
     """
     run_dir = Path(run_dir)
+    steps_lines, knn = _read_run(run_dir)
+    fig = Figure(figsize=(11, 7), layout="constrained")
+    axes = fig.subplots(2, 2)
+    _draw_losses(axes[0, 0], steps_lines)
+    _draw_knn(axes[0, 1], knn)
+    _draw_schedules(axes[1, 0], steps_lines)
+    _draw_throughput(axes[1, 1], steps_lines)
+    fig.suptitle(str(run_dir))
+    out = Path(out) if out is not None else run_dir / "curves.png"
+    with written("figure", out):
+        fig.savefig(out, dpi=100)
+    return out
+
+
+def _read_run(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The step lines and the k-NN monitor lines of ``run_dir/metrics.jsonl``.
+
+    Raises:
+        DataError: no such file, an unreadable one, or one without step lines.
+    """
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{run_dir} has no metrics.jsonl: not a dsmae pretrain run folder")
@@ -45,11 +66,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     steps_lines = [r for r in records if "loss" in r]
     if not steps_lines:
         raise DataError(f"{path} has no step lines yet (the run logs every train.log_every)")
-    knn = [r for r in records if "knn_top1" in r]
+    return steps_lines, [r for r in records if "knn_top1" in r]
 
-    fig = Figure(figsize=(11, 7), layout="constrained")
-    axes = fig.subplots(2, 2)
-    ax = axes[0, 0]
+
+def _draw_losses(ax: Axes, steps_lines: list[dict[str, Any]]) -> None:
+    """The loss terms a run logs, against step, on a log scale."""
     for key, label in LOSSES:
         steps, values = _series(steps_lines, key)
         if steps:
@@ -57,7 +78,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.set(xlabel="step", ylabel="loss", yscale="log", title="pre-training loss")
     ax.legend()
 
-    ax = axes[0, 1]
+
+def _draw_knn(ax: Axes, knn: list[dict[str, Any]]) -> None:
+    """The k-NN monitor's top-1 against epoch, or a note that there is none."""
     if knn:
         by_epoch = {r["epoch"]: r["knn_top1"] for r in knn}
         epochs = sorted(by_epoch)
@@ -67,7 +90,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.text(0.5, 0.5, "no k-NN monitor lines", ha="center", va="center")
         ax.set_axis_off()
 
-    ax = axes[1, 0]
+
+def _draw_schedules(ax: Axes, steps_lines: list[dict[str, Any]]) -> None:
+    """The learning rate and, on a second axis, the teacher momentum (where logged)."""
     steps, lr = _series(steps_lines, "lr")
     ax.plot(steps, lr, color="tab:blue")
     ax.set(xlabel="step", ylabel="learning rate", title="schedules")
@@ -77,16 +102,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         twin.plot(steps, momentum, color="tab:orange")
         twin.set_ylabel("teacher momentum", color="tab:orange")
 
-    ax = axes[1, 1]
+
+def _draw_throughput(ax: Axes, steps_lines: list[dict[str, Any]]) -> None:
+    """Images per second against step; the title counts the skipped non-finite steps."""
     steps, rate = _series(steps_lines, "img_per_s")
     ax.plot(steps, rate)
     ax.set(xlabel="step", ylabel="images / s", title="throughput")
     steps, skipped = _series(steps_lines, "skipped_steps")
     if skipped and skipped[-1]:
         ax.set_title(f"throughput ({int(skipped[-1])} non-finite steps skipped)")
-
-    fig.suptitle(str(run_dir))
-    out = Path(out) if out is not None else run_dir / "curves.png"
-    with written("figure", out):
-        fig.savefig(out, dpi=100)
-    return out

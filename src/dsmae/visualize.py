@@ -20,11 +20,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from dsmae.checkpoint import checkpoint_config, load_checkpoint, load_weights
-from dsmae.config import ConfigError
+from dsmae.config import Config, ConfigError
 from dsmae.data.augment import denormalize, normalize, to_unit_float
 from dsmae.data.sources import decode_files
 from dsmae.losses import PATCH_NORM_EPS
-from dsmae.models import DSMAE
+from dsmae.models import PretrainModel, build_model
 from dsmae.noise import pixel_mask
 from dsmae.patches import patchify, unpatchify
 from dsmae.runtime import generator, resolve_device
@@ -69,9 +69,10 @@ class Reconstruction(NamedTuple):
 
 @torch.no_grad()
 def denoise(
-    model: DSMAE, images: torch.Tensor, generator: torch.Generator | None = None
+    model: PretrainModel, images: torch.Tensor, generator: torch.Generator | None = None
 ) -> Reconstruction | None:
-    """Corrupt ``images`` as in pre-training and reconstruct them.
+    """Corrupt ``images`` as in pre-training and reconstruct them
+    (:meth:`~dsmae.models.PretrainModel.reconstruct`, in eval mode).
 
     Args:
         images: (B, C, H, W) normalised.
@@ -82,7 +83,7 @@ def denoise(
     """
     was_training = model.training
     model.eval()
-    out = model(images, generator=generator)
+    out = model.reconstruct(images, generator)
     model.train(was_training)
     if out.pred is None:
         return None
@@ -91,11 +92,11 @@ def denoise(
     if model.config.norm_pix_loss:
         noise_added = model.method != "mae" and model.config.noise_mode == "add"
         mean, std = estimate_patch_stats(
-            patchify(out.noisy, p), out.mask, model.config.noise_std, noise_added
+            patchify(out.student_input, p), out.mask, model.config.noise_std, noise_added
         )
         pred = pred * std + mean
     patches = torch.where(out.mask.unsqueeze(-1), pred, patchify(images, p))
-    return Reconstruction(out.noisy, unpatchify(patches, p, c), out.mask)
+    return Reconstruction(out.student_input, unpatchify(patches, p, c), out.mask)
 
 
 def to_uint8_images(
@@ -136,7 +137,7 @@ def triplet_grid(
 
 
 def save_denoise_figure(
-    model: DSMAE,
+    model: PretrainModel,
     images: torch.Tensor,
     path: str | Path,
     mean: Sequence[float],
@@ -199,17 +200,9 @@ def denoise_files(
     """
     if Path(out).suffix.lower() != ".png":
         raise ConfigError(f"--out {out}: the figure is a PNG file; give a name ending in .png")
-    state = load_checkpoint(checkpoint)
-    cfg = checkpoint_config(state, checkpoint)
+    model, cfg = _load_decoding_model(checkpoint)
     m, d = cfg.model, cfg.data
-    if m.method == "dsmae-lz":
-        raise ConfigError(
-            f"{checkpoint} was pre-trained with dsmae-lz, which has no pixel decoder: it "
-            "cannot reconstruct images"
-        )
     dev = resolve_device(device)
-    model = DSMAE(m)
-    load_weights(model, state["model"], str(checkpoint))
     model.to(dev)
     images, _ = decode_files(
         [Path(f) for f in files], channels=m.in_chans, size=m.img_size, offer_skip=False
@@ -217,15 +210,7 @@ def denoise_files(
     x = normalize(to_unit_float(images.to(dev)), d.mean, d.std)
     result = denoise(model, x, generator(seed, dev))
     assert result is not None
-    shown = [denormalize(t.float(), d.mean, d.std).clamp(0, 1) for t in (*result[:2], x)]
-    where = pixel_mask(result.mask, m.patch_size)
-    report = DenoiseReport(
-        figure=Path(out),
-        method=m.method,
-        images=len(images),
-        psnr_input=psnr(shown[0], shown[2], where),
-        psnr_output=psnr(shown[1], shown[2], where),
-    )
+    report = _psnr_report(result, x, cfg, Path(out))
     columns = [to_uint8_images(t, d.mean, d.std) for t in (*result[:2], x)]
     grid = triplet_grid(columns, per_row=2, scale=max(1, 96 // m.img_size)).convert("RGB")
     first = "masked" if m.method == "mae" else "noisy"
@@ -236,6 +221,39 @@ def denoise_files(
     with written("figure", report.figure):
         _with_caption(grid, caption).save(report.figure)
     return report
+
+
+def _load_decoding_model(checkpoint: str | Path) -> tuple[PretrainModel, Config]:
+    """The pre-training model of ``checkpoint`` (on the CPU), and its config.
+
+    Raises:
+        ConfigError: the checkpoint's method has no pixel decoder (``dsmae-lz``).
+    """
+    state = load_checkpoint(checkpoint)
+    cfg = checkpoint_config(state, checkpoint)
+    if cfg.model.method == "dsmae-lz":
+        raise ConfigError(
+            f"{checkpoint} was pre-trained with dsmae-lz, which has no pixel decoder: it "
+            "cannot reconstruct images"
+        )
+    model = build_model(cfg.model)
+    load_weights(model, state["model"], str(checkpoint))
+    return model, cfg
+
+
+def _psnr_report(result: Reconstruction, x: torch.Tensor, cfg: Config, out: Path) -> DenoiseReport:
+    """The PSNR of the student's input and of the reconstruction against the original
+    ``x`` (B, C, H, W) normalised, over the corrupted patches, in displayed pixels."""
+    d = cfg.data
+    shown = [denormalize(t.float(), d.mean, d.std).clamp(0, 1) for t in (*result[:2], x)]
+    where = pixel_mask(result.mask, cfg.model.patch_size)
+    return DenoiseReport(
+        figure=out,
+        method=cfg.model.method,
+        images=len(x),
+        psnr_input=psnr(shown[0], shown[2], where),
+        psnr_output=psnr(shown[1], shown[2], where),
+    )
 
 
 def _with_caption(image: Image.Image, text: str) -> Image.Image:

@@ -5,6 +5,8 @@ from conftest import TINY
 from timm.models.vision_transformer import VisionTransformer
 
 import dsmae
+from dsmae.config import model_config
+from dsmae.models import build_model
 from dsmae.models.vit import patch_tokens
 from dsmae.patches import patchify
 
@@ -18,6 +20,17 @@ def _selected(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x[mask].reshape(x.shape[0], -1, x.shape[-1])
 
 
+def tokens_seen(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """How many tokens the student encoder's first block gets in a training forward."""
+    seen = []
+    handle = model.encoder.blocks[0].register_forward_pre_hook(
+        lambda _, args: seen.append(args[0].shape[1])
+    )
+    model(images, generator=_gen())
+    handle.remove()
+    return seen[0]
+
+
 @pytest.mark.parametrize(
     "arch,img,p,chans", [("vit_tiny", 32, 2, 3), ("vit_small", 96, 6, 3), ("vit_tiny", 32, 2, 1)]
 )
@@ -29,8 +42,11 @@ def test_paper_shapes(arch, img, p, chans):
         out = model(images, generator=_gen())
     assert out.loss.shape == () and out.loss_y.shape == () and out.loss_z.shape == ()
     assert out.mask.shape == (2, 256) and out.mask.sum(1).tolist() == [230, 230]
-    assert out.noisy.shape == images.shape
-    assert out.pred.shape == (2, 256, p * p * chans)
+    with torch.no_grad():
+        shown = model.reconstruct(images, generator=_gen())
+    assert shown.student_input.shape == images.shape
+    assert shown.pred.shape == (2, 256, p * p * chans)
+    assert torch.equal(shown.mask, out.mask)  # the same draws as the forward pass
 
 
 def test_encoders_are_timm_vision_transformers():
@@ -80,7 +96,8 @@ def test_pixel_loss_uses_only_the_noisy_patches(norm_pix):
     model = dsmae.build("dsmae-ly", norm_pix_loss=norm_pix, **TINY)
     images = torch.randn(3, 3, 16, 16)
     out = model(images, generator=_gen())
-    pred, target = _selected(out.pred, out.mask), _selected(patchify(images, 4), out.mask)
+    shown = model.reconstruct(images, generator=_gen())
+    pred, target = _selected(shown.pred, out.mask), _selected(patchify(images, 4), out.mask)
     if norm_pix:
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)  # unbiased
         target = (target - mean) / torch.sqrt(var + 1e-6)
@@ -94,7 +111,8 @@ def test_feature_loss_is_cosine_on_noisy_tokens_against_the_clean_teacher():
             p.add_(0.1 * torch.randn_like(p))
     images = torch.randn(2, 3, 16, 16)
     out = model(images, generator=_gen(3))
-    student = _selected(patch_tokens(model.encoder, out.noisy), out.mask)
+    noisy = model.reconstruct(images, generator=_gen(3)).student_input
+    student = _selected(patch_tokens(model.encoder, noisy), out.mask)
     teacher = _selected(patch_tokens(model.teacher, images), out.mask)
     expected = (1 - F.cosine_similarity(model.regressor(student), teacher, dim=-1)).mean()
     assert torch.allclose(out.loss_z, expected, rtol=1e-5)
@@ -116,50 +134,24 @@ def test_variants_drop_exactly_their_parts():
     lz = dsmae.build("dsmae-lz", **TINY)
     assert lz.decoder is None and lz.teacher is not None and lz.regressor is not None
     out = lz(images, generator=_gen())
-    assert out.loss_y is None and out.pred is None and torch.equal(out.loss, out.loss_z)
-
-    mae = dsmae.build("mae", **TINY)
-    assert mae.teacher is None and mae.regressor is None and mae.decoder.mask_token is not None
-    assert mae.config.noise_ratio == 0.75
-    out = mae(images, generator=_gen())
-    assert out.loss_z is None and torch.equal(out.loss, out.loss_y)
-    before = [p.clone() for p in mae.parameters()]
-    mae.update_teacher(0.5)  # no teacher: no-op
-    assert all(torch.equal(a, b) for a, b in zip(before, mae.parameters()))
+    assert out.loss_y is None and torch.equal(out.loss, out.loss_z)
+    assert lz.reconstruct(images, generator=_gen()).pred is None
+    before = [p.clone() for p in ly.parameters()]
+    ly.update_teacher(0.5)  # no teacher: no-op
+    assert all(torch.equal(a, b) for a, b in zip(before, ly.parameters()))
 
 
-def _tokens_seen(model: dsmae.DSMAE, images: torch.Tensor) -> int:
-    seen = []
-    handle = model.encoder.blocks[0].register_forward_pre_hook(
-        lambda _, args: seen.append(args[0].shape[1])
-    )
-    model(images, generator=_gen())
-    handle.remove()
-    return seen[0]
-
-
-def test_mae_encoder_sees_only_the_visible_tokens():
+def test_dsmae_student_sees_every_patch():
     images = torch.randn(2, 3, 32, 32)
     small = dict(depth=1, embed_dim=32, num_heads=2, decoder_depth=1, regressor_depth=1)
-    mae = dsmae.build("mae", img_size=32, patch_size=2, noise_ratio=0.75, **small)
-    assert _tokens_seen(mae, images) == 1 + 64  # 1 + (1 - r) * N
     ds = dsmae.build("dsmae", img_size=32, patch_size=2, **small)
-    assert _tokens_seen(ds, images) == 1 + 256  # DSMAE's student sees every patch
-
-
-def test_mae_student_input_zeroes_the_masked_patches():
-    images = torch.randn(2, 3, 16, 16) + 5
-    out = dsmae.build("mae", **TINY)(images, generator=_gen())
-    zeroed = _selected(patchify(out.noisy, 4), out.mask)
-    kept = _selected(patchify(out.noisy, 4), ~out.mask)
-    assert zeroed.abs().sum() == 0
-    assert torch.equal(kept, _selected(patchify(images, 4), ~out.mask))
+    assert tokens_seen(ds, images) == 1 + 256  # DSMAE's student sees every patch
 
 
 def test_dsmae_student_input_is_noisy_only_on_the_mask():
     images = torch.randn(2, 3, 16, 16)
-    out = dsmae.build("dsmae", **TINY)(images, generator=_gen())
-    noisy, clean = patchify(out.noisy, 4), patchify(images, 4)
+    out = dsmae.build("dsmae", **TINY).reconstruct(images, generator=_gen())
+    noisy, clean = patchify(out.student_input, 4), patchify(images, 4)
     assert torch.equal(_selected(noisy, ~out.mask), _selected(clean, ~out.mask))
     assert (_selected(noisy, out.mask) != _selected(clean, out.mask)).all()
 
@@ -186,7 +178,8 @@ def test_custom_sizes_and_bf16_autocast():
     )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(2, 1, 24, 24), generator=_gen())
-    assert out.pred.shape == (2, 64, 9) and torch.isfinite(out.loss)
+        shown = model.reconstruct(torch.randn(2, 1, 24, 24), generator=_gen())
+    assert shown.pred.shape == (2, 64, 9) and torch.isfinite(out.loss)
 
 
 @pytest.mark.parametrize(
@@ -213,7 +206,7 @@ def test_mae_refuses_masking_everything():
 @pytest.mark.parametrize("method", ["dsmae", "dsmae-ly", "dsmae-lz", "mae"])
 def test_every_method_runs_under_bf16_autocast(method):
     """The GPU path: bf16 autocast (run here on the CPU), forward and backward."""
-    model = dsmae.build(method, **TINY)
+    model = build_model(model_config(method, **TINY))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(2, 3, 16, 16), generator=_gen())
     out.loss.backward()

@@ -1,4 +1,4 @@
-"""DSMAE and its variants (SPEC sections 1-3) behind one module.
+"""DSMAE and its two ablations (SPEC sections 1-3).
 
 =========== ======================================================================
 method      what the student does
@@ -7,83 +7,59 @@ dsmae       encodes every patch of the noisy image; pixel decoder and regressor
             on the noisy tokens; ``L = lam * L_y + (1 - lam) * L_z``
 dsmae-ly    the same without teacher and regressor: ``L = L_y``
 dsmae-lz    the same without pixel decoder: ``L = L_z``
-mae         encodes only the visible patches; the decoder sees mask tokens
-            elsewhere; ``L = L_y`` on the masked patches
 =========== ======================================================================
+
+MAE, the baseline, is :class:`~dsmae.models.mae.MAE`.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from typing import Any
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
-from torch import nn
 
 from dsmae.config import ModelConfig
-from dsmae.losses import combine_losses, feature_loss, pixel_loss
-from dsmae.masking import num_selected, random_patch_mask, split_indices
-from dsmae.models.heads import FeatureRegressor, PixelDecoder
-from dsmae.models.vit import create_encoder, encode_visible, patch_tokens
-from dsmae.noise import add_patch_noise, zero_patches
-from dsmae.patches import gather_tokens, patchify, scatter_tokens
+from dsmae.losses import combine_losses, feature_loss
+from dsmae.masking import split_indices
+from dsmae.models.decoder import PixelDecoder
+from dsmae.models.mae import MAE
+from dsmae.models.pretrain import DisplayOutput, PretrainModel, PretrainOutput
+from dsmae.models.regressor import FeatureRegressor
+from dsmae.models.vit import patch_tokens
+from dsmae.noise import add_patch_noise
+from dsmae.patches import gather_tokens, scatter_tokens
+
+METHODS = ("dsmae", "dsmae-ly", "dsmae-lz")  # the methods this module builds
 
 
-@dataclass
-class PretrainOutput:
-    """What one forward pass of a pre-training model returns.
-
-    Attributes:
-        loss: scalar, the training objective.
-        loss_y: scalar pixel loss, or None for dsmae-lz.
-        loss_z: scalar feature loss, or None for dsmae-ly and mae.
-        mask: (B, N) bool, True on the corrupted (noisy, or for mae masked) patches.
-        noisy: (B, C, H, W) the student's input (mae: masked patches zeroed, for display).
-        pred: (B, N, p*p*C) predicted pixels in the loss's target space, rows where
-            ``mask`` is False unspecified; None for dsmae-lz (no decoder).
-    """
-
-    loss: torch.Tensor
-    loss_y: torch.Tensor | None
-    loss_z: torch.Tensor | None
-    mask: torch.Tensor
-    noisy: torch.Tensor
-    pred: torch.Tensor | None
-
-
-class DSMAE(nn.Module):
-    """A pre-training model: student encoder, optional EMA teacher, decoder and regressor.
+class DSMAE(PretrainModel):
+    """Student encoder, EMA teacher (dsmae, dsmae-lz), pixel decoder (dsmae, dsmae-ly) and
+    feature regressor (where the teacher is).
 
     Args:
-        cfg: a resolved :class:`~dsmae.config.ModelConfig` (see :func:`dsmae.build`).
+        cfg: a resolved :class:`~dsmae.config.ModelConfig` of a DSMAE method.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.method = cfg.method
-        self.patch_size = cfg.patch_size
-        self.num_patches = (cfg.img_size // cfg.patch_size) ** 2
-        self.num_corrupted = num_selected(self.num_patches, cfg.noise_ratio)
+    def __new__(cls, cfg: ModelConfig | None = None, *args: Any, **kwargs: Any) -> PretrainModel:
+        """TRANSITIONAL (revert this commit once the engine and :func:`dsmae.build` call
+        :func:`~dsmae.models.build_model`): ``DSMAE(cfg)`` of an mae config builds an
+        :class:`~dsmae.models.mae.MAE`, as it did when one class held all four methods."""
+        if cls is DSMAE and cfg is not None and cfg.method == "mae":
+            return MAE(cfg)
+        return super().__new__(cls)
 
-        self.encoder: VisionTransformer = create_encoder(cfg)
-        self.teacher: VisionTransformer | None = None
+    def __init__(self, cfg: ModelConfig) -> None:
+        if cfg.method not in METHODS:
+            raise ValueError(
+                f"DSMAE builds {', '.join(METHODS)}, not {cfg.method!r}: use "
+                "dsmae.models.build_model"
+            )
+        super().__init__(cfg)
         if cfg.method in ("dsmae", "dsmae-lz"):
             self.teacher = copy.deepcopy(self.encoder).requires_grad_(False).eval()
-        self.decoder: PixelDecoder | None = None
         if cfg.method != "dsmae-lz":
-            self.decoder = PixelDecoder(
-                in_dim=cfg.embed_dim,
-                dim=cfg.decoder_dim,
-                depth=cfg.decoder_depth,
-                num_heads=cfg.decoder_heads,
-                grid=cfg.img_size // cfg.patch_size,
-                out_dim=cfg.patch_size**2 * cfg.in_chans,
-                mlp_ratio=cfg.mlp_ratio,
-                mask_token=cfg.method == "mae",
-            )
-        self.regressor: FeatureRegressor | None = None
+            self.decoder = PixelDecoder.from_config(cfg)
         if self.teacher is not None:
             self.regressor = FeatureRegressor(
                 cfg.embed_dim, cfg.regressor_depth, cfg.num_heads, cfg.mlp_ratio
@@ -96,107 +72,85 @@ class DSMAE(nn.Module):
             self.teacher.eval()
         return self
 
-    def sample_corruption(
-        self,
-        batch_size: int,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Draw what corrupts a batch: the patch mask, and the standard-normal noise
-        (None for mae, which masks instead).
-
-        Drawing these for a whole global batch and slicing it lets several processes
-        (or micro-batches) reproduce a single process's step exactly.
-
-        Returns:
-            mask (B, N) bool and eps (B, C, H, W) float32 or None.
-        """
-        mask = random_patch_mask(
-            batch_size,
-            self.num_patches,
-            self.config.noise_ratio,
-            generator=generator,
-            device=device,
-        )
-        if self.method == "mae":
-            return mask, None
+    def sample_noise(
+        self, batch_size: int, generator: torch.Generator | None, device: torch.device | str | None
+    ) -> torch.Tensor:
+        """The standard-normal noise of a batch: (B, C, H, W) float32 on ``device``, drawn
+        where ``generator`` is (on ``device`` without one)."""
         c, size = self.config.in_chans, self.config.img_size
         draw_device = generator.device if generator is not None else device
         eps = torch.randn(batch_size, c, size, size, generator=generator, device=draw_device)
-        return mask, eps.to(device) if device is not None else eps
+        return eps.to(device) if device is not None else eps
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        generator: torch.Generator | None = None,
-        *,
-        mask: torch.Tensor | None = None,
-        eps: torch.Tensor | None = None,
+    def losses(
+        self, images: torch.Tensor, mask: torch.Tensor, eps: torch.Tensor | None
     ) -> PretrainOutput:
-        """One pre-training forward pass: corrupt, encode, decode and compare.
-
-        Args:
-            images: (B, C, H, W) normalised images.
-            generator: source of the mask and noise (None: the global RNG).
-            mask, eps: a corruption drawn beforehand by :meth:`sample_corruption`
-                ((B, N) bool and (B, C, H, W)); drawn here when not given.
-        """
-        if mask is None:
-            mask, eps = self.sample_corruption(images.shape[0], generator, images.device)
-        corrupted, clean = split_indices(mask, self.num_corrupted)
-        if self.method == "mae":
-            student_input = zero_patches(images, mask, self.patch_size)
-            pred, loss_z = self._forward_mae(images, clean), None
-            pred_corrupted = gather_tokens(pred, corrupted)
-        else:
-            student_input = add_patch_noise(
-                images,
-                mask,
-                self.patch_size,
-                std=self.config.noise_std,
-                mode=self.config.noise_mode,
-                eps=eps,
-                generator=generator,
-            )
-            pred_corrupted, loss_z = self._forward_denoise(images, student_input, corrupted)
-            pred = None
-            if pred_corrupted is not None:
-                pred = scatter_tokens(pred_corrupted, corrupted, self.num_patches)
-        loss_y = None
-        if pred_corrupted is not None:
-            target = gather_tokens(patchify(images, self.patch_size), corrupted)
-            loss_y = pixel_loss(pred_corrupted, target, norm_pix=self.config.norm_pix_loss)
-        loss = combine_losses(loss_y, loss_z, self.config.lam)
-        return PretrainOutput(loss, loss_y, loss_z, mask, student_input, pred)
-
-    def _forward_denoise(
-        self, images: torch.Tensor, noisy: torch.Tensor, corrupted: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """DSMAE's student and teacher branches (SPEC steps 4-9).
-
-        Args:
-            images: (B, C, H, W) clean images (the teacher's input).
-            noisy: (B, C, H, W) the student's input.
-            corrupted: (B, K) indices of the noisy patches.
-
-        Returns:
-            decoder output (B, K, p*p*C) or None, and ``L_z`` or None.
-        """
-        tokens = gather_tokens(patch_tokens(self.encoder, noisy), corrupted)  # Z_n' (B, K, D)
-        pred = self.decoder(tokens, corrupted) if self.decoder is not None else None
+        """SPEC steps 3-10 on (B, C, H, W) images, noisy on ``mask`` (B, N) from ``eps``
+        (B, C, H, W): encode the noisy images, decode pixels and regress the teacher's
+        tokens of the clean images at the K noisy patches; ``L_y``, ``L_z`` and ``L``."""
+        corrupted = self.student_positions(mask)  # (B, K)
+        tokens = self.encode_student(self.corrupt(images, mask, eps), corrupted)  # Z_n' (B, K, D)
+        pred = None if self.decoder is None else self.decode_pixels(tokens, corrupted)
         loss_z = None
-        if self.teacher is not None and self.regressor is not None:
-            with torch.no_grad():
-                target = gather_tokens(patch_tokens(self.teacher, images), corrupted)  # Z_o'
-            loss_z = feature_loss(
-                self.regressor(tokens), target, target_norm=self.config.target_norm
-            )
-        return pred, loss_z
+        if self.regressor is not None:
+            target = self.encode_teacher(images, corrupted)  # Z_o' (B, K, D)
+            loss_z = self.feature_loss(self.regress_features(tokens), target)
+        loss_y = None if pred is None else self.pixel_loss(pred, images, corrupted)
+        return PretrainOutput(combine_losses(loss_y, loss_z, self.config.lam), loss_y, loss_z, mask)
 
-    def _forward_mae(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """MAE: encode the visible patches only, decode every patch. Returns (B, N, p*p*C)."""
-        latent = encode_visible(self.encoder, images, visible)  # (B, 1 + V, D)
-        return self.decoder.forward_masked(latent, visible)
+    def student_positions(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, N) bool -> (B, K) int64 indices of the noisy patches, ascending: the tokens
+        the heads see."""
+        return split_indices(mask, self.num_corrupted)[0]
+
+    def corrupt(
+        self, images: torch.Tensor, mask: torch.Tensor, eps: torch.Tensor | None
+    ) -> torch.Tensor:
+        """SPEC step 3: the noise ``eps`` (B, C, H, W) on the patches of ``mask`` (B, N) of
+        ``images`` (B, C, H, W). Returns (B, C, H, W)."""
+        return add_patch_noise(
+            images,
+            mask,
+            self.patch_size,
+            std=self.config.noise_std,
+            mode=self.config.noise_mode,
+            eps=eps,
+        )
+
+    def encode_student(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """SPEC steps 4-5: the student encodes every patch of the (B, C, H, W) noisy images;
+        its tokens at the (B, K) ``positions`` are kept: Z_n' (B, K, D)."""
+        return gather_tokens(patch_tokens(self.encoder, images), positions)
+
+    @torch.no_grad()
+    def encode_teacher(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """SPEC step 6: the teacher's tokens of the (B, C, H, W) clean images at the (B, K)
+        ``positions``, without gradient: Z_o' (B, K, D)."""
+        return gather_tokens(patch_tokens(self.teacher, images), positions)
+
+    def decode_pixels(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """SPEC step 7: (B, K, D) tokens at (B, K) ``positions`` -> (B, K, p*p*C) pixels."""
+        return self.decoder(tokens, positions)
+
+    def regress_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """SPEC step 8: (B, K, D) student tokens -> (B, K, D) predicted teacher tokens."""
+        return self.regressor(tokens)
+
+    def feature_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``L_z``: (B, K, D) regressed tokens against the (B, K, D) teacher tokens. Scalar."""
+        return feature_loss(pred, target, target_norm=self.config.target_norm)
+
+    def display(
+        self, images: torch.Tensor, mask: torch.Tensor, eps: torch.Tensor | None
+    ) -> DisplayOutput:
+        """The noisy images and the decoder's prediction put back at the noisy patches
+        ((B, N, p*p*C), zero elsewhere; None for dsmae-lz)."""
+        noisy = self.corrupt(images, mask, eps)
+        if self.decoder is None:
+            return DisplayOutput(noisy, None, mask)
+        corrupted = self.student_positions(mask)
+        pred = self.decode_pixels(self.encode_student(noisy, corrupted), corrupted)
+        return DisplayOutput(noisy, scatter_tokens(pred, corrupted, self.num_patches), mask)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float, apply: torch.Tensor | None = None) -> None:
@@ -208,7 +162,7 @@ class DSMAE(nn.Module):
                 Decided on the device, so a step that was skipped for a non-finite
                 gradient skips the update without a host synchronisation.
 
-        A no-op for the methods without a teacher.
+        A no-op for dsmae-ly, which has no teacher.
         """
         if self.teacher is None:
             return

@@ -1,7 +1,10 @@
-"""The encoder: a timm ``VisionTransformer`` with MAE's fixed 2-D sin-cos position embedding.
+"""The encoder: a timm ``VisionTransformer`` with MAE's fixed 2-D sin-cos position embedding,
+and the timm parts the heads are built from.
 
 The student encoder of every method IS a timm ``VisionTransformer`` (no classifier:
-``num_classes=0``), so it can be taken out and used wherever timm models are used.
+``num_classes=0``), so it can be taken out and used wherever timm models are used. Nothing
+here forks it or calls its private methods: :func:`encode_visible` and :func:`patch_tokens`
+use its public parts only.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import torch
 from timm.layers import build_sincos2d_pos_embed
 from timm.models import checkpoint_seq
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from dsmae.config import ModelConfig
@@ -49,6 +52,14 @@ def init_mae_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.Sequential:
+    """``depth`` pre-norm timm Blocks (fused SDPA attention) of width ``dim``:
+    (B, T, dim) -> (B, T, dim)."""
+    return nn.Sequential(
+        *[Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)]
+    )
+
+
 def create_encoder(cfg: ModelConfig) -> VisionTransformer:
     """A timm ViT for ``cfg`` (resolved): [CLS] token, fixed sin-cos positions, final LayerNorm.
 
@@ -82,19 +93,27 @@ def create_encoder(cfg: ModelConfig) -> VisionTransformer:
 def encode_visible(
     encoder: VisionTransformer, images: torch.Tensor, keep: torch.Tensor
 ) -> torch.Tensor:
-    """Encode only some patches of each image (MAE's encoder): the others are dropped.
+    """Encode only some patches of each image (MAE's encoder): the others are dropped
+    after the position embedding, before the blocks.
+
+    Built from the ViT's public parts, in ``forward_features``' order: with every patch
+    kept (``keep`` = 0..N-1 on every row) it equals ``encoder.forward_features(images)``
+    bit for bit. Gradient checkpointing of the blocks applies as there (when enabled and
+    gradients are on).
 
     Args:
-        encoder: a timm ViT with a [CLS] token.
+        encoder: a timm ViT as :func:`create_encoder` builds: one [CLS] token, whose
+            position embedding row comes first.
         images: (B, C, H, W).
-        keep: (B, V) indices of the patches to keep.
+        keep: (B, V) int64 indices of the patches to keep.
 
     Returns:
         (B, 1 + V, D): [CLS] then the kept patch tokens, after the final norm.
     """
-    x = encoder._pos_embed(encoder.patch_embed(images))  # (B, 1 + N, D), positions added
-    prefix = encoder.num_prefix_tokens
-    x = torch.cat([x[:, :prefix], gather_tokens(x[:, prefix:], keep)], dim=1)
+    x = encoder.patch_embed(images)  # (B, N, D)
+    cls = encoder.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
+    x = encoder.pos_drop(torch.cat([cls, x], dim=1) + encoder.pos_embed)  # (B, 1 + N, D)
+    x = torch.cat([x[:, :1], gather_tokens(x[:, 1:], keep)], dim=1)  # (B, 1 + V, D)
     x = encoder.norm_pre(x)
     if encoder.grad_checkpointing and torch.is_grad_enabled():
         x = checkpoint_seq(encoder.blocks, x)
