@@ -2,11 +2,13 @@
 
 The defaults are the paper's CIFAR-10 / ViT-Tiny pre-training setting (SPEC section 5).
 A run's configuration is built in layers, each a nested mapping merged onto the one
-before: defaults <- preset (``src/dsmae/presets/NAME.yaml``) <- the user's YAML files
-<- command-line overrides (``--set train.epochs=100`` and the common flags). Unknown
-keys and impossible values are refused with a :class:`ConfigError` naming the key,
-before anything is built. The resolved configuration (every ``None`` filled in) is
-saved with every run and inside every checkpoint.
+before: defaults <- preset (``src/dsmae/presets/NAME.yaml``, only what differs from the
+defaults) <- the user's YAML files <- command-line overrides (``--set train.epochs=100``
+and the common flags). Unknown keys and impossible values are refused with a
+:class:`ConfigError` naming the key, before anything is built: each section's
+``validate`` sits beside its fields. The resolved configuration (every ``None`` filled
+in) is saved with every run and inside every checkpoint; the fields marked
+:data:`RESUMABLE` may differ when a run resumes.
 """
 
 from __future__ import annotations
