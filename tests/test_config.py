@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import yaml
 
@@ -119,3 +121,24 @@ def test_parse_assignment():
 
 def test_config_dataclass_defaults_need_no_resolution_to_serialise():
     assert "model" in Config().to_dict()
+
+
+def test_each_section_validates_itself():
+    cfg = build_config()
+    cfg.model.validate()
+    cfg.train.validate(world_size=1)
+    with pytest.raises(ConfigError, match=r"train\.micro_batch: must divide the per-device batch"):
+        cfg.train.validate(world_size=2)  # micro_batch 2048 of a per-device 1024
+    with pytest.raises(ConfigError, match=r"finetune\.batch_size: .* 2 x 3 processes"):
+        cfg.finetune.validate(world_size=3)
+    with pytest.raises(ConfigError, match=r"data\.mean: needs one value per channel \(1\)"):
+        dataclasses.replace(cfg.data, mean=[0.5, 0.5, 0.5]).validate(in_chans=1)
+    with pytest.raises(ConfigError, match=r"monitor\.knn_k: must be >= 1, got 0"):
+        dataclasses.replace(cfg.monitor, knn_k=0).validate()
+    with pytest.raises(ConfigError, match=r"probe\.recipe='slow' is not one of: fast, mae"):
+        dataclasses.replace(cfg.probe, recipe="slow").validate()
+
+
+def test_only_empty_output_folders_are_refused_outside_the_sections():
+    with pytest.raises(ConfigError, match="out: must name a folder"):
+        build_config(overrides={"out": "  "})

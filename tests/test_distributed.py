@@ -6,19 +6,14 @@ import sys
 
 import pytest
 import torch
+from test_run_folder import TINY_RUN
 
 from dsmae.checkpoint import load_checkpoint
 from dsmae.cli import main
 from dsmae.distributed import Process, local_share, wrap
 from dsmae.metrics import read_metrics
 
-RUN = [
-    "pretrain", "--preset", "quickstart", "--patch-size", "4", "--epochs", "2",
-    "--batch-size", "32", "--set", "data.subset=128", "--set", "model.depth=2",
-    "--set", "model.embed_dim=32", "--set", "model.num_heads=2", "--set", "model.decoder_depth=1",
-    "--set", "model.regressor_depth=1", "--set", "train.log_every=1",
-    "--set", "probe.after_pretrain=false", "--device", "cpu",
-]  # fmt: skip
+RUN = [*TINY_RUN, "--set", "model.depth=2", "--epochs", "2"]
 
 
 def _torchrun(*args: str) -> None:

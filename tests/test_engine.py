@@ -161,15 +161,6 @@ def test_micro_batches_take_the_same_steps_as_whole_batches(tmp_path, ema_every)
                for n in a if n.startswith("teacher."))  # fmt: skip
 
 
-def test_resume_with_other_settings_is_refused_unless_forced(tmp_path):
-    cfg = _tiny_run(tmp_path, **{"train.epochs": 1})
-    pretrain(cfg)
-    changed = _tiny_run(tmp_path, **{"train.epochs": 1, "model.lam": 0.5})
-    with pytest.raises(dsmae.ConfigError, match=r"model\.lam: 0\.6 -> 0\.5"):
-        pretrain(changed, resume="auto")
-    pretrain(changed, resume="auto", force=True)  # nothing left to do, but allowed
-
-
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     cfg = _tiny_run(
         tmp_path,

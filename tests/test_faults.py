@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from dsmae import engine
+from dsmae import engine, resume
 from dsmae.checkpoint import load_checkpoint
 from dsmae.cli import main
 from dsmae.metrics import read_metrics
@@ -84,7 +84,7 @@ def test_an_unreadable_newest_checkpoint_is_skipped(tmp_path, caplog):
     (out / "last.pt").unlink()
     newest = out / "checkpoint-00000008.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # a copy that was cut short
-    assert engine.find_resume_checkpoint(out) == out / "checkpoint-00000004.pt"
+    assert resume.find_resume_checkpoint(out) == out / "checkpoint-00000004.pt"
     assert "skipping an unreadable checkpoint" in caplog.text and newest.name in caplog.text
 
 
@@ -258,12 +258,12 @@ def test_resume_picks_the_newest_readable_checkpoint(tmp_path):
 
     write("checkpoint-00000004.pt", 4)
     write("last.pt", 8)
-    assert engine.find_resume_checkpoint(tmp_path) == tmp_path / "last.pt"
+    assert resume.find_resume_checkpoint(tmp_path) == tmp_path / "last.pt"
     write("checkpoint-00000008.pt", 8)  # same step: last.pt wins
-    assert engine.find_resume_checkpoint(tmp_path) == tmp_path / "last.pt"
+    assert resume.find_resume_checkpoint(tmp_path) == tmp_path / "last.pt"
     write("checkpoint-00000012.pt", 12)  # a resumed, longer run went past last.pt
-    assert engine.find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint-00000012.pt"
+    assert resume.find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint-00000012.pt"
     (tmp_path / "checkpoint-00000012.pt").write_bytes(b"cut")
-    assert engine.find_resume_checkpoint(tmp_path) == tmp_path / "last.pt"
+    assert resume.find_resume_checkpoint(tmp_path) == tmp_path / "last.pt"
     (tmp_path / "last.pt").write_bytes(b"cut")
-    assert engine.find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint-00000008.pt"
+    assert resume.find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint-00000008.pt"

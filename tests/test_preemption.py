@@ -9,20 +9,14 @@ import time
 
 import pytest
 import torch
+from test_run_folder import TINY_RUN
 
 from dsmae.checkpoint import load_checkpoint
 from dsmae.cli import main
 from dsmae.preemption import PREEMPTED_EXIT, StopSignals
 
-RUN = [
-    "pretrain", "--preset", "quickstart", "--patch-size", "4", "--batch-size", "32",
-    "--set", "data.subset=128", "--set", "model.depth=1", "--set", "model.embed_dim=32",
-    "--set", "model.num_heads=2", "--set", "model.decoder_depth=1",
-    "--set", "model.regressor_depth=1", "--set", "train.log_every=1",
-    "--set", "train.checkpoint_every=0", "--set", "probe.after_pretrain=false",
-    "--set", "monitor.knn_every=0", "--set", "monitor.images_every=0", "--device", "cpu",
-    "--epochs", "25",
-]  # fmt: skip
+RUN = [*TINY_RUN, "--set", "model.depth=1", "--set", "train.checkpoint_every=0", "--epochs", "25",
+       "--set", "monitor.knn_every=0", "--set", "monitor.images_every=0"]  # fmt: skip
 
 
 def _stopped_by(sig: signal.Signals, argv: list[str], out, threads: int) -> tuple[int, str]:

@@ -1,10 +1,11 @@
-"""Every paper preset carries SPEC section 5 exactly, as --print-config shows it."""
+"""Every paper preset carries SPEC section 5 exactly, as --print-config shows it, in a few
+lines of overrides of the defaults."""
 
 import pytest
 import yaml
 
 from dsmae.cli import main
-from dsmae.config import available_presets
+from dsmae.config import Config, available_presets, read_preset
 
 # SPEC section 5 and 4: data set, backbone, image / patch, batch; (depth, width, heads)
 PAPER = {
@@ -65,3 +66,14 @@ def test_overrides_on_top_of_a_preset(capsys, tmp_path):
                    "--set", "train.epochs=100", "--batch-size", "512")  # fmt: skip
     assert cfg["train"]["epochs"] == 100 and cfg["train"]["warmup_epochs"] == 5
     assert cfg["train"]["lr"] == pytest.approx(1.5e-4 * 512 / 256)
+
+
+@pytest.mark.parametrize("name", sorted(set(PAPER) | {"quickstart"}))
+def test_a_preset_states_only_what_differs_from_the_defaults(name):
+    defaults = Config().to_dict()
+    for section, values in read_preset(name).items():
+        if not isinstance(values, dict):
+            assert values != defaults[section], f"{name}: {section} restates the default"
+            continue
+        for key, value in values.items():
+            assert value != defaults[section][key], f"{name}: {section}.{key} is the default"

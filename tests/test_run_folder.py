@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from dsmae import engine
+from dsmae import resume
 from dsmae.cli import main
 from dsmae.metrics import read_metrics
 from dsmae.run_folder import (
@@ -17,15 +17,16 @@ from dsmae.run_folder import (
     run_id_of,
 )
 
-# quickstart (real digits, 8x8) shrunk: 128 images, batch 32 -> 4 steps an epoch
-RUN = [
+# quickstart (real digits, 8x8) shrunk: 128 images, batch 32 -> 4 steps an epoch; a ViT of
+# width 32 with one decoder and one regressor block, its depth left to each test file
+TINY_RUN = [
     "pretrain", "--preset", "quickstart", "--patch-size", "4", "--batch-size", "32",
-    "--set", "data.subset=128", "--set", "model.depth=1", "--set", "model.embed_dim=32",
-    "--set", "model.num_heads=2", "--set", "model.decoder_depth=1",
-    "--set", "model.regressor_depth=1", "--set", "train.log_every=1",
-    "--set", "train.checkpoint_every=1", "--set", "train.keep_checkpoints=0",
-    "--set", "probe.after_pretrain=false", "--device", "cpu",
+    "--set", "data.subset=128", "--set", "model.embed_dim=32", "--set", "model.num_heads=2",
+    "--set", "model.decoder_depth=1", "--set", "model.regressor_depth=1",
+    "--set", "train.log_every=1", "--set", "probe.after_pretrain=false", "--device", "cpu",
 ]  # fmt: skip
+RUN = [*TINY_RUN, "--set", "model.depth=1", "--set", "train.checkpoint_every=1",
+       "--set", "train.keep_checkpoints=0"]  # fmt: skip
 
 
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path, capsys):
@@ -85,7 +86,7 @@ def test_pruning_and_resume_only_see_their_own_run(tmp_path):
     assert checkpoint_run_id(out / "checkpoint-00000008.pt") == new
     assert checkpoint_run_id(out / "checkpoint-00000012.pt") == old
     (out / "last.pt").unlink()  # as if the new run had been killed before its end
-    assert engine.find_resume_checkpoint(out) == out / "checkpoint-00000008.pt"
+    assert resume.find_resume_checkpoint(out) == out / "checkpoint-00000008.pt"
 
 
 def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):

@@ -2,11 +2,13 @@
 
 The defaults are the paper's CIFAR-10 / ViT-Tiny pre-training setting (SPEC section 5).
 A run's configuration is built in layers, each a nested mapping merged onto the one
-before: defaults <- preset (``src/dsmae/presets/NAME.yaml``) <- the user's YAML files
-<- command-line overrides (``--set train.epochs=100`` and the common flags). Unknown
-keys and impossible values are refused with a :class:`ConfigError` naming the key,
-before anything is built. The resolved configuration (every ``None`` filled in) is
-saved with every run and inside every checkpoint.
+before: defaults <- preset (``src/dsmae/presets/NAME.yaml``, only what differs from the
+defaults) <- the user's YAML files <- command-line overrides (``--set train.epochs=100``
+and the common flags). Unknown keys and impossible values are refused with a
+:class:`ConfigError` naming the key, before anything is built: each section's
+``validate`` sits beside its fields. The resolved configuration (every ``None`` filled
+in) is saved with every run and inside every checkpoint; the fields marked
+:data:`RESUMABLE` may differ when a run resumes.
 """
 
 from __future__ import annotations
@@ -41,6 +43,35 @@ class ConfigError(ValueError):
     """A configuration key is unknown or its value impossible; the message names the key."""
 
 
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _check_crop_scale(key: str, scale: list[float]) -> None:
+    lo, hi = ([*scale, None, None])[:2]
+    _require(
+        len(scale) == 2 and 0 < lo <= hi <= 1,
+        key,
+        f"must be [min, max] with 0 < min <= max <= 1, got {scale}",
+    )
+
+
+# Field metadata of the keys that may differ between a run and its resumption: where and
+# how the run computes, not what it learns (see resumable_keys).
+RESUMABLE = types.MappingProxyType({"resumable": True})
+
+
+def resumable(default: Any) -> Any:
+    """A field marked :data:`RESUMABLE`, with this default."""
+    return field(default=default, metadata=RESUMABLE)
+
+
 @dataclass
 class ModelConfig:
     """The pre-training model (SPEC sections 1-4)."""
@@ -65,20 +96,79 @@ class ModelConfig:
     regressor_depth: int = 2
     target_norm: str = "layernorm"  # teacher tokens standardised per token | "none" (SPEC 3)
 
+    def validate(self) -> None:
+        """Refuse impossible model settings (expects a resolved ModelConfig)."""
+        from dsmae.masking import num_selected  # imports torch: kept out of `dsmae --help`
+
+        _check_choice("model.method", self.method, METHODS)
+        _check_choice("model.arch", self.arch, tuple(ARCHS))
+        _check_choice("model.noise_mode", self.noise_mode, ("add", "replace"))
+        _check_choice("model.target_norm", self.target_norm, ("none", "layernorm"))
+        _require(self.in_chans in (1, 3), "model.in_chans", f"must be 1 or 3, got {self.in_chans}")
+        _require(self.img_size >= 1, "model.img_size", f"must be positive, got {self.img_size}")
+        size, patch = self.img_size, self.patch_size
+        _require(patch >= 1, "model.patch_size", f"must be positive, got {patch}")
+        _require(
+            size % patch == 0, "model.patch_size", f"{patch} does not divide model.img_size={size}"
+        )
+        for key in ("depth", "embed_dim", "num_heads", "decoder_dim", "decoder_heads"):
+            value = getattr(self, key)
+            _require(value is not None and value >= 1, f"model.{key}", f"must be >= 1, got {value}")
+        for key, dim, heads in (
+            ("model.embed_dim", self.embed_dim, self.num_heads),
+            ("model.decoder_dim", self.decoder_dim, self.decoder_heads),
+        ):
+            _require(dim % heads == 0, key, f"{dim} is not divisible by the {heads} heads")
+            _require(dim % 4 == 0, key, f"{dim} must be a multiple of 4 (2-D sin-cos embedding)")
+        for key in ("decoder_depth", "regressor_depth"):
+            value = getattr(self, key)
+            _require(value >= 0, f"model.{key}", f"must be >= 0, got {value}")
+        r = self.noise_ratio
+        _require(r is not None and 0 < r <= 1, "model.noise_ratio", f"must be in (0, 1], got {r}")
+        n = (size // patch) ** 2
+        k = num_selected(n, r)
+        _require(k >= 1, "model.noise_ratio", f"{r} of {n} patches selects none")
+        if self.method == "mae":
+            _require(
+                k < n, "model.noise_ratio", f"{r} masks all {n} patches; mae needs a visible one"
+            )
+        _require(0 <= self.lam <= 1, "model.lam", f"must be in [0, 1], got {self.lam}")
+        _require(self.noise_std >= 0, "model.noise_std", f"must be >= 0, got {self.noise_std}")
+        _require(self.mlp_ratio > 0, "model.mlp_ratio", f"must be positive, got {self.mlp_ratio}")
+
 
 @dataclass
 class DataConfig:
     """Where images come from and how they are augmented for pre-training."""
 
     source: str = "cifar10"  # digits | cifar10 | cifar100 | stl10 | path to a folder
-    root: str = "~/.cache/dsmae/datasets"  # torchvision data sets live here
-    download: bool = False
+    root: str = resumable("~/.cache/dsmae/datasets")  # torchvision data sets live here
+    download: bool = resumable(False)
     subset: int | None = None  # pre-train on a fixed random sample of N images
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     hflip: bool = True
     mean: list[float] | None = None  # None: measured on the pre-training images
     std: list[float] | None = None
     skip_bad_images: bool = False  # skip (and count) unreadable files of a folder
+
+    def validate(self, in_chans: int) -> None:
+        """Refuse impossible data settings for images of ``in_chans`` channels."""
+        _check_crop_scale("data.crop_scale", self.crop_scale)
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            _require(
+                value is None or len(value) == in_chans,
+                f"data.{key}",
+                f"needs one value per channel ({in_chans}), got {value}",
+            )
+        std, subset = self.std, self.subset
+        _require(std is None or min(std) > 0, "data.std", f"must be positive, got {std}")
+        _require(subset is None or subset >= 1, "data.subset", f"must be >= 1, got {subset}")
+        _require(
+            not (self.download and os.path.isdir(os.path.expanduser(self.source))),
+            "data.download",
+            f"data.source={self.source!r} is a folder; there is nothing to download",
+        )
 
 
 @dataclass
@@ -88,7 +178,7 @@ class TrainConfig:
     epochs: int = 500
     warmup_epochs: int = 20
     batch_size: int = 2048  # the global (effective) batch of one optimizer step
-    micro_batch: int | None = None  # per device; None: batch_size / devices (no accumulation)
+    micro_batch: int | None = resumable(None)  # per device; None: batch / devices, no accumulation
     base_lr: float = 1.5e-4
     lr: float | None = None  # None: base_lr * batch_size / 256
     min_lr: float = 0.0
@@ -97,20 +187,64 @@ class TrainConfig:
     momentum_start: float = 0.96
     momentum_end: float = 0.99
     ema_every: str = "epoch"  # teacher update once per epoch (SdAE, SPEC 3) | "step"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each rank's GPU)
+    device: str = resumable("auto")  # auto | cpu | cuda | cuda:N (under torchrun: each rank's GPU)
     amp: bool | None = None  # bf16 autocast; None: on for CUDA, off on CPU
-    compile: bool | None = None  # torch.compile the step; None: on for CUDA, off on CPU
-    compile_scope: str = "model"  # "model": forward, loss, backward as one graph | "blocks"
-    grad_checkpointing: bool = False  # recompute encoder block activations in backward
-    data_on_device: bool | None = None  # keep the uint8 data set on the GPU; None: on CUDA
+    compile: bool | None = resumable(None)  # torch.compile the step; None: on for CUDA, off on CPU
+    compile_scope: str = resumable("model")  # "model": step as one graph | "blocks": per block
+    grad_checkpointing: bool = resumable(False)  # recompute encoder block activations in backward
+    data_on_device: bool | None = resumable(None)  # uint8 data set kept on the GPU; None: on CUDA
     seed: int = 0
     grad_clip: float = 0.0  # clip the gradient norm to this; 0: off
-    max_bad_steps: int = 10  # stop after this many consecutive non-finite steps; 0: never
-    dist_timeout_minutes: float = 15.0  # a rank waiting longer on the others fails
-    checkpoint_every: int = 50  # epochs; 0: off
-    checkpoint_minutes: float = 30.0  # also every this many minutes; 0: off
-    keep_checkpoints: int = 3  # periodic checkpoints kept (the newest); 0: all
-    log_every: int = 10  # optimizer steps between metric lines
+    max_bad_steps: int = resumable(10)  # stop after this many non-finite steps in a row; 0: never
+    dist_timeout_minutes: float = resumable(15.0)  # a rank waiting longer on the others fails
+    checkpoint_every: int = resumable(50)  # epochs; 0: off
+    checkpoint_minutes: float = resumable(30.0)  # also every this many minutes; 0: off
+    keep_checkpoints: int = resumable(3)  # periodic checkpoints kept (the newest); 0: all
+    log_every: int = resumable(10)  # optimizer steps between metric lines
+
+    def validate(self, world_size: int) -> None:
+        """Refuse impossible training settings for a run of ``world_size`` processes."""
+        _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        warmup, batch = self.warmup_epochs, self.batch_size
+        _require(warmup >= 0, "train.warmup_epochs", f"must be >= 0, got {warmup}")
+        _require(batch >= 1, "train.batch_size", f"must be >= 1, got {batch}")
+        per_device, micro = batch // world_size, self.micro_batch
+        _require(
+            micro is not None and micro >= 1 and per_device % micro == 0,
+            "train.micro_batch",
+            f"must divide the per-device batch {per_device} (train.batch_size={batch} over "
+            f"{world_size} processes), got {micro}",
+        )
+        _require(
+            self.lr is not None and self.lr > 0, "train.lr", f"must be positive, got {self.lr}"
+        )
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "train.betas",
+            f"must be two numbers in [0, 1), got {self.betas}",
+        )
+        for key in ("momentum_start", "momentum_end"):
+            value = getattr(self, key)
+            _require(0 <= value < 1, f"train.{key}", f"must be in [0, 1), got {value}")
+        _check_choice("train.ema_every", self.ema_every, ("step", "epoch"))
+        _check_choice("train.compile_scope", self.compile_scope, ("model", "blocks"))
+        _require(
+            DEVICE_PATTERN.fullmatch(self.device) is not None,
+            "train.device",
+            f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}",
+        )
+        self._validate_safety()
+
+    def _validate_safety(self) -> None:
+        """Refuse impossible clipping, divergence, timeout, logging and checkpoint settings."""
+        clip, bad = self.grad_clip, self.max_bad_steps
+        _require(clip >= 0, "train.grad_clip", f"must be >= 0 (0: off), got {clip}")
+        _require(bad >= 0, "train.max_bad_steps", f"must be >= 0, got {bad}")
+        _require(self.dist_timeout_minutes > 0, "train.dist_timeout_minutes", "must be positive")
+        _require(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
+        _require(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+        _require(self.checkpoint_minutes >= 0, "train.checkpoint_minutes", "must be >= 0")
+        _require(self.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0")
 
 
 @dataclass
@@ -122,6 +256,14 @@ class MonitorConfig:
     knn_temperature: float = 0.07
     images_every: int = 20  # Fig. 2 grid of fixed images to TensorBoard
     num_images: int = 8
+
+    def validate(self) -> None:
+        """Refuse impossible monitor settings."""
+        for key in ("knn_every", "images_every"):
+            _require(getattr(self, key) >= 0, f"monitor.{key}", "must be >= 0")
+        _require(self.knn_k >= 1, "monitor.knn_k", f"must be >= 1, got {self.knn_k}")
+        _require(self.knn_temperature > 0, "monitor.knn_temperature", "must be positive")
+        _require(self.num_images >= 1, "monitor.num_images", "must be >= 1")
 
 
 @dataclass
@@ -140,6 +282,14 @@ class ProbeConfig:
     after_pretrain: bool = False  # run the probe when pre-training ends
     random_baseline: bool = False  # ... and also on the same encoder at random init
 
+    def validate(self) -> None:
+        """Refuse impossible linear-probe settings."""
+        _check_choice("probe.pool", self.pool, POOLS)
+        _check_choice("probe.recipe", self.recipe, ("fast", "mae"))
+        _require(self.epochs >= 1, "probe.epochs", f"must be >= 1, got {self.epochs}")
+        batch = self.batch_size
+        _require(batch >= 1, "probe.batch_size", f"must be >= 1, got {batch}")
+
 
 @dataclass
 class FinetuneConfig:
@@ -152,7 +302,7 @@ class FinetuneConfig:
     lr: float | None = None  # None: from base_lr
     min_lr: float = 1e-6
     weight_decay: float = 0.05
-    layer_decay: float = 0.75  # layer-wise lr decay; 1: none
+    layer_decay: float = 0.75  # layer-wise lr decay (MAE: 0.75 for ViT-S and smaller); 1: none
     drop_path: float = 0.1
     mixup: float = 0.8  # alpha; 0: off
     cutmix: float = 1.0  # alpha; 0: off
@@ -164,24 +314,67 @@ class FinetuneConfig:
     grad_clip: float = 0.0  # 0: off
     workers: int = 4  # DataLoader worker processes for the per-image transform; 0: in this process
 
+    def validate(self, world_size: int) -> None:
+        """Refuse impossible fine-tuning settings for a run of ``world_size`` processes."""
+        _check_choice("finetune.pool", self.pool, POOLS)
+        _require(
+            self.auto_augment == "none" or self.auto_augment.startswith("rand-"),
+            "finetune.auto_augment",
+            f"must be a timm RandAugment policy such as 'rand-m9-mstd0.5-inc1', or 'none'; "
+            f"got {self.auto_augment!r}",
+        )
+        _require(self.epochs >= 1, "finetune.epochs", f"must be >= 1, got {self.epochs}")
+        _require(
+            self.batch_size >= 2 and self.batch_size % (2 * world_size) == 0,
+            "finetune.batch_size",
+            f"must be a positive multiple of 2 x {world_size} processes (mixup pairs images), "
+            f"got {self.batch_size}",
+        )
+        lr, decay, drop = self.lr, self.layer_decay, self.drop_path
+        _require(lr is not None and lr > 0, "finetune.lr", f"must be positive, got {lr}")
+        _require(0 < decay <= 1, "finetune.layer_decay", f"must be in (0, 1], got {decay}")
+        _require(0 <= drop < 1, "finetune.drop_path", f"must be in [0, 1), got {drop}")
+        for key in ("mixup", "cutmix"):
+            _require(getattr(self, key) >= 0, f"finetune.{key}", "must be >= 0 (0: off)")
+        _require(0 <= self.label_smoothing < 1, "finetune.label_smoothing", "must be in [0, 1)")
+        _require(0 <= self.random_erase <= 1, "finetune.random_erase", "must be in [0, 1]")
+        _require(self.workers >= 0, "finetune.workers", f"must be >= 0, got {self.workers}")
+        _check_crop_scale("finetune.crop_scale", self.crop_scale)
+
 
 @dataclass
 class Config:
-    """Everything one run needs; ``out`` is its output folder."""
+    """Everything one run needs; ``out`` is its output folder.
+
+    The keys and sections marked :data:`RESUMABLE` (``monitor``, ``probe``, ``finetune``,
+    ``out``, ...) may differ between a run and its resumption; every other key must match."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    out: str = "runs/dsmae"
+    monitor: MonitorConfig = field(default_factory=MonitorConfig, metadata=RESUMABLE)
+    probe: ProbeConfig = field(default_factory=ProbeConfig, metadata=RESUMABLE)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata=RESUMABLE)
+    out: str = resumable("runs/dsmae")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def resumable_keys(section: type = Config, prefix: str = "") -> list[str]:
+    """The dotted keys that may differ between a run and its resumption: the fields and
+    whole sections marked :data:`RESUMABLE`, in field order."""
+    hints = typing.get_type_hints(section)
+    keys: list[str] = []
+    for f in dataclasses.fields(section):
+        if f.metadata.get("resumable"):
+            keys.append(prefix + f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            keys += resumable_keys(hints[f.name], f"{prefix}{f.name}.")
+    return keys
 
 
 # ----------------------------------------------------------------------------- presets
@@ -446,7 +639,7 @@ def resolve_model(m: ModelConfig) -> ModelConfig:
         decoder_dim=m.decoder_dim if m.decoder_dim is not None else embed_dim,
         decoder_heads=m.decoder_heads if m.decoder_heads is not None else num_heads,
     )
-    validate_model(m)
+    m.validate()
     return m
 
 
@@ -468,151 +661,12 @@ def model_config(method: str = "dsmae", **options: Any) -> ModelConfig:
     return resolve_model(_build(ModelConfig, {"method": method, **options}, prefix="model."))
 
 
-def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
-def validate_model(m: ModelConfig) -> None:
-    """Refuse impossible model settings (expects a resolved ModelConfig)."""
-    from dsmae.masking import num_selected  # imports torch: kept out of `dsmae --help`
-
-    _check_choice("model.method", m.method, METHODS)
-    _check_choice("model.arch", m.arch, tuple(ARCHS))
-    _check_choice("model.noise_mode", m.noise_mode, ("add", "replace"))
-    _check_choice("model.target_norm", m.target_norm, ("none", "layernorm"))
-    _require(m.in_chans in (1, 3), "model.in_chans", f"must be 1 or 3, got {m.in_chans}")
-    _require(m.img_size >= 1, "model.img_size", f"must be positive, got {m.img_size}")
-    _require(m.patch_size >= 1, "model.patch_size", f"must be positive, got {m.patch_size}")
-    _require(
-        m.img_size % m.patch_size == 0,
-        "model.patch_size",
-        f"{m.patch_size} does not divide model.img_size={m.img_size}",
-    )
-    for key in ("depth", "embed_dim", "num_heads", "decoder_dim", "decoder_heads"):
-        value = getattr(m, key)
-        _require(value is not None and value >= 1, f"model.{key}", f"must be >= 1, got {value}")
-    for key, dim, heads in (
-        ("model.embed_dim", m.embed_dim, m.num_heads),
-        ("model.decoder_dim", m.decoder_dim, m.decoder_heads),
-    ):
-        _require(dim % heads == 0, key, f"{dim} is not divisible by the {heads} heads")
-        _require(dim % 4 == 0, key, f"{dim} must be a multiple of 4 (2-D sin-cos embedding)")
-    for key in ("decoder_depth", "regressor_depth"):
-        value = getattr(m, key)
-        _require(value >= 0, f"model.{key}", f"must be >= 0, got {value}")
-    r = m.noise_ratio
-    _require(r is not None and 0 < r <= 1, "model.noise_ratio", f"must be in (0, 1], got {r}")
-    n = (m.img_size // m.patch_size) ** 2
-    k = num_selected(n, r)
-    _require(k >= 1, "model.noise_ratio", f"{r} of {n} patches selects none")
-    if m.method == "mae":
-        _require(k < n, "model.noise_ratio", f"{r} masks all {n} patches; mae needs a visible one")
-    _require(0 <= m.lam <= 1, "model.lam", f"must be in [0, 1], got {m.lam}")
-    _require(m.noise_std >= 0, "model.noise_std", f"must be >= 0, got {m.noise_std}")
-    _require(m.mlp_ratio > 0, "model.mlp_ratio", f"must be positive, got {m.mlp_ratio}")
-
-
 def validate(cfg: Config, world_size: int = 1) -> None:
-    """Refuse impossible settings anywhere in a resolved Config."""
-    validate_model(cfg.model)
-    d, t, p, mon = cfg.data, cfg.train, cfg.probe, cfg.monitor
-    lo, hi = ([*d.crop_scale, None, None])[:2]
-    _require(
-        len(d.crop_scale) == 2 and 0 < lo <= hi <= 1,
-        "data.crop_scale",
-        f"must be [min, max] with 0 < min <= max <= 1, got {d.crop_scale}",
-    )
-    for key in ("mean", "std"):
-        value = getattr(d, key)
-        _require(
-            value is None or len(value) == cfg.model.in_chans,
-            f"data.{key}",
-            f"needs one value per channel ({cfg.model.in_chans}), got {value}",
-        )
-    _require(d.std is None or min(d.std) > 0, "data.std", f"must be positive, got {d.std}")
-    _require(d.subset is None or d.subset >= 1, "data.subset", f"must be >= 1, got {d.subset}")
-    _require(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
-    _require(t.warmup_epochs >= 0, "train.warmup_epochs", f"must be >= 0, got {t.warmup_epochs}")
-    _require(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
-    per_device = t.batch_size // world_size
-    _require(
-        t.micro_batch is not None and t.micro_batch >= 1 and per_device % t.micro_batch == 0,
-        "train.micro_batch",
-        f"must divide the per-device batch {per_device} (train.batch_size={t.batch_size} over "
-        f"{world_size} processes), got {t.micro_batch}",
-    )
-    _require(t.lr is not None and t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
-    _require(
-        len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
-        "train.betas",
-        f"must be two numbers in [0, 1), got {t.betas}",
-    )
-    for key in ("momentum_start", "momentum_end"):
-        value = getattr(t, key)
-        _require(0 <= value < 1, f"train.{key}", f"must be in [0, 1), got {value}")
-    _check_choice("train.ema_every", t.ema_every, ("step", "epoch"))
-    _check_choice("train.compile_scope", t.compile_scope, ("model", "blocks"))
-    _require(
-        DEVICE_PATTERN.fullmatch(t.device) is not None,
-        "train.device",
-        f"must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}",
-    )
+    """Refuse impossible settings anywhere in a resolved Config, section by section."""
+    cfg.model.validate()
+    cfg.data.validate(cfg.model.in_chans)
+    cfg.train.validate(world_size)
     _require(bool(cfg.out.strip()), "out", "must name a folder, got an empty string")
-    _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0: off), got {t.grad_clip}")
-    _require(t.max_bad_steps >= 0, "train.max_bad_steps", f"must be >= 0, got {t.max_bad_steps}")
-    _require(t.dist_timeout_minutes > 0, "train.dist_timeout_minutes", "must be positive")
-    _require(
-        not (d.download and os.path.isdir(os.path.expanduser(d.source))),
-        "data.download",
-        f"data.source={d.source!r} is a folder; there is nothing to download",
-    )
-    _require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
-    _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
-    _require(t.checkpoint_minutes >= 0, "train.checkpoint_minutes", "must be >= 0")
-    _require(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0")
-    for key in ("knn_every", "images_every"):
-        _require(getattr(mon, key) >= 0, f"monitor.{key}", "must be >= 0")
-    _require(mon.knn_k >= 1, "monitor.knn_k", f"must be >= 1, got {mon.knn_k}")
-    _require(mon.knn_temperature > 0, "monitor.knn_temperature", "must be positive")
-    _require(mon.num_images >= 1, "monitor.num_images", "must be >= 1")
-    _check_choice("probe.pool", p.pool, POOLS)
-    _check_choice("probe.recipe", p.recipe, ("fast", "mae"))
-    ft = cfg.finetune
-    _check_choice("finetune.pool", ft.pool, POOLS)
-    _require(
-        ft.auto_augment == "none" or ft.auto_augment.startswith("rand-"),
-        "finetune.auto_augment",
-        f"must be a timm RandAugment policy such as 'rand-m9-mstd0.5-inc1', or 'none'; "
-        f"got {ft.auto_augment!r}",
-    )
-    _require(ft.epochs >= 1, "finetune.epochs", f"must be >= 1, got {ft.epochs}")
-    _require(
-        ft.batch_size >= 2 and ft.batch_size % (2 * world_size) == 0,
-        "finetune.batch_size",
-        f"must be a positive multiple of 2 x {world_size} processes (mixup pairs images), "
-        f"got {ft.batch_size}",
-    )
-    _require(ft.lr is not None and ft.lr > 0, "finetune.lr", f"must be positive, got {ft.lr}")
-    _require(
-        0 < ft.layer_decay <= 1, "finetune.layer_decay", f"must be in (0, 1], got {ft.layer_decay}"
-    )
-    _require(0 <= ft.drop_path < 1, "finetune.drop_path", f"must be in [0, 1), got {ft.drop_path}")
-    for key in ("mixup", "cutmix"):
-        _require(getattr(ft, key) >= 0, f"finetune.{key}", "must be >= 0 (0: off)")
-    _require(0 <= ft.label_smoothing < 1, "finetune.label_smoothing", "must be in [0, 1)")
-    _require(0 <= ft.random_erase <= 1, "finetune.random_erase", "must be in [0, 1]")
-    _require(ft.workers >= 0, "finetune.workers", f"must be >= 0, got {ft.workers}")
-    flo, fhi = ([*ft.crop_scale, None, None])[:2]
-    _require(
-        len(ft.crop_scale) == 2 and 0 < flo <= fhi <= 1,
-        "finetune.crop_scale",
-        f"must be [min, max] with 0 < min <= max <= 1, got {ft.crop_scale}",
-    )
-    _require(p.epochs >= 1, "probe.epochs", f"must be >= 1, got {p.epochs}")
-    _require(p.batch_size >= 1, "probe.batch_size", f"must be >= 1, got {p.batch_size}")
+    cfg.monitor.validate()
+    cfg.probe.validate()
+    cfg.finetune.validate(world_size)

@@ -1,6 +1,7 @@
 """The pre-training engine (SPEC section 5): AdamW, warm-up + cosine learning rate, the
 teacher's momentum schedule, gradient accumulation, bf16 autocast on GPU, metrics,
-monitoring, checkpoints and exact resume, on one process or many under ``torchrun``.
+monitoring, checkpoints and exact resume (:mod:`dsmae.resume`), on one process or many
+under ``torchrun``.
 
 Every random choice of a step (crop boxes, flips, noise mask, noise) is drawn for the
 GLOBAL batch from a generator seeded by ``(seed, step)``, and the data order of an
@@ -16,7 +17,6 @@ import logging
 import math
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,38 +24,23 @@ from typing import Any
 import torch
 from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from dsmae import distributed
-from dsmae.checkpoint import (
-    CheckpointError,
-    checkpoint_config,
-    load_checkpoint,
-    load_weights,
-    save_checkpoint,
-    training_state,
-)
+from dsmae.checkpoint import load_weights, save_checkpoint
 from dsmae.config import Config, ConfigError, TrainConfig, fill_data_stats
 from dsmae.data.augment import crop_boxes, random_flips
-from dsmae.data.pipeline import (
-    augmented_batch,
-    channel_stats,
-    epoch_order,
-    eval_batch,
-    load_split,
-)
+from dsmae.data.pipeline import augmented_batch, channel_stats, epoch_order, eval_batch, load_split
 from dsmae.flops import train_flops_per_image
 from dsmae.metrics import MetricsLog
 from dsmae.models import DSMAE
 from dsmae.monitor import Monitor
 from dsmae.preemption import Preempted, StopSignals
-from dsmae.run_folder import (
-    checkpoints_in,
-    cut_metrics,
-    lock_folder,
-    prune_checkpoints,
-    run_id_of,
-    start_run,
-)
+from dsmae.resume import ResumePoint, resume_point
+
+# until dsmae.experiments imports it from dsmae.resume, where it now lives
+from dsmae.resume import settings_differences as settings_differences
+from dsmae.run_folder import cut_metrics, lock_folder, prune_checkpoints, start_run
 from dsmae.runtime import (
     autocast,
     compile_model,
@@ -71,28 +56,6 @@ from dsmae.visualize import save_denoise_figure
 from dsmae.writes import WriteError, atomic_write_text
 
 log = logging.getLogger(__name__)
-
-# Settings that may differ between a run and its resumption.
-RESUMABLE_CHANGES = (
-    "out",
-    "data.root",
-    "data.download",
-    "train.device",
-    "train.micro_batch",
-    "train.compile",
-    "train.compile_scope",
-    "train.grad_checkpointing",
-    "train.data_on_device",
-    "train.checkpoint_every",
-    "train.checkpoint_minutes",
-    "train.keep_checkpoints",
-    "train.log_every",
-    "train.max_bad_steps",
-    "train.dist_timeout_minutes",
-    "monitor",
-    "probe",
-    "finetune",
-)
 
 
 class DivergedError(RuntimeError):
@@ -180,11 +143,8 @@ def train_step(
     amp: bool = False,
     grad_clip: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """One optimizer step on a batch, in micro-batches of ``micro_batch`` images.
-
-    Every micro-batch loss is a mean over the same number of tokens, so the accumulated
-    gradient equals the full batch's. Under DistributedDataParallel, gradients are
-    all-reduced once, on the last micro-batch. The teacher is NOT updated here.
+    """One optimizer step on a batch, in micro-batches of ``micro_batch`` images
+    (:func:`_accumulate_gradients`). The teacher is NOT updated here.
 
     Args:
         model: a DSMAE, possibly wrapped in DistributedDataParallel or compiled.
@@ -205,29 +165,8 @@ def train_step(
         stepped), as detached 0-d tensors on the device.
     """
     micro_batch = micro_batch or images.shape[0]
-    chunks = range(0, images.shape[0], micro_batch)
-    accum = len(chunks)
     optimizer.zero_grad(set_to_none=True)
-    totals: dict[str, torch.Tensor] = {}
-    for i, start in enumerate(chunks):
-        part = slice(start, start + micro_batch)
-        last = i == accum - 1
-        sync = contextlib.nullcontext()
-        if isinstance(model, DistributedDataParallel) and not last:
-            sync = model.no_sync()
-        with sync:  # no all-reduce until the last micro-batch's backward
-            with autocast(images.device, amp):
-                out = model(
-                    images[part],
-                    generator=generator,
-                    mask=None if mask is None else mask[part],
-                    eps=None if eps is None else eps[part],
-                )
-            (out.loss / accum).backward()
-        for name in ("loss", "loss_y", "loss_z"):
-            value = getattr(out, name)
-            if value is not None:
-                totals[name] = totals.get(name, 0) + value.detach().float() / accum
+    totals = _accumulate_gradients(model, images, micro_batch, mask, eps, generator, amp)
     params = [p for p in model.parameters() if p.grad is not None]
     totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
     totals["finite"] = torch.isfinite(totals["grad_norm"])
@@ -235,82 +174,59 @@ def train_step(
     return totals
 
 
-def resolve_data_stats(cfg: Config, images: torch.Tensor) -> Config:
-    """Fill ``data.mean``/``data.std`` from the pre-training images where they are None."""
-    if cfg.data.mean is not None and cfg.data.std is not None:
-        return cfg
-    return fill_data_stats(cfg, *channel_stats(images))
+def _accumulate_gradients(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    micro_batch: int,
+    mask: torch.Tensor | None,
+    eps: torch.Tensor | None,
+    generator: torch.Generator | None,
+    amp: bool,
+) -> dict[str, torch.Tensor]:
+    """Forward and backward of ``images`` ((B, C, H, W)) in micro-batches of
+    ``micro_batch``, adding to the gradients (see :func:`train_step` for the arguments).
 
+    Every micro-batch loss is a mean over the same number of tokens, divided by the number
+    of micro-batches, so the accumulated gradient equals the full batch's. Under
+    DistributedDataParallel, gradients are all-reduced once, on the last micro-batch.
 
-def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts, as ``key: a -> b``."""
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        name = f"{prefix}{key}"
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            diffs += config_differences(va, vb, prefix=f"{name}.")
-        elif va != vb:
-            diffs.append(f"{name}: {va!r} -> {vb!r}")
-    return diffs
-
-
-def settings_differences(saved: Config, current: Config) -> list[str]:
-    """The settings that make two configs different runs, as ``key: a -> b``: everything
-    but what may change on a resume (:data:`RESUMABLE_CHANGES`)."""
-    trees = [saved.to_dict(), current.to_dict()]
-    for key in RESUMABLE_CHANGES:
-        *parents, leaf = key.split(".")
-        for tree in trees:
-            node = tree
-            for part in parents:
-                node = node[part]
-            node.pop(leaf)
-    return config_differences(*trees)
-
-
-def find_resume_checkpoint(out: Path) -> Path | None:
-    """The readable checkpoint of ``out``'s run with the most steps (periodic ones or
-    ``last.pt``).
-
-    Only checkpoints of the run that owns the folder (its ``run.json``) are candidates.
-    A checkpoint that cannot be read (truncated by a copy, a damaged disk) is skipped with
-    a warning, so the run resumes from the one before it. The temporary file of an
-    interrupted write (``.NAME.tmp``) is never a candidate.
+    Returns:
+        the batch's mean ``loss`` (and ``loss_y``/``loss_z``), detached 0-d tensors.
     """
-    found = _newest_checkpoint(out, run_id_of(out))
-    return None if found is None else found[0]
+    chunks = range(0, images.shape[0], micro_batch)
+    accum = len(chunks)
+    totals: dict[str, torch.Tensor] = {}
+    for i, start in enumerate(chunks):
+        part = slice(start, start + micro_batch)
+        sync = contextlib.nullcontext()
+        if isinstance(model, DistributedDataParallel) and i < accum - 1:
+            sync = model.no_sync()
+        with sync:  # no all-reduce until the last micro-batch's backward
+            with autocast(images.device, amp):
+                part_mask = None if mask is None else mask[part]
+                part_eps = None if eps is None else eps[part]
+                out = model(images[part], generator=generator, mask=part_mask, eps=part_eps)
+            (out.loss / accum).backward()
+        for name in ("loss", "loss_y", "loss_z"):
+            value = getattr(out, name)
+            if value is not None:
+                totals[name] = totals.get(name, 0) + value.detach().float() / accum
+    return totals
 
 
-def _newest_checkpoint(out: Path, run_id: str | None) -> tuple[Path, dict[str, Any]] | None:
-    """:func:`find_resume_checkpoint`'s choice and its loaded state, among the checkpoints
-    of run ``run_id`` (any, for None). Periodic checkpoints carry their step in their
-    name, so only the candidates tried are read: ``last.pt`` (whose step is inside it) and
-    then the newest first."""
-    last = out / "last.pt"
-    last_state = _readable(last, run_id) if last.is_file() else None
-    last_step = -1 if last_state is None else int(last_state.get("step", -1))
-    for step, path in reversed(checkpoints_in(out)):
-        if last_state is not None and step <= last_step:
-            break  # at equal steps, last.pt wins
-        state = _readable(path, run_id)
-        if state is not None:
-            return path, state
-    return None if last_state is None else (last, last_state)
-
-
-def _readable(path: Path, run_id: str | None) -> dict[str, Any] | None:
-    """The state of a checkpoint of run ``run_id`` (any, for None), or None (with a
-    warning) when it cannot be read or belongs to another run."""
-    try:
-        state = load_checkpoint(path)
-    except CheckpointError as err:
-        log.warning("skipping an unreadable checkpoint: %s", err)
-        return None
-    if run_id is not None and state.get("run_id") != run_id:
-        log.info("skipping %s: it belongs to another run of this folder", path)
-        return None
-    return state
+def load_batch(
+    images: torch.Tensor,
+    idx: torch.Tensor,
+    corruption: Corruption,
+    size: int,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> torch.Tensor:
+    """The batch ``images[idx]`` ((N, C, H, W) uint8, any device), cropped and flipped as
+    ``corruption`` says, resized to ``size`` and normalised by ``mean``/``std`` ((C,)):
+    (B, C, size, size) float32 on the device of ``corruption``."""
+    uint8 = images[idx].to(corruption.boxes.device, non_blocking=True)
+    return augmented_batch(uint8, size, corruption.boxes, corruption.flips, mean, std)
 
 
 class StepHealth:
@@ -373,26 +289,42 @@ class _Run:
 
     cfg: Config
     proc: distributed.Process
-    out: Path
     device: torch.device
-    amp: bool
     images: torch.Tensor  # (N, C, H, W) uint8, the pre-training split
     model: DSMAE
     forward: torch.nn.Module  # the model as trained: DDP-wrapped and/or compiled
     optimizer: torch.optim.Optimizer
-    steps_per_epoch: int
     flops_per_image: float
-    mean: torch.Tensor  # (C,) normalisation of the images, on the device
-    std: torch.Tensor
-    health: StepHealth
     compiled: bool
     run_id: str  # this run's, recorded in its checkpoints ("" on ranks that write nothing)
+    start: dataclasses.InitVar[ResumePoint]  # sets resumed, step and last_checkpoint
     lock: Any = None  # the open lock file of the output folder (rank 0)
-    resumed: bool = False
-    step: int = 0
     last: dict[str, Any] = dataclasses.field(default_factory=dict)  # last metrics line
     last_save: float = dataclasses.field(default_factory=time.monotonic)
-    last_checkpoint: Path | None = None  # the newest checkpoint written or resumed from
+    resumed: bool = dataclasses.field(init=False)
+    step: int = dataclasses.field(init=False)
+    last_checkpoint: Path | None = dataclasses.field(init=False)  # newest written or resumed
+    amp: bool = dataclasses.field(init=False)
+    mean: torch.Tensor = dataclasses.field(init=False)  # (C,) normalisation, on the device
+    std: torch.Tensor = dataclasses.field(init=False)
+    health: StepHealth = dataclasses.field(init=False)
+
+    def __post_init__(self, start: ResumePoint) -> None:
+        self.resumed = start.state is not None
+        self.step = start.step
+        self.last_checkpoint = start.path
+        self.amp = use_amp(self.device, self.cfg.train.amp)
+        self.mean = torch.tensor(self.cfg.data.mean, device=self.device)
+        self.std = torch.tensor(self.cfg.data.std, device=self.device)
+        self.health = StepHealth(self.device)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.images) // self.cfg.train.batch_size
 
     @property
     def total_steps(self) -> int:
@@ -409,11 +341,13 @@ def _setup(cfg: Config, resume: str | None, force: bool, overwrite: bool) -> _Ru
         check_writable(out)
         lock = lock_folder(out)
     try:
-        return _build_run(cfg, resume, force, overwrite, proc, device, lock)
+        run = _build_run(cfg, resume, force, overwrite, proc, device)
     except BaseException:
         if lock is not None:
             lock.close()  # releases the folder
         raise
+    run.lock = lock
+    return run
 
 
 def _build_run(
@@ -423,66 +357,86 @@ def _build_run(
     overwrite: bool,
     proc: distributed.Process,
     device: torch.device,
-    lock: Any,
 ) -> _Run:
-    t, out = cfg.train, Path(cfg.out)
-    state, resumed_from, cfg, run_id = _resume_state(cfg, out, resume, force)
+    """The run from where it starts (:func:`~dsmae.resume.resume_point`): the folder
+    claimed, the data loaded, the model and optimizer built (and restored), the forward
+    wrapped, ``config.yaml`` written."""
+    out = Path(cfg.out)
+    start = resume_point(cfg, out, resume, force)
+    if start.state is not None:
+        log.info("resuming from %s at step %d", start.path, start.step)
+    elif resume is not None:
+        log.info("no checkpoint in %s: starting from scratch", out)
+    run_id = start.run_id
     if proc.is_main:
         run_id = start_run(out, overwrite, run_id)
-        if state is not None:
-            cut_metrics(out, int(state["step"]))
+        if start.state is not None:
+            cut_metrics(out, start.step)
+    images, cfg = _pretraining_images(start.cfg)
+    model, optimizer = _model_and_optimizer(cfg, device, start)
+    sample = eval_batch(images[:2], cfg.model.img_size, cfg.data.mean, cfg.data.std).to(device)
+    flops = train_flops_per_image(model, sample)
+    forward = distributed.wrap(model, proc, device)
+    compiled = use_compile(device, cfg.train.compile)
+    if compiled:
+        forward = compile_model(forward, cfg.train.compile_scope)
+    images = _placed(images, cfg.train, device)
+    if proc.is_main:
+        atomic_write_text(out / "config.yaml", cfg.to_yaml(), "config")
+    run_id = run_id or ""
+    return _Run(
+        cfg, proc, device, images, model, forward, optimizer, flops, compiled, run_id, start
+    )
+
+
+def _pretraining_images(cfg: Config) -> tuple[torch.Tensor, Config]:
+    """The pre-training images ((N, C, H, W) uint8) and ``cfg`` with the normalisation
+    measured on them where it is unset.
+
+    Raises:
+        ConfigError: fewer images than one batch.
+    """
+    t = cfg.train
     images = load_split(cfg.data, cfg.model, "pretrain").images
-    steps_per_epoch = len(images) // t.batch_size
-    if steps_per_epoch == 0:
+    if len(images) // t.batch_size == 0:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is larger than the {len(images)} pre-training images"
         )
-    cfg = resolve_data_stats(cfg, images)
+    return images, resolve_data_stats(cfg, images)
 
-    torch.manual_seed(t.seed)  # weight initialisation, identical on every process
+
+def resolve_data_stats(cfg: Config, images: torch.Tensor) -> Config:
+    """Fill ``data.mean``/``data.std`` from the pre-training images where they are None."""
+    if cfg.data.mean is not None and cfg.data.std is not None:
+        return cfg
+    return fill_data_stats(cfg, *channel_stats(images))
+
+
+def _model_and_optimizer(
+    cfg: Config, device: torch.device, start: ResumePoint
+) -> tuple[DSMAE, torch.optim.Optimizer]:
+    """The model, initialised from ``train.seed`` (identically on every process), and its
+    optimizer; both restored from the resumed checkpoint, if any."""
+    torch.manual_seed(cfg.train.seed)  # weight initialisation, identical on every process
     model = DSMAE(cfg.model).to(device).train()
-    if t.grad_checkpointing:
+    if cfg.train.grad_checkpointing:
         model.encoder.set_grad_checkpointing(True)
-    optimizer = build_optimizer(model, t, device)
-    if state is not None:
-        load_weights(model, state["model"], str(resumed_from))
-        optimizer.load_state_dict(state["optimizer"])
-    sample = eval_batch(images[:2], cfg.model.img_size, cfg.data.mean, cfg.data.std).to(device)
-    flops = train_flops_per_image(model, sample)
+    optimizer = build_optimizer(model, cfg.train, device)
+    if start.state is not None:
+        load_weights(model, start.state["model"], str(start.path))
+        optimizer.load_state_dict(start.state["optimizer"])
+    return model, optimizer
 
-    forward = distributed.wrap(model, proc, device)
-    compiled = use_compile(device, t.compile)
-    if compiled:
-        forward = compile_model(forward, t.compile_scope)
+
+def _placed(images: torch.Tensor, t: TrainConfig, device: torch.device) -> torch.Tensor:
+    """The data set where the steps gather from: on the GPU (``train.data_on_device``,
+    default on CUDA), else in pinned memory on a CUDA machine, else as it is."""
     on_device = t.data_on_device if t.data_on_device is not None else device.type == "cuda"
     if on_device:
-        images = images.to(device)
-    elif device.type == "cuda":
-        images = images.pin_memory()
-    if proc.is_main:
-        atomic_write_text(out / "config.yaml", cfg.to_yaml(), "config")
-    return _Run(
-        cfg=cfg,
-        proc=proc,
-        out=out,
-        device=device,
-        amp=use_amp(device, t.amp),
-        images=images,
-        model=model,
-        forward=forward,
-        optimizer=optimizer,
-        steps_per_epoch=steps_per_epoch,
-        flops_per_image=flops,
-        mean=torch.tensor(cfg.data.mean, device=device),
-        std=torch.tensor(cfg.data.std, device=device),
-        health=StepHealth(device),
-        compiled=compiled,
-        run_id=run_id or "",
-        lock=lock,
-        resumed=state is not None,
-        step=0 if state is None else int(state["step"]),
-        last_checkpoint=resumed_from,
-    )
+        return images.to(device)
+    if device.type == "cuda":
+        return images.pin_memory()
+    return images
 
 
 def check_writable(out: Path) -> None:
@@ -494,92 +448,6 @@ def check_writable(out: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise ConfigError(f"out={str(out)!r} is not a writable folder: {err}") from None
-
-
-def _resume_state(
-    cfg: Config, out: Path, resume: str | None, force: bool
-) -> tuple[dict | None, Path | None, Config, str | None]:
-    """The checkpoint to resume from (``resume``: a path, or "auto" for the newest
-    readable one of ``out``'s run), its path, ``cfg`` normalising as that run did
-    (``data.mean``/``data.std`` left to measure are taken from it) and the run's id,
-    after checking that it was made with the same settings. Nothing to resume: None, None,
-    ``cfg``, None (a fresh run)."""
-    if resume is None:
-        return None, None, cfg, None
-    found = _newest_checkpoint(out, run_id_of(out)) if resume == "auto" else (Path(resume), None)
-    if found is None:
-        log.info("no checkpoint in %s: starting from scratch", out)
-        return None, None, cfg, None
-    path, state = found
-    state = state if state is not None else load_checkpoint(path)
-    saved_cfg = checkpoint_config(state, path)
-    training_state(state, path)  # refuse a checkpoint without step or optimizer state
-    cfg = fill_data_stats(cfg, saved_cfg.data.mean, saved_cfg.data.std)
-    diffs = settings_differences(saved_cfg, cfg)
-    if diffs and not force:
-        raise ConfigError(
-            f"{path} was made with other settings (add --force to resume anyway): "
-            + "; ".join(diffs)
-        )
-    log.info("resuming from %s at step %d", path, state["step"])
-    run_id = state.get("run_id") if isinstance(state.get("run_id"), str) else None
-    return state, path, cfg, run_id or run_id_of(out) or uuid.uuid4().hex[:12]
-
-
-def _batch(run: _Run, step: int, order: torch.Tensor) -> tuple[torch.Tensor, Corruption]:
-    """This process's share of the global batch of ``step``, augmented, and its corruption.
-
-    ``order`` (the epoch's permutation) lives where the images do, so with the data set
-    on the GPU the gather, the augmentation and the draws never wait for the device.
-    """
-    cfg, proc = run.cfg, run.proc
-    b = cfg.train.batch_size
-    start = (step % run.steps_per_epoch) * b
-    mine = distributed.local_share(b, proc)
-    idx = order[start : start + b][mine]
-    corruption = draw_step(run.model, cfg, step, run.device)[mine]
-    images = load_batch(run.images, idx, corruption, cfg.model.img_size, run.mean, run.std)
-    return images, corruption
-
-
-def load_batch(
-    images: torch.Tensor,
-    idx: torch.Tensor,
-    corruption: Corruption,
-    size: int,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-) -> torch.Tensor:
-    """The batch ``images[idx]`` ((N, C, H, W) uint8, any device), cropped and flipped as
-    ``corruption`` says, resized to ``size`` and normalised by ``mean``/``std`` ((C,)):
-    (B, C, size, size) float32 on the device of ``corruption``."""
-    uint8 = images[idx].to(corruption.boxes.device, non_blocking=True)
-    return augmented_batch(uint8, size, corruption.boxes, corruption.flips, mean, std)
-
-
-def _save(run: _Run, path: Path) -> Path:
-    """Write a checkpoint (rank 0 only) and drop periodic ones beyond ``keep_checkpoints``."""
-    run.last_save = time.monotonic()
-    if not run.proc.is_main:
-        return path
-    state = {
-        "config": run.cfg.to_dict(),
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "step": run.step,
-        "epoch": run.step // run.steps_per_epoch,
-        "run_id": run.run_id,
-    }
-    try:
-        save_checkpoint(path, state)
-    except WriteError as err:
-        raise WriteError(
-            f"{err}. The last good checkpoint is {run.last_checkpoint or 'none yet'}: free some "
-            "space (or fix the folder) and continue with --resume auto."
-        ) from None
-    run.last_checkpoint = path
-    prune_checkpoints(run.out, run.run_id, run.cfg.train.keep_checkpoints)
-    return path
 
 
 def pretrain(
@@ -617,7 +485,35 @@ def pretrain(
 
 
 def _train(run: _Run, started: float, signals: StopSignals) -> PretrainResult:
-    cfg, t, proc = run.cfg, run.cfg.train, run.proc
+    """The steps from ``run.step`` to the end of the run, then its last checkpoint."""
+    _log_start(run)
+    report = _Report(run, started)
+    run.health.checked_step = run.step
+    order = None
+    with report.bar:
+        while run.step < run.total_steps:
+            step = run.step
+            epoch, in_epoch = divmod(step, run.steps_per_epoch)
+            if order is None or in_epoch == 0:
+                order = epoch_order(len(run.images), run.cfg.train.seed, epoch)
+                order = order.to(run.images.device)
+            lr = _set_lr(run, step)
+            losses, finite = _take_step(run, step, order)
+            momentum = _update_teacher(run, step, epoch, finite)
+            run.step = step + 1
+            report.stepped(run, step)
+            if run.step % run.cfg.train.log_every == 0 or run.step == run.total_steps:
+                losses = report.metrics_line(run, epoch, lr, momentum, losses)
+            _end_epoch_or_save(run, epoch, in_epoch, losses, report)
+            stop = _stop_requested(run, signals)  # after the epoch's teacher update
+            if stop is not None:
+                _stop(run, stop, report.metrics)
+    return _finish(run, started, report.metrics)
+
+
+def _log_start(run: _Run) -> None:
+    """The line that opens a run: model, data, processes, steps."""
+    cfg, t = run.cfg, run.cfg.train
     log.info(
         "pre-training %s (%s, %.1fM encoder parameters, %.2f GFLOP per image) on %d images, "
         "%d process(es) on %s, steps %d to %d of %d images%s",
@@ -626,110 +522,192 @@ def _train(run: _Run, started: float, signals: StopSignals) -> PretrainResult:
         sum(p.numel() for p in run.model.encoder.parameters()) / 1e6,
         run.flops_per_image / 1e9,
         len(run.images),
-        proc.world_size,
+        run.proc.world_size,
         run.device,
         run.step,
         run.total_steps,
         t.batch_size,
         f", torch.compile ({t.compile_scope})" if run.compiled else "",
     )
-    monitor = Monitor(cfg, run.device) if proc.is_main else None
-    purge = run.step + 1 if run.resumed else None  # TensorBoard hides the steps taken again
-    metrics = MetricsLog(run.out, purge_step=purge) if proc.is_main else None
+
+
+def _set_lr(run: _Run, step: int) -> float:
+    """Set the learning rate of ``step`` (warm-up, then cosine) and return it."""
+    t = run.cfg.train
     warmup_steps = run.steps_per_epoch * t.warmup_epochs
-    timer = (time.perf_counter(), run.step)  # (time, step) of the last metrics line
-    once = {"setup_s": timer[0] - started}  # written with the first metrics line
-    run.health.checked_step = run.step
-    first_step = run.step
-    order = None
-    bar = progress(
-        (run.total_steps - run.step) * t.batch_size, "pretrain", disable=not proc.is_main
+    lr = lr_at(step, run.total_steps, warmup_steps, t.lr, t.min_lr)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _take_step(
+    run: _Run, step: int, order: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Optimizer step ``step`` on its batch of the epoch's ``order``: its losses (and
+    ``grad_norm``) and whether the optimizer stepped (a 0-d bool, counted in
+    ``run.health``), on the device."""
+    t = run.cfg.train
+    images, corruption = _batch(run, step, order)
+    mask, eps = corruption.mask, corruption.eps
+    options = {"micro_batch": t.micro_batch, "amp": run.amp, "grad_clip": t.grad_clip}
+    losses = train_step(run.forward, run.optimizer, images, mask=mask, eps=eps, **options)
+    finite = losses.pop("finite")
+    run.health.record(finite)
+    return losses, finite
+
+
+def _batch(run: _Run, step: int, order: torch.Tensor) -> tuple[torch.Tensor, Corruption]:
+    """This process's share of the global batch of ``step``, augmented, and its corruption.
+
+    ``order`` (the epoch's permutation) lives where the images do, so with the data set
+    on the GPU the gather, the augmentation and the draws never wait for the device.
+    """
+    cfg, proc = run.cfg, run.proc
+    b = cfg.train.batch_size
+    start = (step % run.steps_per_epoch) * b
+    mine = distributed.local_share(b, proc)
+    idx = order[start : start + b][mine]
+    corruption = draw_step(run.model, cfg, step, run.device)[mine]
+    images = load_batch(run.images, idx, corruption, cfg.model.img_size, run.mean, run.std)
+    return images, corruption
+
+
+def _update_teacher(run: _Run, step: int, epoch: int, finite: torch.Tensor) -> float:
+    """The teacher's momentum for this step's metrics line. Per step (``train.ema_every``
+    "step"), the momentum of ``step``, applied now unless the step was skipped; per epoch,
+    the momentum of ``epoch``, applied at its end (:func:`_end_of_epoch`)."""
+    t = run.cfg.train
+    if t.ema_every != "step":
+        return momentum_at(epoch, t.epochs, t.momentum_start, t.momentum_end)
+    momentum = momentum_at(step, run.total_steps, t.momentum_start, t.momentum_end)
+    run.model.update_teacher(momentum, apply=finite)
+    return momentum
+
+
+class _Report:
+    """Where a run reports, on rank 0: metric lines (``metrics.jsonl`` and TensorBoard),
+    the monitor and the progress bar; and the clock of the metric lines."""
+
+    def __init__(self, run: _Run, started: float) -> None:
+        cfg, main = run.cfg, run.proc.is_main
+        self.monitor = Monitor(cfg, run.device) if main else None
+        purge = run.step + 1 if run.resumed else None  # TensorBoard hides the steps taken again
+        self.metrics = MetricsLog(run.out, purge_step=purge) if main else None
+        self.started = started
+        self.since = (time.perf_counter(), run.step)  # (time, step) of the last metrics line
+        self.once = {"setup_s": self.since[0] - started}  # written with the first metrics line
+        self.first_step = run.step
+        images = (run.total_steps - run.step) * cfg.train.batch_size
+        self.bar: tqdm = progress(images, "pretrain", disable=not main)
+
+    def stepped(self, run: _Run, step: int) -> None:
+        """Count step ``step`` (just taken) on the bar; when it was the first and it
+        compiled, time it alone and leave it out of the throughput."""
+        self.bar.update(run.cfg.train.batch_size)
+        if step == self.first_step and run.compiled:
+            synchronize(run.device)
+            now = time.perf_counter()
+            self.once["compile_s"] = now - self.since[0]
+            log.info("first step (torch.compile included): %.1f s", self.once["compile_s"])
+            self.since = (now, run.step)
+
+    def metrics_line(
+        self, run: _Run, epoch: int, lr: float, momentum: float, losses: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Check the skipped steps (:class:`StepHealth`), then write ``run.last``, the
+        metrics line of ``run.step``; returns ``losses`` averaged over the processes."""
+        t = run.cfg.train
+        skipped = run.health.check(run.step, losses, t.max_bad_steps, run.last_checkpoint)
+        losses = distributed.mean_over_processes(losses, run.proc)
+        run.last = {"step": run.step, "epoch": epoch, "lr": lr, "momentum": momentum}
+        run.last.update({k: v.item() for k, v in losses.items()})  # synchronises
+        now = time.perf_counter()
+        then, step_then = self.since
+        if run.step > step_then:
+            run.last["img_per_s"] = (run.step - step_then) * t.batch_size / (now - then)
+        run.last["skipped_steps"] = skipped
+        run.last["wall_s"] = now - self.started
+        run.last.update(self.once)
+        self.once = {}
+        if run.device.type == "cuda":
+            run.last["peak_mem_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
+        self.since = (now, run.step)
+        if self.metrics is not None:
+            self.metrics.write(run.last)
+        self.bar.set_postfix(epoch=epoch, loss=f"{run.last['loss']:.4f}")
+        return losses
+
+
+def _end_epoch_or_save(
+    run: _Run, epoch: int, in_epoch: int, losses: dict[str, torch.Tensor], report: _Report
+) -> None:
+    """After the last step of an epoch, end it; mid-epoch, save a checkpoint when
+    ``train.checkpoint_minutes`` have passed. Either only after checking the skipped steps:
+    never save nor move the teacher after divergence."""
+    t = run.cfg.train
+    end_of_epoch = in_epoch == run.steps_per_epoch - 1
+    save_now = (
+        not end_of_epoch
+        and t.checkpoint_minutes
+        and time.monotonic() - run.last_save > 60 * t.checkpoint_minutes
     )
-    with bar:
-        while run.step < run.total_steps:
-            step = run.step
-            epoch, in_epoch = divmod(step, run.steps_per_epoch)
-            if order is None or in_epoch == 0:
-                order = epoch_order(len(run.images), t.seed, epoch).to(run.images.device)
-            lr = lr_at(step, run.total_steps, warmup_steps, t.lr, t.min_lr)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            images, corruption = _batch(run, step, order)
-            losses = train_step(
-                run.forward,
-                run.optimizer,
-                images,
-                micro_batch=t.micro_batch,
-                mask=corruption.mask,
-                eps=corruption.eps,
-                amp=run.amp,
-                grad_clip=t.grad_clip,
-            )
-            finite = losses.pop("finite")
-            run.health.record(finite)
-            if t.ema_every == "step":
-                momentum = momentum_at(step, run.total_steps, t.momentum_start, t.momentum_end)
-                run.model.update_teacher(momentum, apply=finite)
-            else:  # the teacher moves at the end of the epoch, with this momentum
-                momentum = momentum_at(epoch, t.epochs, t.momentum_start, t.momentum_end)
-            run.step = step + 1
-            bar.update(t.batch_size)
-            if step == first_step and run.compiled:
-                # the first step compiles: time it alone and leave it out of the throughput
-                synchronize(run.device)
-                now = time.perf_counter()
-                once["compile_s"] = now - timer[0]
-                log.info("first step (torch.compile included): %.1f s", once["compile_s"])
-                timer = (now, run.step)
-            if run.step % t.log_every == 0 or run.step == run.total_steps:
-                skipped = run.health.check(run.step, losses, t.max_bad_steps, run.last_checkpoint)
-                losses = distributed.mean_over_processes(losses, proc)
-                run.last = {"step": run.step, "epoch": epoch, "lr": lr, "momentum": momentum}
-                run.last.update({k: v.item() for k, v in losses.items()})  # synchronises
-                now = time.perf_counter()
-                if run.step > timer[1]:
-                    run.last["img_per_s"] = (run.step - timer[1]) * t.batch_size / (now - timer[0])
-                run.last["skipped_steps"] = skipped
-                run.last["wall_s"] = now - started
-                run.last.update(once)
-                once = {}
-                if run.device.type == "cuda":
-                    run.last["peak_mem_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
-                timer = (now, run.step)
-                if metrics is not None:
-                    metrics.write(run.last)
-                bar.set_postfix(epoch=epoch, loss=f"{run.last['loss']:.4f}")
-            end_of_epoch = in_epoch == run.steps_per_epoch - 1
-            save_now = (
-                not end_of_epoch
-                and t.checkpoint_minutes
-                and time.monotonic() - run.last_save > 60 * t.checkpoint_minutes
-            )
-            if end_of_epoch or save_now:  # never save nor move the teacher after divergence
-                run.health.check(run.step, losses, t.max_bad_steps, run.last_checkpoint)
-            if end_of_epoch:
-                _end_of_epoch(run, epoch, started, monitor, metrics)
-            elif save_now:
-                _save(run, run.out / f"checkpoint-{run.step:08d}.pt")
-            stop = _stop_requested(run, signals)  # after the epoch's teacher update
-            if stop is not None:
-                _stop(run, stop, metrics)
-    checkpoint = _save(run, run.out / "last.pt")
-    if proc.is_main:
-        shown = eval_batch(run.images[:8], cfg.model.img_size, cfg.data.mean, cfg.data.std)
-        save_denoise_figure(
-            run.model,
-            shown.to(run.device),
-            run.out / "denoise.png",
-            cfg.data.mean,
-            cfg.data.std,
-            generator(t.seed, run.device),
-        )
-        metrics.close()
-    distributed.barrier(proc)
-    seconds = time.perf_counter() - started
-    log.info("pre-training done in %.0f s: %s", seconds, checkpoint)
-    return PretrainResult(run.out, checkpoint, cfg, run.last, seconds)
+    if end_of_epoch or save_now:
+        run.health.check(run.step, losses, t.max_bad_steps, run.last_checkpoint)
+    if end_of_epoch:
+        _end_of_epoch(run, epoch, report)
+    elif save_now:
+        _save(run, run.out / f"checkpoint-{run.step:08d}.pt")
+
+
+def _end_of_epoch(run: _Run, epoch: int, report: _Report) -> None:
+    """Epoch-wise teacher update, monitoring, checkpoint and progress line."""
+    t = run.cfg.train
+    done = epoch + 1
+    if t.ema_every == "epoch":
+        run.model.update_teacher(momentum_at(epoch, t.epochs, t.momentum_start, t.momentum_end))
+    elapsed = time.perf_counter() - report.started
+    if report.monitor is not None and report.metrics is not None:
+        flops = run.flops_per_image * run.step * t.batch_size
+        report.monitor.after_epoch(run.model, done, run.step, elapsed, flops, report.metrics)
+    due_epoch = t.checkpoint_every and done % t.checkpoint_every == 0
+    due_time = t.checkpoint_minutes and time.monotonic() - run.last_save > 60 * t.checkpoint_minutes
+    if (due_epoch or due_time) and done < t.epochs:
+        _save(run, run.out / f"checkpoint-{run.step:08d}.pt")
+    log.info(
+        "epoch %d/%d: loss %.4f, %.0f img/s, %.0f s elapsed, ETA %.0f s",
+        done,
+        t.epochs,
+        run.last.get("loss", float("nan")),
+        run.last.get("img_per_s", 0.0),
+        elapsed,
+        elapsed / done * (t.epochs - done) if done else 0.0,
+    )
+
+
+def _save(run: _Run, path: Path) -> Path:
+    """Write a checkpoint (rank 0 only) and drop periodic ones beyond ``keep_checkpoints``."""
+    run.last_save = time.monotonic()
+    if not run.proc.is_main:
+        return path
+    state = {
+        "config": run.cfg.to_dict(),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "step": run.step,
+        "epoch": run.step // run.steps_per_epoch,
+        "run_id": run.run_id,
+    }
+    try:
+        save_checkpoint(path, state)
+    except WriteError as err:
+        raise WriteError(
+            f"{err}. The last good checkpoint is {run.last_checkpoint or 'none yet'}: free some "
+            "space (or fix the folder) and continue with --resume auto."
+        ) from None
+    run.last_checkpoint = path
+    prune_checkpoints(run.out, run.run_id, run.cfg.train.keep_checkpoints)
+    return path
 
 
 def _stop_requested(run: _Run, signals: StopSignals) -> str | None:
@@ -755,28 +733,19 @@ def _stop(run: _Run, signal_name: str, metrics: MetricsLog | None) -> None:
     raise error
 
 
-def _end_of_epoch(
-    run: _Run, epoch: int, started: float, monitor: Monitor | None, metrics: MetricsLog | None
-) -> None:
-    """Epoch-wise teacher update, monitoring, checkpoint and progress line."""
-    t = run.cfg.train
-    done = epoch + 1
-    if t.ema_every == "epoch":
-        run.model.update_teacher(momentum_at(epoch, t.epochs, t.momentum_start, t.momentum_end))
-    elapsed = time.perf_counter() - started
-    if monitor is not None and metrics is not None:
-        flops = run.flops_per_image * run.step * t.batch_size
-        monitor.after_epoch(run.model, done, run.step, elapsed, flops, metrics)
-    due_epoch = t.checkpoint_every and done % t.checkpoint_every == 0
-    due_time = t.checkpoint_minutes and time.monotonic() - run.last_save > 60 * t.checkpoint_minutes
-    if (due_epoch or due_time) and done < t.epochs:
-        _save(run, run.out / f"checkpoint-{run.step:08d}.pt")
-    log.info(
-        "epoch %d/%d: loss %.4f, %.0f img/s, %.0f s elapsed, ETA %.0f s",
-        done,
-        t.epochs,
-        run.last.get("loss", float("nan")),
-        run.last.get("img_per_s", 0.0),
-        elapsed,
-        elapsed / done * (t.epochs - done) if done else 0.0,
-    )
+def _finish(run: _Run, started: float, metrics: MetricsLog | None) -> PretrainResult:
+    """Write ``last.pt`` and (rank 0) the denoising figure of the first 8 images."""
+    cfg = run.cfg
+    checkpoint = _save(run, run.out / "last.pt")
+    if metrics is not None:
+        shown = eval_batch(run.images[:8], cfg.model.img_size, cfg.data.mean, cfg.data.std)
+        figure = run.out / "denoise.png"
+        rng = generator(cfg.train.seed, run.device)
+        save_denoise_figure(
+            run.model, shown.to(run.device), figure, cfg.data.mean, cfg.data.std, rng
+        )
+        metrics.close()
+    distributed.barrier(run.proc)
+    seconds = time.perf_counter() - started
+    log.info("pre-training done in %.0f s: %s", seconds, checkpoint)
+    return PretrainResult(run.out, checkpoint, cfg, run.last, seconds)

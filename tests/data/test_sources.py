@@ -302,17 +302,29 @@ def test_bad_split() -> None:
 # torchvision data sets (no internet: file:// archives in torchvision's formats)
 
 
+_FAKES = {"cifar10": (write_fake_cifar10, patch_cifar10), "stl10": (write_fake_stl10, patch_stl10)}
+
+
+def _downloaded(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Serve
+) -> tuple[dict, Path, ImageTensors]:
+    """The train split of ``name``, downloaded by torchvision from a fake of it served on
+    127.0.0.1, checked for layout; with the fake's contents and the data root."""
+    write_fake, patch = _FAKES[name]
+    fake = write_fake(tmp_path / "server")
+    patch(monkeypatch, fake, serve)
+    root = tmp_path / "data"
+    train = load_images(name, "train", root=root, download=True)
+    _check_layout(train, channels=3)
+    return fake, root, train
+
+
 def test_cifar10_download_and_load(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Serve
 ) -> None:
-    fake = write_fake_cifar10(tmp_path / "server")
-    patch_cifar10(monkeypatch, fake, serve)
-    root = tmp_path / "data"
-
-    train = load_images("cifar10", "train", root=root, download=True)
+    fake, root, train = _downloaded("cifar10", tmp_path, monkeypatch, serve)
     assert (root / "cifar-10-batches-py" / "data_batch_5").is_file()  # downloaded, extracted
     rows, labels = fake["train"]
-    _check_layout(train, channels=3)
     assert torch.equal(train.images, torch.from_numpy(rows.reshape(-1, 3, 32, 32)))
     assert train.labels.tolist() == labels
     assert train.classes == tuple(fake["classes"])
@@ -334,14 +346,9 @@ def test_cifar10_download_and_load(
 def test_stl10_download_and_load(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Serve
 ) -> None:
-    fake = write_fake_stl10(tmp_path / "server")
-    patch_stl10(monkeypatch, fake, serve)
-    root = tmp_path / "data"
-
-    train = load_images("stl10", "train", root=root, download=True)
+    fake, root, train = _downloaded("stl10", tmp_path, monkeypatch, serve)
     assert (root / "stl10_binary" / "unlabeled_X.bin").is_file()
     train_x, train_y = fake["train"]
-    _check_layout(train, channels=3)
     assert torch.equal(train.images, torch.from_numpy(train_x))  # column-major undone
     assert train.labels.tolist() == train_y.tolist()
     assert train.classes == tuple(fake["classes"])

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -172,13 +172,7 @@ def load_images(
         DataError: the data set cannot be loaded (message says what to do).
         ValueError: bad ``split``, ``channels`` or ``size``.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3; got {channels!r}")
-    if size is not None and size < 1:
-        raise ValueError(f"size must be a positive int or None; got {size!r}")
-
+    _check_arguments(split, channels, size)
     if source == "digits":
         data = _load_digits(split)
     elif source in _TORCHVISION_NAMES:
@@ -186,13 +180,39 @@ def load_images(
     else:
         folder = Path(source).expanduser()
         if not folder.is_dir():
-            raise DataError(
-                f"Unknown data set {source!r}: it is neither one of "
-                f"{', '.join(DATASETS)} nor an existing folder. Pass one of these names or "
-                "the path to a folder of images."
-            )
+            raise _unknown_source(source)
         return _load_folder(folder, split, channels, size, skip_bad)
     return ImageTensors(_convert_channels(data.images, channels), data.labels, data.classes)
+
+
+def _check_arguments(split: str, channels: int, size: int | None) -> None:
+    """Refuse a ``split``, ``channels`` or ``size`` that :func:`load_images` cannot serve.
+
+    Raises:
+        ValueError: naming the argument and what it may be.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3; got {channels!r}")
+    if size is not None and size < 1:
+        raise ValueError(f"size must be a positive int or None; got {size!r}")
+
+
+def _unknown_source(source: str) -> DataError:
+    """The error for a ``source`` that is neither a named data set nor a folder."""
+    return DataError(
+        f"Unknown data set {source!r}: it is neither one of {', '.join(DATASETS)} nor an "
+        "existing folder. Pass one of these names or the path to a folder of images."
+    )
+
+
+def _no_images(folder: Path) -> DataError:
+    """The error for a folder without image files."""
+    return DataError(
+        f"No images found in {folder} (looked recursively for "
+        f"{', '.join(sorted(IMAGE_EXTENSIONS))} files)."
+    )
 
 
 def check_available(source: str, *, root: str | Path, download: bool = False) -> None:
@@ -212,10 +232,7 @@ def check_available(source: str, *, root: str | Path, download: bool = False) ->
             raise DataError(f"{pretty} was not found under {root}. {_alternatives(root)}")
         return
     if not Path(source).expanduser().is_dir():
-        raise DataError(
-            f"Unknown data set {source!r}: it is neither one of {', '.join(DATASETS)} nor an "
-            "existing folder. Pass one of these names or the path to a folder of images."
-        )
+        raise _unknown_source(source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,10 +518,7 @@ def _load_folder(
     split_dir, all_splits = _split_folders(folder, split)
     paths = _find_images(split_dir)
     if not paths:
-        raise DataError(
-            f"No images found in {split_dir} (looked recursively for "
-            f"{', '.join(sorted(IMAGE_EXTENSIONS))} files)."
-        )
+        raise _no_images(split_dir)
 
     class_of = [_class_of(p, split_dir) for p in paths]
     if None in class_of:
@@ -555,27 +569,9 @@ def decode_files(
     """
     where = os.path.commonpath([os.path.abspath(p) for p in paths]) if paths else "."
     mode = "L" if channels == 1 else "RGB"
-    out: np.ndarray | None = None
-    good: list[int] = []
-    bad: list[DataError] = []
     decoded = _decode_all(paths, mode, size, f"decoding {where}", skip_bad)
     with closing(decoded), _suggesting_skip(offer_skip and not skip_bad):
-        for i, arr in enumerate(decoded):
-            if isinstance(arr, DataError):
-                bad.append(arr)
-                continue
-            if out is None:
-                out = np.empty((len(paths), *arr.shape), dtype=np.uint8)
-                first = paths[i]
-            elif arr.shape != out.shape[1:]:
-                raise DataError(
-                    f"Images in {where} have different sizes: {first} is "
-                    f"{out.shape[3]}x{out.shape[2]} but {paths[i]} is "
-                    f"{arr.shape[2]}x{arr.shape[1]} (width x height). Pass a size to resize "
-                    "and centre-crop them all to one size."
-                )
-            out[len(good)] = arr
-            good.append(i)
+        out, good, bad = _stack(decoded, paths, where)
     if bad:
         logger.warning(
             "skipped %d unreadable image(s) of %d in %s; the first: %s",
@@ -587,6 +583,38 @@ def decode_files(
     if out is None:
         raise DataError(f"None of the {len(paths)} image files in {where} could be read.")
     return torch.from_numpy(out[: len(good)] if bad else out), good
+
+
+def _stack(
+    decoded: Iterable[np.ndarray | DataError], paths: Sequence[Path], where: str
+) -> tuple[np.ndarray | None, list[int], list[DataError]]:
+    """The decoded images ((C, H, W) arrays in the order of ``paths``, or the DataError of
+    a file skipped) in one (len(paths), C, H, W) uint8 array whose first rows they fill
+    (None when there is none), the indices into ``paths`` of those rows, and the errors.
+
+    Raises:
+        DataError: images of different sizes.
+    """
+    out: np.ndarray | None = None
+    good: list[int] = []
+    bad: list[DataError] = []
+    for i, arr in enumerate(decoded):
+        if isinstance(arr, DataError):
+            bad.append(arr)
+            continue
+        if out is None:
+            out = np.empty((len(paths), *arr.shape), dtype=np.uint8)
+            first = paths[i]
+        elif arr.shape != out.shape[1:]:
+            raise DataError(
+                f"Images in {where} have different sizes: {first} is "
+                f"{out.shape[3]}x{out.shape[2]} but {paths[i]} is "
+                f"{arr.shape[2]}x{arr.shape[1]} (width x height). Pass a size to resize "
+                "and centre-crop them all to one size."
+            )
+        out[len(good)] = arr
+        good.append(i)
+    return out, good, bad
 
 
 @contextmanager
@@ -612,8 +640,5 @@ def find_image_files(folder: str | Path) -> list[Path]:
         raise DataError(f"{folder} is not a folder")
     paths = _find_images(folder)
     if not paths:
-        raise DataError(
-            f"No images found in {folder} (looked recursively for "
-            f"{', '.join(sorted(IMAGE_EXTENSIONS))} files)."
-        )
+        raise _no_images(folder)
     return paths
