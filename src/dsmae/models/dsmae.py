@@ -15,7 +15,6 @@ MAE, the baseline, is :class:`~dsmae.models.mae.MAE`.
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 
@@ -23,7 +22,6 @@ from dsmae.config import ModelConfig
 from dsmae.losses import combine_losses, feature_loss
 from dsmae.masking import split_indices
 from dsmae.models.decoder import PixelDecoder
-from dsmae.models.mae import MAE
 from dsmae.models.pretrain import DisplayOutput, PretrainModel, PretrainOutput
 from dsmae.models.regressor import FeatureRegressor
 from dsmae.models.vit import patch_tokens
@@ -40,14 +38,6 @@ class DSMAE(PretrainModel):
     Args:
         cfg: a resolved :class:`~dsmae.config.ModelConfig` of a DSMAE method.
     """
-
-    def __new__(cls, cfg: ModelConfig | None = None, *args: Any, **kwargs: Any) -> PretrainModel:
-        """TRANSITIONAL (revert this commit once the engine and :func:`dsmae.build` call
-        :func:`~dsmae.models.build_model`): ``DSMAE(cfg)`` of an mae config builds an
-        :class:`~dsmae.models.mae.MAE`, as it did when one class held all four methods."""
-        if cls is DSMAE and cfg is not None and cfg.method == "mae":
-            return MAE(cfg)
-        return super().__new__(cls)
 
     def __init__(self, cfg: ModelConfig) -> None:
         if cfg.method not in METHODS:
