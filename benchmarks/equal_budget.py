@@ -42,7 +42,7 @@ from dsmae.evaluation.knn import knn_accuracy
 from dsmae.evaluation.linprobe import train_linear_probe
 from dsmae.export import encoder_from_checkpoint
 from dsmae.health import effective_rank, feature_std, teacher_student_cosine
-from dsmae.models import DSMAE, patch_tokens
+from dsmae.models import build_model, patch_tokens
 from dsmae.runtime import generator, keep_freed_memory
 
 log = logging.getLogger("equal_budget")
@@ -146,7 +146,7 @@ def health(checkpoint: Path, images: torch.Tensor) -> dict[str, float]:
     ``images`` ((M, C, H, W) uint8, a fixed sample of the pre-training images)."""
     state = load_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"])
-    model = DSMAE(cfg.model)
+    model = build_model(cfg.model)
     load_weights(model, state["model"], str(checkpoint))
     model.eval()
     x = eval_batch(images, IMG, cfg.data.mean, cfg.data.std)

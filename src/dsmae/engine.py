@@ -33,7 +33,7 @@ from dsmae.data.augment import crop_boxes, random_flips
 from dsmae.data.pipeline import augmented_batch, channel_stats, epoch_order, eval_batch, load_split
 from dsmae.flops import train_flops_per_image
 from dsmae.metrics import MetricsLog
-from dsmae.models import DSMAE
+from dsmae.models import PretrainModel, build_model
 from dsmae.monitor import Monitor
 from dsmae.preemption import Preempted, StopSignals
 from dsmae.resume import ResumePoint, resume_point
@@ -73,7 +73,9 @@ class PretrainResult:
     seconds: float
 
 
-def build_optimizer(model: DSMAE, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(
+    model: PretrainModel, train: TrainConfig, device: torch.device
+) -> torch.optim.AdamW:
     """AdamW with weight decay on weight matrices only: not on norms, biases, the position
     embedding, the [CLS] token or the mask token.
 
@@ -120,7 +122,7 @@ class Corruption:
         )
 
 
-def draw_step(model: DSMAE, cfg: Config, step: int, device: torch.device) -> Corruption:
+def draw_step(model: PretrainModel, cfg: Config, step: int, device: torch.device) -> Corruption:
     """Every random choice of optimizer step ``step`` for the whole global batch, from a
     generator seeded by (seed, step) alone."""
     rng = generator(pretrain_step_seed(cfg.train.seed, step), device)
@@ -147,9 +149,9 @@ def train_step(
     (:func:`_accumulate_gradients`). The teacher is NOT updated here.
 
     Args:
-        model: a DSMAE, possibly wrapped in DistributedDataParallel or compiled.
+        model: a pre-training model, possibly wrapped in DistributedDataParallel or compiled.
         images: (B, C, H, W) augmented, normalised, on the model's device.
-        mask, eps: the corruption of these images (see ``DSMAE.sample_corruption``);
+        mask, eps: the corruption of these images (see ``PretrainModel.sample_corruption``);
             drawn from ``generator`` inside the model when None.
         grad_clip: clip the gradient norm to this value (0: no clipping).
 
@@ -291,7 +293,7 @@ class _Run:
     proc: distributed.Process
     device: torch.device
     images: torch.Tensor  # (N, C, H, W) uint8, the pre-training split
-    model: DSMAE
+    model: PretrainModel
     forward: torch.nn.Module  # the model as trained: DDP-wrapped and/or compiled
     optimizer: torch.optim.Optimizer
     flops_per_image: float
@@ -414,11 +416,11 @@ def resolve_data_stats(cfg: Config, images: torch.Tensor) -> Config:
 
 def _model_and_optimizer(
     cfg: Config, device: torch.device, start: ResumePoint
-) -> tuple[DSMAE, torch.optim.Optimizer]:
+) -> tuple[PretrainModel, torch.optim.Optimizer]:
     """The model, initialised from ``train.seed`` (identically on every process), and its
     optimizer; both restored from the resumed checkpoint, if any."""
     torch.manual_seed(cfg.train.seed)  # weight initialisation, identical on every process
-    model = DSMAE(cfg.model).to(device).train()
+    model = build_model(cfg.model).to(device).train()
     if cfg.train.grad_checkpointing:
         model.encoder.set_grad_checkpointing(True)
     optimizer = build_optimizer(model, cfg.train, device)
