@@ -377,3 +377,19 @@ def test_plot_command(digits_run, capsys):
     assert main(["plot", str(digits_run)]) == 0
     assert (digits_run / "curves.png").is_file()
     assert "curves.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [[], ["pretrain"]])
+def test_help_imports_neither_torch_nor_timm(command):
+    """``dsmae --help`` answers without waiting for torch: nothing imports it before the
+    arguments are parsed (read from the interpreter's own import log)."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "dsmae", *command, "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "usage: dsmae" in done.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+    assert "dsmae.cli" in imported and "dsmae.config" in imported
+    assert not {name.split(".")[0] for name in imported} & {"torch", "timm", "matplotlib"}
