@@ -81,25 +81,28 @@ def test_image_folder(tmp_path, cifar_folder):
     assert main(["linprobe", "--checkpoint", str(out / "last.pt"), "--epochs", "1"]) == 0
 
 
+def _pretrain_downloaded(tmp_path, dataset: str, *shape: str):
+    """Pre-train on ``dataset`` downloaded into ``tmp_path/datasets`` (its root, returned),
+    the run in ``tmp_path/dataset``."""
+    root = tmp_path / "datasets"
+    args = ["pretrain", "--data", dataset, "--download", "--data-root", str(root), *shape]
+    assert main([*args, "--out", str(tmp_path / dataset), *SMALL]) == 0
+    return root
+
+
 def test_cifar10_download_path(tmp_path, monkeypatch, serve):
     patch_cifar10(monkeypatch, write_fake_cifar10(tmp_path / "server"), serve)
-    root = tmp_path / "datasets"
-    args = ["pretrain", "--data", "cifar10", "--download", "--data-root", str(root)]
-    args += ["--arch", "vit_tiny", "--patch-size", "8", "--batch-size", "4"]
-    args += ["--out", str(tmp_path / "c10"), *SMALL]
-    assert main(args) == 0
+    shape = ["--arch", "vit_tiny", "--patch-size", "8", "--batch-size", "4"]
+    root = _pretrain_downloaded(tmp_path, "cifar10", *shape)
     assert (root / "cifar-10-batches-py" / "data_batch_1").is_file()
-    assert load_checkpoint(tmp_path / "c10" / "last.pt")["step"] == 2  # 10 images // 4
+    assert load_checkpoint(tmp_path / "cifar10" / "last.pt")["step"] == 2  # 10 images // 4
 
 
 def test_stl10_download_path(tmp_path, monkeypatch, serve):
     patch_stl10(monkeypatch, write_fake_stl10(tmp_path / "server"), serve)
-    root = tmp_path / "datasets"
-    args = ["pretrain", "--data", "stl10", "--download", "--data-root", str(root)]
-    args += ["--img-size", "96", "--patch-size", "24", "--batch-size", "3"]
-    args += ["--out", str(tmp_path / "stl"), *SMALL]
-    assert main(args) == 0
-    assert load_checkpoint(tmp_path / "stl" / "last.pt")["step"] == 3  # (4 + 5) // 3
+    _pretrain_downloaded(tmp_path, "stl10", "--img-size", "96", "--patch-size", "24",
+                         "--batch-size", "3")  # fmt: skip
+    assert load_checkpoint(tmp_path / "stl10" / "last.pt")["step"] == 3  # (4 + 5) // 3
 
 
 def test_missing_data_offline_is_a_message_not_a_traceback(tmp_path, capsys):

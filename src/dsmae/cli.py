@@ -133,11 +133,15 @@ def _data_flags(default: str) -> list[Flag]:
     return [_data_flag(default), DATA_ROOT_FLAG, DOWNLOAD_FLAG, SKIP_BAD_IMAGES_FLAG]
 
 
+def _add_flags(p: argparse.ArgumentParser, *flags: Flag) -> None:
+    for name, options in flags:
+        p.add_argument(name, **options)
+
+
 def _parent(*flags: Flag) -> argparse.ArgumentParser:
     """A parent parser (for ``parents=``) holding ``flags``."""
     p = argparse.ArgumentParser(add_help=False)
-    for name, options in flags:
-        p.add_argument(name, **options)
+    _add_flags(p, *flags)
     return p
 
 
@@ -156,6 +160,20 @@ def _add_config_flag(p: argparse.ArgumentParser, help: str) -> None:
 # ------------------------------------------------------------------ commands
 
 
+# how a pre-training starts (or only shows its config)
+PRETRAIN_START_FLAGS: tuple[Flag, ...] = (
+    ("--resume", {"metavar": "CHECKPOINT|auto",
+                  "help": "continue from a checkpoint; auto: the newest one in --out (none: "
+                          "start afresh)"}),
+    ("--force", {"action": "store_true",
+                 "help": "resume from a checkpoint made with other settings"}),
+    ("--overwrite", {"action": "store_true",
+                     "help": "start a fresh run in an --out folder that holds another run"}),
+    ("--print-config", {"action": "store_true",
+                        "help": "print the resolved config as YAML and exit"}),
+)  # fmt: skip
+
+
 def _add_pretrain(sub: Any) -> None:
     p = sub.add_parser(
         "pretrain",
@@ -169,22 +187,7 @@ def _add_pretrain(sub: Any) -> None:
     _add_set_flag(p, "any config value, e.g. train.warmup_epochs=5 (repeatable)")
     for flag, (key, kind) in PRETRAIN_FLAGS.items():
         p.add_argument(flag, type=kind, help=f"sets {key}")
-    p.add_argument(
-        "--resume",
-        metavar="CHECKPOINT|auto",
-        help="continue from a checkpoint; auto: the newest one in --out (none: start afresh)",
-    )
-    p.add_argument(
-        "--force", action="store_true", help="resume from a checkpoint made with other settings"
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start a fresh run in an --out folder that holds another run",
-    )
-    p.add_argument(
-        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
-    )
+    _add_flags(p, *PRETRAIN_START_FLAGS)
     p.set_defaults(run=_run_pretrain, keys={**PRETRAIN_KEYS, **DATA_KEYS, **RUN_KEYS})
 
 

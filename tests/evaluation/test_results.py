@@ -17,7 +17,6 @@ from dsmae.evaluation.results import (
     evaluation_config,
     evaluation_settings,
     labelled_splits,
-    last_and_best,
     result_path,
 )
 
@@ -67,7 +66,9 @@ def test_result_paths():
 
 def test_the_last_epoch_is_the_result_and_the_first_best_is_beside_it():
     assert best_epoch([10.0, 30.0, 20.0, 30.0]) == (30.0, 2)
-    assert last_and_best([10.0, 30.0, 20.0]) == {"top1": 20.0, "best_top1": 30.0, "best_epoch": 2}
+    fields = ProbeResult.trained_fields([10.0, 30.0, 20.0], ProbeConfig(epochs=3), "digits")
+    assert fields == {"top1": 20.0, "best_top1": 30.0, "best_epoch": 2, "epochs": 3,
+                      "settings": evaluation_settings(ProbeConfig(epochs=3), "digits")}  # fmt: skip
 
 
 def test_settings_leave_out_how_and_when_an_evaluation_runs():

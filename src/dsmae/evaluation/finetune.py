@@ -64,15 +64,7 @@ from dsmae.checkpoint import Checkpoint
 from dsmae.config import Config, FinetuneConfig
 from dsmae.data.pipeline import eval_batch
 from dsmae.data.sources import DataError, ImageTensors
-from dsmae.evaluation.results import (
-    LAST_AND_BEST,
-    MEASURED_ON,
-    LabelledSplits,
-    TrainedResult,
-    evaluation_settings,
-    labelled_splits,
-    last_and_best,
-)
+from dsmae.evaluation.results import LabelledSplits, TrainedResult, labelled_splits
 from dsmae.metrics import MetricsLog
 from dsmae.runtime import autocast, generator, progress, use_amp
 from dsmae.schedules import lr_at
@@ -93,7 +85,8 @@ class FinetuneResult(TrainedResult):
     """
 
     protocol = "finetune"
-    keys = (*LAST_AND_BEST, *MEASURED_ON, "pool", "settings", "history")
+    keys = ("top1", "best_top1", "best_epoch", "epochs", "num_train", "num_test", "num_classes",
+            "data", "random_init", "checkpoint", "pool", "settings", "history")  # fmt: skip
 
     history: list[float]
 
@@ -361,17 +354,9 @@ def finetune(
         del run  # its loader's worker processes stop
     finally:
         distributed.teardown()
-    f = cfg.finetune
+    trained = FinetuneResult.trained_fields(history, cfg.finetune, cfg.data.source)
     measured = splits.measured_on(checkpoint, random_init)
-    settings = evaluation_settings(f, cfg.data.source)
-    result = FinetuneResult(
-        **last_and_best(history),
-        epochs=f.epochs,
-        pool=f.pool,
-        **measured,
-        settings=settings,
-        history=history,
-    )
+    result = FinetuneResult(**trained, **measured, pool=cfg.finetune.pool, history=history)
     if proc.is_main:
         result.save()
     return result

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from dsmae.checkpoint import Checkpoint
 from dsmae.config import Config
 from dsmae.evaluation.frozen import frozen_features
-from dsmae.evaluation.results import MEASURED_ON, EvalResult, labelled_splits
+from dsmae.evaluation.results import EvalResult, labelled_splits
 from dsmae.runtime import resolve_device
 
 __all__ = ["KnnResult", "knn_accuracy", "knn_eval", "knn_predict"]
@@ -242,7 +242,8 @@ class KnnResult(EvalResult):
     ``k`` and ``temperature``."""
 
     protocol = "knn"
-    keys = ("top1", "k", "temperature", "pool", *MEASURED_ON)
+    keys = ("top1", "k", "temperature", "pool", "num_train", "num_test", "num_classes", "data",
+            "random_init", "checkpoint")  # fmt: skip
 
     k: int
     temperature: float

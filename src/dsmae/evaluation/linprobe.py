@@ -29,15 +29,7 @@ from dsmae.config import Config, ConfigError, ProbeConfig
 from dsmae.data.augment import crop_boxes, random_flips
 from dsmae.data.pipeline import augmented_batch, eval_batch
 from dsmae.evaluation.frozen import frozen_features, pooled_features
-from dsmae.evaluation.results import (
-    LAST_AND_BEST,
-    MEASURED_ON,
-    LabelledSplits,
-    TrainedResult,
-    evaluation_settings,
-    labelled_splits,
-    last_and_best,
-)
+from dsmae.evaluation.results import LabelledSplits, TrainedResult, labelled_splits
 from dsmae.runtime import autocast, generator, resolve_device, use_amp
 from dsmae.schedules import lr_at, scaled_lr
 from dsmae.seeds import probe_step_seed
@@ -56,7 +48,8 @@ class ProbeResult(TrainedResult):
     or folder probed on): a result on disk is reused only where it matches."""
 
     protocol = "linprobe"
-    keys = (*LAST_AND_BEST, "pool", "recipe", *MEASURED_ON, "settings")
+    keys = ("top1", "best_top1", "best_epoch", "epochs", "pool", "recipe", "num_train",
+            "num_test", "num_classes", "data", "random_init", "checkpoint", "settings")  # fmt: skip
 
     recipe: str
 
@@ -302,16 +295,9 @@ def linprobe(
         raise ConfigError(f"probe.recipe must be one of {sorted(RECIPES)}, not {probe.recipe!r}")
     src = load_probe_data(encoder, cfg)
     _, history = RECIPES[probe.recipe](src, probe, cfg.train.seed)
-    settings = evaluation_settings(probe, src.splits.data)
+    trained = ProbeResult.trained_fields(history, probe, src.splits.data)
     measured = src.splits.measured_on(checkpoint, random_init)
-    result = ProbeResult(
-        **last_and_best(history),
-        epochs=probe.epochs,
-        pool=probe.pool,
-        **measured,
-        recipe=probe.recipe,
-        settings=settings,
-    )
+    result = ProbeResult(**trained, **measured, pool=probe.pool, recipe=probe.recipe)
     out = result.save()
     log.info(
         "linear probe (%s recipe) top-1 %.2f%% (last epoch; best %.2f%% at epoch %d) -> %s",

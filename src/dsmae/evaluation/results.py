@@ -27,18 +27,16 @@ from dsmae.data.pipeline import load_split
 from dsmae.data.sources import DataError, ImageTensors
 from dsmae.writes import atomic_write_text
 
-# the fields every result takes from what it was measured on, in their JSON order
+# the fields every result takes from what it was measured on (LabelledSplits.measured_on)
 MEASURED_ON = ("num_train", "num_test", "num_classes", "data", "random_init", "checkpoint")
-# the fields of a protocol that trains for epochs: the last epoch's top-1, the best beside it
-LAST_AND_BEST = ("top1", "best_top1", "best_epoch", "epochs")
 
 
 @dataclass
 class EvalResult:
     """What every protocol returns: the test top-1 (%) and what it was measured on.
 
-    Each protocol's result adds its own fields; ``keys`` orders them in the JSON object
-    that :meth:`save` writes to :attr:`path`.
+    Each protocol's result adds its own fields; ``keys`` lists them all in the order of
+    the JSON object that :meth:`save` writes to :attr:`path`.
     """
 
     protocol: ClassVar[str]  # "linprobe", "knn" or "finetune": the middle of the file name
@@ -81,12 +79,18 @@ class TrainedResult(EvalResult):
     epochs: int
     settings: dict[str, Any]
 
-
-def last_and_best(history: Sequence[float]) -> dict[str, Any]:
-    """``top1`` (the last epoch's), ``best_top1`` and ``best_epoch`` of a per-epoch top-1
-    history, as :class:`TrainedResult` fields."""
-    best_top1, best = best_epoch(history)
-    return {"top1": history[-1], "best_top1": best_top1, "best_epoch": best}
+    @staticmethod
+    def trained_fields(history: Sequence[float], section: Any, data: str) -> dict[str, Any]:
+        """The fields a per-epoch top-1 ``history`` gives (``top1``: the last epoch's,
+        ``best_top1``, ``best_epoch``), with ``epochs`` and ``settings`` of the config
+        ``section`` it was trained with (a ``ProbeConfig`` or ``FinetuneConfig``) on
+        ``data``."""
+        best_top1, best = best_epoch(history)
+        settings = evaluation_settings(section, data)
+        fields = (history[-1], best_top1, best, section.epochs, settings)
+        return dict(
+            zip(("top1", "best_top1", "best_epoch", "epochs", "settings"), fields, strict=True)
+        )
 
 
 def best_epoch(history: Sequence[float]) -> tuple[float, int]:
