@@ -6,7 +6,14 @@ import sys
 import pytest
 import torch
 
-from dsmae.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from dsmae.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    checkpoint_config,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from dsmae.writes import WriteError
 
 
@@ -120,3 +127,32 @@ def test_load_weights_lists_what_differs():
     good = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
     load_weights(model, good, "y.pt")
     assert torch.equal(model[0].weight, torch.full((3, 2), 0.5))
+
+
+def test_a_checkpoint_is_read_once_with_its_config(digits_run):
+    path = digits_run / "last.pt"
+    checkpoint = Checkpoint.read(path)
+    assert checkpoint.path == path and checkpoint.state["step"] == load_checkpoint(path)["step"]
+    assert checkpoint.config == checkpoint_config(checkpoint.state, path)
+    assert checkpoint.config.model.embed_dim == 32
+
+
+def test_random_init_ignores_the_weights_but_keeps_the_architecture(digits_run):
+    checkpoint = Checkpoint.read(digits_run / "last.pt")
+    trained = checkpoint.encoder()
+    fresh = checkpoint.encoder(random_init=True)
+    assert trained.state_dict().keys() == fresh.state_dict().keys()
+    w = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(trained.state_dict()[w], fresh.state_dict()[w])
+    assert torch.equal(fresh.state_dict()[w], checkpoint.encoder(random_init=True).state_dict()[w])
+    other = checkpoint.encoder(random_init=True, seed=1).state_dict()[w]
+    assert not torch.equal(fresh.state_dict()[w], other)
+    weights = checkpoint.state["model"]
+    assert torch.equal(trained.state_dict()[w], weights[f"encoder.{w}"])
+    assert torch.equal(checkpoint.encoder(teacher=True).state_dict()[w], weights[f"teacher.{w}"])
+
+
+def test_a_method_without_teacher_has_none_to_give(digits_mae_run):
+    checkpoint = Checkpoint.read(digits_mae_run / "last.pt")
+    with pytest.raises(CheckpointError, match=r"last\.pt \(mae\) has no teacher"):
+        checkpoint.encoder(teacher=True)

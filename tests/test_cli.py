@@ -81,25 +81,28 @@ def test_image_folder(tmp_path, cifar_folder):
     assert main(["linprobe", "--checkpoint", str(out / "last.pt"), "--epochs", "1"]) == 0
 
 
+def _pretrain_downloaded(tmp_path, dataset: str, *shape: str):
+    """Pre-train on ``dataset`` downloaded into ``tmp_path/datasets`` (its root, returned),
+    the run in ``tmp_path/dataset``."""
+    root = tmp_path / "datasets"
+    args = ["pretrain", "--data", dataset, "--download", "--data-root", str(root), *shape]
+    assert main([*args, "--out", str(tmp_path / dataset), *SMALL]) == 0
+    return root
+
+
 def test_cifar10_download_path(tmp_path, monkeypatch, serve):
     patch_cifar10(monkeypatch, write_fake_cifar10(tmp_path / "server"), serve)
-    root = tmp_path / "datasets"
-    args = ["pretrain", "--data", "cifar10", "--download", "--data-root", str(root)]
-    args += ["--arch", "vit_tiny", "--patch-size", "8", "--batch-size", "4"]
-    args += ["--out", str(tmp_path / "c10"), *SMALL]
-    assert main(args) == 0
+    shape = ["--arch", "vit_tiny", "--patch-size", "8", "--batch-size", "4"]
+    root = _pretrain_downloaded(tmp_path, "cifar10", *shape)
     assert (root / "cifar-10-batches-py" / "data_batch_1").is_file()
-    assert load_checkpoint(tmp_path / "c10" / "last.pt")["step"] == 2  # 10 images // 4
+    assert load_checkpoint(tmp_path / "cifar10" / "last.pt")["step"] == 2  # 10 images // 4
 
 
 def test_stl10_download_path(tmp_path, monkeypatch, serve):
     patch_stl10(monkeypatch, write_fake_stl10(tmp_path / "server"), serve)
-    root = tmp_path / "datasets"
-    args = ["pretrain", "--data", "stl10", "--download", "--data-root", str(root)]
-    args += ["--img-size", "96", "--patch-size", "24", "--batch-size", "3"]
-    args += ["--out", str(tmp_path / "stl"), *SMALL]
-    assert main(args) == 0
-    assert load_checkpoint(tmp_path / "stl" / "last.pt")["step"] == 3  # (4 + 5) // 3
+    _pretrain_downloaded(tmp_path, "stl10", "--img-size", "96", "--patch-size", "24",
+                         "--batch-size", "3")  # fmt: skip
+    assert load_checkpoint(tmp_path / "stl10" / "last.pt")["step"] == 3  # (4 + 5) // 3
 
 
 def test_missing_data_offline_is_a_message_not_a_traceback(tmp_path, capsys):
@@ -377,3 +380,19 @@ def test_plot_command(digits_run, capsys):
     assert main(["plot", str(digits_run)]) == 0
     assert (digits_run / "curves.png").is_file()
     assert "curves.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [[], ["pretrain"]])
+def test_help_imports_neither_torch_nor_timm(command):
+    """``dsmae --help`` answers without waiting for torch: nothing imports it before the
+    arguments are parsed (read from the interpreter's own import log)."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "dsmae", *command, "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "usage: dsmae" in done.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+    assert "dsmae.cli" in imported and "dsmae.config" in imported
+    assert not {name.split(".")[0] for name in imported} & {"torch", "timm", "matplotlib"}

@@ -5,18 +5,50 @@
 >>> out = model(images, generator=torch.Generator().manual_seed(0))
 >>> out.loss.backward(); model.update_teacher(dsmae.momentum_at(step, total_steps))
 >>> encoder = dsmae.load_encoder("runs/dsmae/last.pt")  # or an export folder: a timm ViT
+
+The names below are imported on first use (PEP 562), so that ``import dsmae`` (and the
+``dsmae`` command's ``--help``) does not wait for torch and timm.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from dsmae.config import ARCHS, METHODS, Config, ConfigError, ModelConfig, model_config
-from dsmae.export import export_encoder, load_encoder
-from dsmae.models import DSMAE, PretrainOutput
-from dsmae.schedules import momentum_at
+if TYPE_CHECKING:
+    from dsmae.config import ARCHS, METHODS, Config, ConfigError, ModelConfig
+    from dsmae.export import export_encoder, load_encoder
+    from dsmae.models import DSMAE, PretrainOutput
+    from dsmae.schedules import momentum_at
 
 __version__ = "0.1.0"
+
+# public name -> the module it comes from
+_LAZY = {
+    "ARCHS": "dsmae.config",
+    "METHODS": "dsmae.config",
+    "Config": "dsmae.config",
+    "ConfigError": "dsmae.config",
+    "ModelConfig": "dsmae.config",
+    "export_encoder": "dsmae.export",
+    "load_encoder": "dsmae.export",
+    "DSMAE": "dsmae.models",
+    "PretrainOutput": "dsmae.models",
+    "momentum_at": "dsmae.schedules",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module on first use (then it is an attribute)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 def build(method: str = "dsmae", **options: Any) -> DSMAE:
@@ -32,6 +64,9 @@ def build(method: str = "dsmae", **options: Any) -> DSMAE:
     Raises:
         ConfigError: an unknown option or an impossible value, naming it.
     """
+    from dsmae.config import model_config
+    from dsmae.models import DSMAE
+
     return DSMAE(model_config(method, **options))
 
 

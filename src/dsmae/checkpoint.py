@@ -20,12 +20,15 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 from dsmae.config import Config, ConfigError, config_from_dict, validate
+from dsmae.models.vit import create_encoder
 from dsmae.writes import WriteError, written
 
 FORMAT = 1
@@ -134,6 +137,57 @@ def checkpoint_config(state: dict[str, Any], source: str | Path) -> Config:
             "belong together"
         )
     return cfg
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A ``dsmae pretrain`` checkpoint, read once: what every command that takes
+    ``--checkpoint`` works from.
+
+    ``path`` is the file as it was given (it names the checkpoint in messages and in
+    results), ``state`` what :func:`load_checkpoint` read (on the CPU) and ``config`` its
+    validated config (:func:`checkpoint_config`).
+    """
+
+    path: str | Path
+    state: dict[str, Any]
+    config: Config
+
+    @classmethod
+    def read(cls, path: str | Path) -> Checkpoint:
+        """Load and check the checkpoint at ``path``.
+
+        Raises:
+            FileNotFoundError: nothing at ``path``.
+            CheckpointError: see :func:`load_checkpoint` and :func:`checkpoint_config`.
+        """
+        state = load_checkpoint(path)
+        return cls(path, state, checkpoint_config(state, path))
+
+    def encoder(
+        self, *, random_init: bool = False, seed: int = 0, teacher: bool = False
+    ) -> VisionTransformer:
+        """The student encoder (the EMA teacher with ``teacher``; the same architecture
+        freshly initialised from ``seed`` with ``random_init``), a timm
+        ``VisionTransformer`` on the CPU mapping (B, C, H, W) images to (B, 1 + N, D)
+        tokens. Its initialisation draws from torch's global generator, seeded with
+        ``seed`` first.
+
+        Raises:
+            CheckpointError: no teacher in the checkpoint, or weights that do not fit the
+                architecture its config describes.
+        """
+        torch.manual_seed(seed)
+        encoder = create_encoder(self.config.model)
+        if not random_init:
+            prefix = "teacher." if teacher else "encoder."
+            weights = {
+                k[len(prefix) :]: v for k, v in self.state["model"].items() if k.startswith(prefix)
+            }
+            if teacher and not weights:
+                raise CheckpointError(f"{self.path} ({self.config.model.method}) has no teacher")
+            load_weights(encoder, weights, f"{self.path} ({prefix.rstrip('.')})")
+        return encoder
 
 
 def training_state(state: dict[str, Any], source: str | Path) -> tuple[int, dict[str, Any]]:

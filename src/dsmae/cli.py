@@ -1,9 +1,14 @@
-"""The ``dsmae`` command: pre-train (``pretrain``), evaluate (``linprobe``, ``knn``), look
-(``denoise``, ``plot``), take the encoder away (``export``, ``features``) and measure
-(``bench``).
+"""The dsmae command: pre-train (pretrain), evaluate (linprobe, knn), look (denoise, plot),
+take the encoder away (export, features) and measure (bench).
 
-Common options are flags; any other config value is reachable with ``--set
-section.key=value`` or a YAML file (``--config``), on top of a ``--preset``.
+Common options are flags; any other config value is reachable with --set
+section.key=value or a YAML file (--config), on top of a --preset.
+
+Every flag that sets a config value does so one way: each command's table maps the flag
+(its argparse destination) to a dotted config key, and :func:`config_changes` collects the
+ones given, on top of the command's --set values. The flags several commands share are
+declared once, in parent parsers. Nothing here imports torch before the arguments are
+parsed (the commands import what they run), so ``dsmae --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -12,25 +17,22 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from dsmae.checkpoint import CheckpointError
 from dsmae.config import POOLS, ConfigError, available_presets, build_config, parse_assignment
-from dsmae.data.sources import DataError
-from dsmae.engine import DivergedError
 from dsmae.preemption import PREEMPTED_EXIT, Preempted
-from dsmae.runtime import keep_freed_memory
 from dsmae.writes import WriteError
 
 log = logging.getLogger("dsmae")
 
-# flag -> (config key, type); each becomes an override of the preset/config files.
-COMMON_FLAGS: dict[str, tuple[str, type]] = {
+# ------------------------------------------------------------------ flags -> config keys
+
+# flag -> (config key, type) of the flags only pretrain has; each sets its key
+PRETRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "--method": ("model.method", str),
     "--arch": ("model.arch", str),
-    "--data": ("data.source", str),
-    "--data-root": ("data.root", str),
     "--img-size": ("model.img_size", int),
     "--patch-size": ("model.patch_size", int),
     "--in-chans": ("model.in_chans", int),
@@ -40,13 +42,107 @@ COMMON_FLAGS: dict[str, tuple[str, type]] = {
     "--noise-ratio": ("model.noise_ratio", float),
     "--lam": ("model.lam", float),
     "--out": ("out", str),
-    "--device": ("train.device", str),
-    "--seed": ("train.seed", int),
+}
+# argparse destination -> config key, of the shared flags (parent parsers below)
+DATA_KEYS = {
+    "data": "data.source",
+    "data_root": "data.root",
+    "download": "data.download",
+    "skip_bad_images": "data.skip_bad_images",
+}
+RUN_KEYS = {"device": "train.device", "seed": "train.seed"}
+# ... and of each command's own flags
+PRETRAIN_KEYS = {flag[2:].replace("-", "_"): key for flag, (key, _) in PRETRAIN_FLAGS.items()}
+LINPROBE_KEYS = {
+    "pool": "probe.pool",
+    "recipe": "probe.recipe",
+    "epochs": "probe.epochs",
+    "batch_size": "probe.batch_size",
+}
+KNN_KEYS = {"pool": "probe.pool", "k": "monitor.knn_k", "temperature": "monitor.knn_temperature"}
+FINETUNE_KEYS = {"epochs": "finetune.epochs", "batch_size": "finetune.batch_size"}
+BENCH_KEYS = {
+    "micro_batch": "train.micro_batch",
+    "compile": "train.compile",
+    "depth": "model.depth",
+    "embed_dim": "model.embed_dim",
+    "num_heads": "model.num_heads",
 }
 
 
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
+def config_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The config values a command's arguments set, as dotted keys: its ``--set``
+    assignments, then every flag of its table (``args.keys``) that was given."""
+    changes = dict(parse_assignment(a) for a in getattr(args, "assign", ()))
+    given = {key: getattr(args, dest) for dest, key in args.keys.items()}
+    changes.update({key: value for key, value in given.items() if value is not None})
+    return changes
+
+
+# ------------------------------------------------------------------ shared flags
+
+
+Flag = tuple[str, dict[str, Any]]  # a flag's name and its add_argument options
+
+# The flags several commands share, each declared once; _parent() makes parsers of them.
+CHECKPOINT_FLAG: Flag = (
+    "--checkpoint", {"required": True, "help": "a checkpoint written by dsmae pretrain"}
+)  # fmt: skip
+SKIP_BAD_IMAGES_FLAG: Flag = ("--skip-bad-images", {
+    "action": "store_true", "default": None,
+    "help": "skip (and count) image files that cannot be read instead of stopping",
+})  # fmt: skip
+DATA_ROOT_FLAG: Flag = ("--data-root", {"help": "where torchvision data sets live"})
+DOWNLOAD_FLAG: Flag = ("--download", {
+    "action": "store_true", "default": None, "help": "download a torchvision data set"
+})  # fmt: skip
+RANDOM_INIT_FLAG: Flag = ("--random-init", {
+    "action": "store_true",
+    "help": "evaluate the same architecture at random initialisation (baseline)",
+})  # fmt: skip
+POOL_FLAG: Flag = ("--pool", {
+    "choices": POOLS,
+    "help": "avg: mean of the patch tokens (default, what DSMAE trains); cls: the [CLS] token",
+})  # fmt: skip
+
+
+def _data_flag(default: str) -> Flag:
+    """--data; ``default``: what it is when not given."""
+    return ("--data", {"help": f"data set or image folder (default: {default})"})
+
+
+def _device_flag(default: str | None) -> Flag:
+    """--device; ``default`` None: the config's train.device."""
+    choice = default or "the config's train.device"
+    help = f"cpu, cuda[:N], mps or auto (default: {choice})"
+    return ("--device", {"default": default, "help": help})
+
+
+def _seed_flag(default: int | None) -> Flag:
+    """--seed; ``default`` None: the config's train.seed."""
+    choice = "the config's train.seed" if default is None else default
+    return ("--seed", {"type": int, "default": default, "help": f"random seed (default: {choice})"})
+
+
+# --device and --seed of the commands with a config: the config's unless given
+CONFIG_RUN = (_device_flag(None), _seed_flag(None))
+
+
+def _data_flags(default: str) -> list[Flag]:
+    """The data flags; ``default``: what --data is when not given."""
+    return [_data_flag(default), DATA_ROOT_FLAG, DOWNLOAD_FLAG, SKIP_BAD_IMAGES_FLAG]
+
+
+def _add_flags(p: argparse.ArgumentParser, *flags: Flag) -> None:
+    for name, options in flags:
+        p.add_argument(name, **options)
+
+
+def _parent(*flags: Flag) -> argparse.ArgumentParser:
+    """A parent parser (for ``parents=``) holding ``flags``."""
+    p = argparse.ArgumentParser(add_help=False)
+    _add_flags(p, *flags)
+    return p
 
 
 def _add_set_flag(p: argparse.ArgumentParser, help: str) -> None:
@@ -56,49 +152,58 @@ def _add_set_flag(p: argparse.ArgumentParser, help: str) -> None:
     )
 
 
+def _add_config_flag(p: argparse.ArgumentParser, help: str) -> None:
+    """``--config FILE`` (repeatable): YAML files of config values."""
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help=help)
+
+
+# ------------------------------------------------------------------ commands
+
+
+# how a pre-training starts (or only shows its config)
+PRETRAIN_START_FLAGS: tuple[Flag, ...] = (
+    ("--resume", {"metavar": "CHECKPOINT|auto",
+                  "help": "continue from a checkpoint; auto: the newest one in --out (none: "
+                          "start afresh)"}),
+    ("--force", {"action": "store_true",
+                 "help": "resume from a checkpoint made with other settings"}),
+    ("--overwrite", {"action": "store_true",
+                     "help": "start a fresh run in an --out folder that holds another run"}),
+    ("--print-config", {"action": "store_true",
+                        "help": "print the resolved config as YAML and exit"}),
+)  # fmt: skip
+
+
 def _add_pretrain(sub: Any) -> None:
-    p = sub.add_parser("pretrain", help="pre-train an encoder (DSMAE, its ablations or MAE)")
+    p = sub.add_parser(
+        "pretrain",
+        help="pre-train an encoder (DSMAE, its ablations or MAE)",
+        parents=[_parent(*_data_flags("the preset's"), *CONFIG_RUN)],
+    )
     p.add_argument(
         "--preset", help=f"start from a shipped preset: {', '.join(available_presets())}"
     )
-    p.add_argument(
-        "--config",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="YAML file of config values, applied after the preset (repeatable)",
-    )
+    _add_config_flag(p, "YAML file of config values, applied after the preset (repeatable)")
     _add_set_flag(p, "any config value, e.g. train.warmup_epochs=5 (repeatable)")
-    for flag, (key, kind) in COMMON_FLAGS.items():
-        p.add_argument(flag, type=kind, dest=_dest(flag), help=f"sets {key}")
-    p.add_argument("--download", action="store_true", help="download a torchvision data set")
-    p.add_argument(
-        "--skip-bad-images",
-        action="store_true",
-        help="skip (and count) image files that cannot be read instead of stopping",
-    )
-    p.add_argument(
-        "--resume",
-        metavar="CHECKPOINT|auto",
-        help="continue from a checkpoint; auto: the newest one in --out (none: start afresh)",
-    )
-    p.add_argument(
-        "--force", action="store_true", help="resume from a checkpoint made with other settings"
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start a fresh run in an --out folder that holds another run",
-    )
-    p.add_argument(
-        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
-    )
-    p.set_defaults(run=_run_pretrain)
+    for flag, (key, kind) in PRETRAIN_FLAGS.items():
+        p.add_argument(flag, type=kind, help=f"sets {key}")
+    _add_flags(p, *PRETRAIN_START_FLAGS)
+    p.set_defaults(run=_run_pretrain, keys={**PRETRAIN_KEYS, **DATA_KEYS, **RUN_KEYS})
+
+
+def _frozen_protocol_parents() -> list[argparse.ArgumentParser]:
+    """The flags of the protocols on frozen features (linprobe, knn)."""
+    data = _data_flags("the pre-training data")
+    run = (RANDOM_INIT_FLAG, POOL_FLAG, _device_flag("auto"), _seed_flag(0))
+    return [_parent(CHECKPOINT_FLAG, *data, *run)]
 
 
 def _add_linprobe(sub: Any) -> None:
-    p = sub.add_parser("linprobe", help="linear-probe top-1 of a checkpoint's frozen encoder")
-    _add_frozen_data_flags(p)
+    p = sub.add_parser(
+        "linprobe",
+        help="linear-probe top-1 of a checkpoint's frozen encoder",
+        parents=_frozen_protocol_parents(),
+    )
     p.add_argument("--epochs", type=int, help="probe epochs")
     p.add_argument("--batch-size", type=int, help="probe batch size")
     p.add_argument(
@@ -108,64 +213,36 @@ def _add_linprobe(sub: Any) -> None:
         "run live on random-resized crops and flips every epoch); default: the checkpoint's "
         "probe.recipe (fast unless set)",
     )
-    p.set_defaults(run=_run_linprobe)
-
-
-def _add_frozen_data_flags(p: argparse.ArgumentParser) -> None:
-    """The data flags of the protocols on frozen features (linprobe, knn)."""
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by dsmae pretrain")
-    p.add_argument("--data", help="data set or image folder (default: the pre-training data)")
-    p.add_argument("--data-root", help="where torchvision data sets live")
-    p.add_argument("--download", action="store_true", help="download a torchvision data set")
-    p.add_argument(
-        "--skip-bad-images", action="store_true", help="skip image files that cannot be read"
-    )
-    p.add_argument(
-        "--random-init",
-        action="store_true",
-        help="evaluate the same architecture at random initialisation (baseline)",
-    )
-    p.add_argument(
-        "--pool",
-        choices=POOLS,
-        help="avg: mean of the patch tokens (default, what DSMAE trains); cls: the [CLS] token",
-    )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_linprobe, keys={**DATA_KEYS, **RUN_KEYS, **LINPROBE_KEYS})
 
 
 def _add_finetune(sub: Any) -> None:
     p = sub.add_parser(
-        "finetune", help="fine-tune a checkpoint's encoder fully (MAE's recipe); --random-init"
+        "finetune",
+        help="fine-tune a checkpoint's encoder fully (MAE's recipe); --random-init",
+        parents=[_parent(CHECKPOINT_FLAG, *_data_flags("the pre-training data"), *CONFIG_RUN)],
     )
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by dsmae pretrain")
-    p.add_argument("--data", help="data set or image folder (default: the pre-training data)")
-    p.add_argument("--data-root", help="where torchvision data sets live")
-    p.add_argument("--download", action="store_true", help="download a torchvision data set")
-    p.add_argument("--skip-bad-images", action="store_true")
     p.add_argument(
         "--random-init", action="store_true", help="the same recipe from random init (scratch)"
     )
-    p.add_argument(
-        "--config",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="YAML file of finetune/data/train values on top of the checkpoint's (repeatable)",
+    _add_config_flag(
+        p, "YAML file of finetune/data/train values on top of the checkpoint's (repeatable)"
     )
     _add_set_flag(p, "any finetune/data/train value, e.g. finetune.layer_decay=0.65")
     p.add_argument("--epochs", type=int, help="sets finetune.epochs")
     p.add_argument("--batch-size", type=int, help="sets finetune.batch_size")
     p.add_argument("--out", help="folder for metrics.jsonl and TensorBoard (default: none)")
-    p.add_argument("--device", help="sets train.device")
-    p.add_argument("--seed", type=int, help="sets train.seed")
-    p.set_defaults(run=_run_finetune)
+    p.set_defaults(run=_run_finetune, keys={**DATA_KEYS, **RUN_KEYS, **FINETUNE_KEYS})
 
 
 def _add_experiment(sub: Any) -> None:
     from dsmae.experiments import GRIDS
 
-    p = sub.add_parser("experiment", help="run a grid of the paper (resumable) and write its table")
+    p = sub.add_parser(
+        "experiment",
+        help="run a grid of the paper (resumable) and write its table",
+        parents=[_parent(_device_flag(None))],
+    )
     p.add_argument("name", choices=GRIDS, help="which table or figure")
     p.add_argument("--datasets", nargs="+", help="subset of cifar10 cifar100 stl10")
     p.add_argument("--archs", nargs="+", help="subset of vit_tiny vit_small vit_base")
@@ -181,22 +258,27 @@ def _add_experiment(sub: Any) -> None:
         help="read a data set from an image folder, e.g. cifar10=/data/cifar10 (repeatable)",
     )
     _add_set_flag(p, "any config value for every cell, e.g. model.patch_size=4")
-    p.add_argument("--device")
     p.add_argument("--results", default="results", help="where tables and runs go (results)")
     p.set_defaults(run=_run_experiment)
 
 
 def _add_knn(sub: Any) -> None:
-    p = sub.add_parser("knn", help="k-NN top-1 (cosine, temperature-weighted) on frozen features")
-    _add_frozen_data_flags(p)
+    p = sub.add_parser(
+        "knn",
+        help="k-NN top-1 (cosine, temperature-weighted) on frozen features",
+        parents=_frozen_protocol_parents(),
+    )
     p.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="vote temperature (0.07)")
-    p.set_defaults(run=_run_knn)
+    p.set_defaults(run=_run_knn, keys={**DATA_KEYS, **RUN_KEYS, **KNN_KEYS})
 
 
 def _add_export(sub: Any) -> None:
-    p = sub.add_parser("export", help="write the encoder for timm: model.safetensors + config.json")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by dsmae pretrain")
+    p = sub.add_parser(
+        "export",
+        help="write the encoder for timm: model.safetensors + config.json",
+        parents=[_parent(CHECKPOINT_FLAG)],
+    )
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--teacher", action="store_true", help="export the EMA teacher instead")
     p.add_argument(
@@ -206,27 +288,29 @@ def _add_export(sub: Any) -> None:
 
 
 def _add_features(sub: Any) -> None:
-    p = sub.add_parser("features", help="embeddings of every image of a folder, as .npy")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by dsmae pretrain")
+    p = sub.add_parser(
+        "features",
+        help="embeddings of every image of a folder, as .npy",
+        parents=[_parent(CHECKPOINT_FLAG, SKIP_BAD_IMAGES_FLAG, _device_flag("auto"))],
+    )
     p.add_argument("--data", required=True, help="a folder of images (searched recursively)")
     p.add_argument("--out", required=True, help="the .npy file (file names: OUT.files.txt)")
     p.add_argument(
         "--pool", choices=POOLS, help="avg (mean of the patch tokens, default) or cls ([CLS])"
     )
     p.add_argument("--teacher", action="store_true", help="use the EMA teacher")
-    p.add_argument("--skip-bad-images", action="store_true")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto")
     p.set_defaults(run=_run_features)
 
 
 def _add_denoise(sub: Any) -> None:
-    p = sub.add_parser("denoise", help="noisy / denoised / original figure for any images")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by dsmae pretrain")
+    p = sub.add_parser(
+        "denoise",
+        help="noisy / denoised / original figure for any images",
+        parents=[_parent(CHECKPOINT_FLAG, _device_flag("auto"), _seed_flag(0))],
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--out", default="denoise.png", help="the PNG to write (denoise.png)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the corruption")
-    p.add_argument("--device", default="auto")
     p.set_defaults(run=_run_denoise)
 
 
@@ -239,7 +323,9 @@ def _add_plot(sub: Any) -> None:
 
 def _add_bench(sub: Any) -> None:
     p = sub.add_parser(
-        "bench", help="time one pre-training step on a synthetic batch: img/s, memory, FLOPs, MFU"
+        "bench",
+        help="time one pre-training step on a synthetic batch: img/s, memory, FLOPs, MFU",
+        parents=[_parent(_device_flag("auto"), _seed_flag(0))],
     )
     p.add_argument("--method", required=True, help="dsmae, dsmae-ly, dsmae-lz or mae")
     p.add_argument("--arch", required=True, help="vit_tiny, vit_small or vit_base")
@@ -248,7 +334,6 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (default)")
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--micro-batch", type=int, help="micro-batch (default: the whole batch)")
     p.add_argument(
@@ -263,30 +348,17 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--embed-dim", type=int, help="encoder width (default: from --arch)")
     p.add_argument("--num-heads", type=int, help="encoder heads (default: from --arch)")
     _add_set_flag(p, "any other config value, e.g. model.decoder_depth=2 (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.set_defaults(run=_run_bench)
+    p.set_defaults(run=_run_bench, keys=BENCH_KEYS)
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
-    """The resolved Config of ``dsmae pretrain``'s arguments."""
-    overrides = dict(parse_assignment(a) for a in args.assign)
-    for flag, (key, _) in COMMON_FLAGS.items():
-        value = getattr(args, _dest(flag))
-        if value is not None:
-            overrides[key] = value
-    if args.download:
-        overrides["data.download"] = True
-    if args.skip_bad_images:
-        overrides["data.skip_bad_images"] = True
-    return build_config(args.preset, args.config, overrides)
+# ------------------------------------------------------------------ running them
 
 
 def _run_pretrain(args: argparse.Namespace) -> None:
     from dsmae.engine import pretrain
-    from dsmae.evaluation.linprobe import linprobe
 
-    cfg = config_from_args(args)
+    cfg = build_config(args.preset, args.config, config_changes(args))
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return
@@ -298,64 +370,67 @@ def _run_pretrain(args: argparse.Namespace) -> None:
     if figure.exists():
         print(f"denoising figure (noisy / denoised / original): {figure}")
     if cfg.probe.after_pretrain:
-        device = cfg.train.device
-        trained = linprobe(result.checkpoint, device=device, seed=cfg.train.seed)
-        print(f"linear probe top-1, pre-trained encoder: {trained.top1:.2f}%")
-        if cfg.probe.random_baseline:
-            baseline = linprobe(
-                result.checkpoint, random_init=True, device=device, seed=cfg.train.seed
-            )
-            print(f"linear probe top-1, same encoder at random init: {baseline.top1:.2f}%")
+        device_and_seed = {"train.device": cfg.train.device, "train.seed": cfg.train.seed}
+        _probe_after_pretrain(result.checkpoint, device_and_seed, cfg.probe.random_baseline)
     print(f"pre-training took {result.seconds:.0f} s")
+
+
+def _probe_after_pretrain(path: Path, changes: Mapping[str, Any], random_baseline: bool) -> None:
+    """The linear probe of a fresh checkpoint (read once) by its own probe settings, with
+    ``changes``; with ``random_baseline`` also of its architecture at random init."""
+    from dsmae.checkpoint import Checkpoint
+    from dsmae.evaluation.linprobe import linprobe
+    from dsmae.evaluation.results import evaluation_config
+
+    checkpoint = Checkpoint.read(path)
+    cfg = evaluation_config(checkpoint.config, changes)
+    trained = linprobe(checkpoint, cfg)
+    print(f"linear probe top-1, pre-trained encoder: {trained.top1:.2f}%")
+    if random_baseline:
+        baseline = linprobe(checkpoint, cfg, random_init=True)
+        print(f"linear probe top-1, same encoder at random init: {baseline.top1:.2f}%")
+
+
+def _frozen_protocol(args: argparse.Namespace, protocol: Any) -> Any:
+    """Run ``protocol`` (linprobe or knn_eval) on --checkpoint, read once, with the
+    command's flags set on its config (as given: not validated)."""
+    from dsmae.checkpoint import Checkpoint
+    from dsmae.evaluation.results import evaluation_config
+
+    checkpoint = Checkpoint.read(args.checkpoint)
+    cfg = evaluation_config(checkpoint.config, config_changes(args))
+    return protocol(checkpoint, cfg, random_init=args.random_init)
+
+
+def _encoder_label(args: argparse.Namespace) -> str:
+    return "random-init encoder" if args.random_init else "pre-trained encoder"
 
 
 def _run_linprobe(args: argparse.Namespace) -> None:
     from dsmae.evaluation.linprobe import linprobe
 
-    changes = {
-        "pool": args.pool,
-        "recipe": args.recipe,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-    }
-    result = linprobe(
-        args.checkpoint,
-        data=args.data,
-        data_root=args.data_root,
-        download=args.download or None,
-        skip_bad_images=args.skip_bad_images or None,
-        random_init=args.random_init,
-        probe_overrides={k: v for k, v in changes.items() if v is not None},
-        device=args.device,
-        seed=args.seed,
-    )
-    label = "random-init encoder" if args.random_init else "pre-trained encoder"
+    result = _frozen_protocol(args, linprobe)
     print(
-        f"linear probe top-1 ({label}, last epoch of {result.epochs}): {result.top1:.2f}% "
-        f"[{result.recipe} recipe]"
+        f"linear probe top-1 ({_encoder_label(args)}, last epoch of {result.epochs}): "
+        f"{result.top1:.2f}% [{result.recipe} recipe]"
     )
+
+
+def _run_knn(args: argparse.Namespace) -> None:
+    from dsmae.evaluation.knn import knn_eval
+
+    result = _frozen_protocol(args, knn_eval)
+    print(f"k-NN top-1 ({_encoder_label(args)}, k={result.k}, {result.pool}): {result.top1:.2f}%")
 
 
 def _run_finetune(args: argparse.Namespace) -> None:
-    from dsmae.checkpoint import checkpoint_config, load_checkpoint
+    from dsmae.checkpoint import Checkpoint
     from dsmae.config import override_config
     from dsmae.evaluation.finetune import finetune
 
-    overrides = dict(parse_assignment(a) for a in args.assign)
-    flags = {
-        "data.source": args.data,
-        "data.root": args.data_root,
-        "data.download": args.download or None,
-        "data.skip_bad_images": args.skip_bad_images or None,
-        "finetune.epochs": args.epochs,
-        "finetune.batch_size": args.batch_size,
-        "train.device": args.device,
-        "train.seed": args.seed,
-    }
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    saved = checkpoint_config(load_checkpoint(args.checkpoint), args.checkpoint)
-    cfg = override_config(saved, args.config, overrides)
-    result = finetune(args.checkpoint, cfg, random_init=args.random_init, out=args.out)
+    checkpoint = Checkpoint.read(args.checkpoint)
+    cfg = override_config(checkpoint.config, args.config, config_changes(args))
+    result = finetune(checkpoint, cfg, random_init=args.random_init, out=args.out)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     label = "random init (scratch)" if args.random_init else "pre-trained encoder"
@@ -390,26 +465,6 @@ def _run_experiment(args: argparse.Namespace) -> None:
     print(f"table: {table} (and {table.with_suffix('.csv')})")
 
 
-def _run_knn(args: argparse.Namespace) -> None:
-    from dsmae.evaluation.knn import knn_eval
-
-    result = knn_eval(
-        args.checkpoint,
-        k=args.k,
-        temperature=args.temperature,
-        pool=args.pool,
-        data=args.data,
-        data_root=args.data_root,
-        download=args.download or None,
-        skip_bad_images=args.skip_bad_images or None,
-        random_init=args.random_init,
-        device=args.device,
-        seed=args.seed,
-    )
-    label = "random-init encoder" if args.random_init else "pre-trained encoder"
-    print(f"k-NN top-1 ({label}, k={result.k}, {result.pool}): {result.top1:.2f}%")
-
-
 def _run_export(args: argparse.Namespace) -> None:
     from dsmae.export import export_encoder
 
@@ -418,15 +473,16 @@ def _run_export(args: argparse.Namespace) -> None:
 
 
 def _run_features(args: argparse.Namespace) -> None:
+    from dsmae.checkpoint import Checkpoint
     from dsmae.evaluation.frozen import folder_features
 
     feats, names = folder_features(
-        args.checkpoint,
+        Checkpoint.read(args.checkpoint),
         args.data,
         args.out,
         pool=args.pool,
         teacher=args.teacher,
-        skip_bad_images=args.skip_bad_images,
+        skip_bad_images=bool(args.skip_bad_images),
         device=args.device,
         batch_size=args.batch_size,
     )
@@ -454,64 +510,57 @@ def _run_plot(args: argparse.Namespace) -> None:
 def _run_bench(args: argparse.Namespace) -> None:
     from dsmae.bench import format_report, run_bench, to_json
 
-    overrides = dict(parse_assignment(a) for a in args.assign)
-    if args.micro_batch is not None:
-        overrides["train.micro_batch"] = args.micro_batch
-    if args.compile is not None:
-        overrides["train.compile"] = args.compile
-    for key in ("depth", "embed_dim", "num_heads"):
-        if getattr(args, key) is not None:
-            overrides[f"model.{key}"] = getattr(args, key)
+    shape = (args.method, args.arch, args.img_size, args.patch_size, args.batch_size)
     result = run_bench(
-        args.method,
-        args.arch,
-        args.img_size,
-        args.patch_size,
-        args.batch_size,
+        *shape,
         steps=args.steps,
         warmup=args.warmup,
         device=args.device,
         in_chans=args.in_chans,
         seed=args.seed,
-        overrides=overrides,
+        overrides=config_changes(args),
         parts_time=args.parts,
     )
     print(to_json(result) if args.json else format_report(result))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsmae", description=__doc__.splitlines()[0])
+# ------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dsmae`` parser: one subcommand a ``_run_*`` function (``args.run``)."""
+    description = " ".join(__doc__.split("\n\n")[0].split())
+    parser = argparse.ArgumentParser(prog="dsmae", description=description)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_pretrain(sub)
-    _add_linprobe(sub)
-    _add_finetune(sub)
-    _add_knn(sub)
-    _add_experiment(sub)
-    _add_denoise(sub)
-    _add_plot(sub)
-    _add_export(sub)
-    _add_features(sub)
-    _add_bench(sub)
-    args = parser.parse_args(argv)
+    for add in (_add_pretrain, _add_linprobe, _add_finetune, _add_knn, _add_experiment,
+                _add_denoise, _add_plot, _add_export, _add_features, _add_bench):  # fmt: skip
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from dsmae.runtime import keep_freed_memory
+
     keep_freed_memory()
     return _run_command(args)
 
 
-# What a user can cause (bad input, a full disk, a folder in use), reported in one line.
-USER_ERRORS = (
-    ConfigError,
-    DataError,
-    CheckpointError,
-    DivergedError,
-    FileNotFoundError,
-    WriteError,
-)
+def user_errors() -> tuple[type[Exception], ...]:
+    """What a user can cause (bad input, a full disk, a folder in use), reported in one
+    line. Imported when needed: their modules import torch."""
+    from dsmae.checkpoint import CheckpointError
+    from dsmae.data.sources import DataError
+    from dsmae.engine import DivergedError
+
+    errors = (ConfigError, DataError, CheckpointError, DivergedError, FileNotFoundError)
+    return (*errors, WriteError)
 
 
 def _run_command(args: argparse.Namespace) -> int:
@@ -524,7 +573,7 @@ def _run_command(args: argparse.Namespace) -> int:
     except Preempted as stop:
         print(f"{prefix}: {stop}", file=sys.stderr)
         return PREEMPTED_EXIT
-    except USER_ERRORS as err:
+    except user_errors() as err:
         print(f"{prefix}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

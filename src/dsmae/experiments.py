@@ -11,6 +11,9 @@ cell runs. The table
 (``results/<name>.md`` and ``.csv``) puts our numbers beside the paper's and states the
 settings that produced them; ``noise-ratio`` and ``lambda`` also draw their curve (the
 paper's Fig. 3 and Fig. 4) as ``results/<name>.png``.
+
+The modules that import torch or matplotlib are imported by the functions that use them:
+``dsmae --help`` reads :data:`GRIDS` from here and must not wait for them.
 """
 
 from __future__ import annotations
@@ -23,16 +26,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
-
-from dsmae.checkpoint import checkpoint_config, load_checkpoint
 from dsmae.config import Config, ConfigError, available_presets, build_config, fill_data_stats
-from dsmae.data.sources import check_available
-from dsmae.engine import pretrain, settings_differences
-from dsmae.evaluation.frozen import evaluation_settings, result_path
 from dsmae.writes import atomic_write_text, written
+
+if TYPE_CHECKING:
+    from dsmae.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -164,27 +164,30 @@ def cell_config(cell: Cell, settings: GridSettings, runs: Path, grid: str) -> Co
     return cfg
 
 
-def _finished(checkpoint: Path, cfg: Config) -> bool:
-    """Whether ``checkpoint`` is the end of the run ``cfg`` describes.
+def _finished(path: Path, cfg: Config) -> Checkpoint | None:
+    """The checkpoint at ``path`` (read) if it is the end of the run ``cfg`` describes.
 
     Raises:
         ConfigError: it was pre-trained with other settings (listed), so its results do
             not belong in this grid.
     """
-    if not checkpoint.is_file():
-        return False
-    state = load_checkpoint(checkpoint)
-    saved = checkpoint_config(state, checkpoint)
+    from dsmae.checkpoint import Checkpoint
+    from dsmae.engine import settings_differences
+
+    if not path.is_file():
+        return None
+    checkpoint = Checkpoint.read(path)
+    saved = checkpoint.config
     asked = fill_data_stats(cfg, saved.data.mean, saved.data.std)
     diffs = settings_differences(saved, asked)
     if diffs:
         raise ConfigError(
-            f"{checkpoint.parent} holds a cell pre-trained with other settings ("
+            f"{path.parent} holds a cell pre-trained with other settings ("
             + "; ".join(diffs)
             + "): give the grid another --results folder, or delete that folder to run the "
             "cell again"
         )
-    return state["epoch"] == cfg.train.epochs
+    return checkpoint if checkpoint.state["epoch"] == cfg.train.epochs else None
 
 
 def run_cell(cell: Cell, cfg: Config) -> dict[str, dict[str, float]]:
@@ -196,12 +199,16 @@ def run_cell(cell: Cell, cfg: Config) -> dict[str, dict[str, float]]:
     (the whole probe or fine-tune section, pooling included, and the data); otherwise it
     is run again and replaces it.
     """
-    out = Path(cfg.out)
-    checkpoint = out / "last.pt"
-    if _finished(checkpoint, cfg):
+    from dsmae.checkpoint import Checkpoint
+    from dsmae.engine import pretrain
+
+    path = Path(cfg.out) / "last.pt"
+    checkpoint = _finished(path, cfg)
+    if checkpoint is not None:
         log.info("%s: pre-training already done", cell.name)
     else:
         pretrain(cfg, resume="auto")
+        checkpoint = Checkpoint.read(path)
     scores: dict[str, dict[str, float]] = {}
     for protocol in cell.protocols:
         if protocol == "linprobe":
@@ -224,27 +231,32 @@ def _cached_top1(path: Path, settings: dict[str, Any]) -> float | None:
     return saved["top1"]
 
 
-def _linprobe(checkpoint: Path, cfg: Config, pool: str) -> float:
-    """The linear probe of a cell with the grid's probe settings and ``pool``."""
+def _linprobe(checkpoint: Checkpoint, cfg: Config, pool: str) -> float:
+    """The linear probe of a cell with the grid's probe settings and ``pool``, on the
+    checkpoint's data, with the grid's ``train.device`` and ``train.seed``."""
     from dsmae.evaluation.linprobe import linprobe
+    from dsmae.evaluation.results import evaluation_config, evaluation_settings, result_path
 
     probe = dataclasses.replace(cfg.probe, pool=pool)
     settings = evaluation_settings(probe, cfg.data.source)
-    top1 = _cached_top1(result_path(checkpoint, "linprobe", pool=pool), settings)
+    top1 = _cached_top1(result_path(checkpoint.path, "linprobe", pool=pool), settings)
     if top1 is None:  # the grid's evaluation settings, even for a cell pre-trained under others
-        top1 = linprobe(checkpoint, probe=probe, device=cfg.train.device, seed=cfg.train.seed).top1
+        changes = {"train.device": cfg.train.device, "train.seed": cfg.train.seed}
+        probed = dataclasses.replace(evaluation_config(checkpoint.config, changes), probe=probe)
+        top1 = linprobe(checkpoint, probed).top1
     return top1
 
 
-def _finetune(checkpoint: Path, cfg: Config, scratch: bool) -> float:
+def _finetune(checkpoint: Checkpoint, cfg: Config, scratch: bool) -> float:
     """The fine-tuning of a cell (from random init for ``scratch``) with the grid's recipe
     on the checkpoint's config (its measured normalisation)."""
     from dsmae.evaluation.finetune import finetune
+    from dsmae.evaluation.results import evaluation_settings, result_path
 
-    saved = checkpoint_config(load_checkpoint(checkpoint), checkpoint)
-    saved = dataclasses.replace(saved, finetune=cfg.finetune, train=cfg.train)
+    saved = dataclasses.replace(checkpoint.config, finetune=cfg.finetune, train=cfg.train)
     settings = evaluation_settings(cfg.finetune, saved.data.source)
-    top1 = _cached_top1(result_path(checkpoint, "finetune", scratch, cfg.finetune.pool), settings)
+    path = result_path(checkpoint.path, "finetune", scratch, cfg.finetune.pool)
+    top1 = _cached_top1(path, settings)
     if top1 is None:
         top1 = finetune(checkpoint, saved, random_init=scratch).top1
     return top1
@@ -253,6 +265,8 @@ def _finetune(checkpoint: Path, cfg: Config, scratch: bool) -> float:
 def run_grid(name: str, settings: GridSettings, results: str | Path = "results") -> Path:
     """Run every cell of grid ``name`` and write ``results/<name>.md``, ``.csv`` (and
     ``.png`` for the curves). Returns the markdown file."""
+    from dsmae.data.sources import check_available
+
     results = Path(results)
     runs = results / name
     cells = grid_cells(name, settings)
@@ -366,6 +380,8 @@ def _method_order(method: str) -> int:
 
 def draw_curve(name: str, rows: list[dict[str, Any]], out: Path) -> Path:
     """Top-1 against the swept value, one line per data set x backbone (Fig. 3 / 4)."""
+    from matplotlib.figure import Figure
+
     key = "noise_ratio" if name == "noise-ratio" else "lam"
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()

@@ -27,13 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 from safetensors.torch import load_file, save
 from timm.models.vision_transformer import VisionTransformer
 
-from dsmae.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, load_weights
+from dsmae.checkpoint import Checkpoint, load_weights
 from dsmae.config import Config, ConfigError, ModelConfig
-from dsmae.models.vit import create_encoder
 from dsmae.writes import atomic_write_bytes, atomic_write_text, written
 
 # our architectures as timm names (their depth, width and heads; see config.ARCHS)
@@ -66,38 +64,54 @@ def encoder_from_checkpoint(
 ) -> tuple[VisionTransformer, Config]:
     """The student encoder of a ``dsmae pretrain`` checkpoint (the EMA teacher with
     ``teacher``; the same architecture freshly initialised from ``seed`` with
-    ``random_init``) and the checkpoint's config.
+    ``random_init``) and the checkpoint's config: :meth:`Checkpoint.encoder` of the file.
 
     Raises:
         CheckpointError: unreadable or unsafe file, no teacher in it, or weights that do
             not fit the architecture its config describes.
     """
-    state = load_checkpoint(checkpoint)
-    cfg = checkpoint_config(state, checkpoint)
-    torch.manual_seed(seed)
-    encoder = create_encoder(cfg.model)
-    if not random_init:
-        prefix = "teacher." if teacher else "encoder."
-        weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
-        if teacher and not weights:
-            raise CheckpointError(f"{checkpoint} ({cfg.model.method}) has no teacher")
-        load_weights(encoder, weights, f"{checkpoint} ({prefix.rstrip('.')})")
-    return encoder, cfg
+    read = Checkpoint.read(checkpoint)
+    return read.encoder(random_init=random_init, seed=seed, teacher=teacher), read.config
 
 
 def export_encoder(
-    checkpoint: str | Path, out: str | Path, *, teacher: bool = False, overwrite: bool = False
+    checkpoint: str | Path | Checkpoint,
+    out: str | Path,
+    *,
+    teacher: bool = False,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the encoder of ``checkpoint`` to ``out/model.safetensors`` and
-    ``out/config.json`` (see the module docstring), each atomically. Returns ``out``.
+    """Write the encoder of ``checkpoint`` (a file, or one already read) to
+    ``out/model.safetensors`` and ``out/config.json`` (see the module docstring), each
+    atomically. Returns ``out``.
 
     Raises:
         ConfigError: ``out`` is a file, or a folder that is not empty (unless
             ``overwrite``).
+        CheckpointError: see :meth:`Checkpoint.read` and :meth:`Checkpoint.encoder`.
         WriteError: a file could not be written (e.g. a full disk); nothing half-written
             is left.
     """
     out = Path(out)
+    _check_export_folder(out, overwrite)
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = Checkpoint.read(checkpoint)
+    encoder = checkpoint.encoder(teacher=teacher)
+    with written("export", out):
+        out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    atomic_write_bytes(out / WEIGHTS_FILE, save(weights, metadata={"format": "pt"}), "export")
+    config = export_config(checkpoint, teacher)
+    atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n", "export")
+    return out
+
+
+def _check_export_folder(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that is a file, or a non-empty folder unless ``overwrite``.
+
+    Raises:
+        ConfigError: naming ``--out``.
+    """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder to write the export into")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -105,25 +119,22 @@ def export_encoder(
             f"--out {out} is not empty; pick another folder, or pass --overwrite to replace "
             "its model.safetensors and config.json"
         )
-    encoder, cfg = encoder_from_checkpoint(checkpoint, teacher=teacher)
-    state = load_checkpoint(checkpoint)
-    with written("export", out):
-        out.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    atomic_write_bytes(out / WEIGHTS_FILE, save(weights, metadata={"format": "pt"}), "export")
-    config = {
+
+
+def export_config(checkpoint: Checkpoint, teacher: bool) -> dict[str, Any]:
+    """The ``config.json`` of an export of ``checkpoint``'s student (or ``teacher``)."""
+    cfg = checkpoint.config
+    return {
         "architecture": TIMM_NAMES[cfg.model.arch],
         "model_args": timm_model_args(cfg.model),
         "mean": cfg.data.mean,
         "std": cfg.data.std,
         "method": cfg.model.method,
         "weights": "teacher" if teacher else "student",
-        "step": int(state["step"]),
-        "checkpoint": Path(checkpoint).name,
+        "step": int(checkpoint.state["step"]),
+        "checkpoint": Path(checkpoint.path).name,
         "dsmae_version": version("dsmae"),
     }
-    atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n", "export")
-    return out
 
 
 def load_encoder(path: str | Path, num_classes: int = 0, **timm_kwargs: Any) -> VisionTransformer:

@@ -1,9 +1,14 @@
+import json
 import math
+import shutil
 
 import pytest
 import torch
 
-from dsmae.evaluation.knn import knn_accuracy, knn_predict
+from dsmae.checkpoint import Checkpoint
+from dsmae.evaluation.frozen import frozen_features
+from dsmae.evaluation.knn import knn_accuracy, knn_eval, knn_predict
+from dsmae.evaluation.results import evaluation_config, labelled_splits
 
 # Hand-built 2-D example: the query points along +x, so the cosine similarity of a
 # training feature (c, s) with c**2 + s**2 = 1 is simply c.
@@ -70,11 +75,17 @@ def test_similarity_is_cosine_not_euclidean():
     assert knn_predict(train, labels, query, 2, k=1).item() == 0
 
 
+def _random(seed: int, n: int, m: int, dim: int, classes: int):
+    """(n, dim) train features, their (n,) labels in [0, classes) and (m, dim) test
+    features, all drawn from one generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    train = torch.randn(n, dim, generator=g)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    return train, labels, torch.randn(m, dim, generator=g)
+
+
 def test_scaling_training_features_does_not_change_predictions():
-    g = torch.Generator().manual_seed(0)
-    train = torch.randn(100, 8, generator=g)
-    labels = torch.randint(0, 5, (100,), generator=g)
-    test = torch.randn(40, 8, generator=g)
+    train, labels, test = _random(0, 100, 40, dim=8, classes=5)
     before = knn_predict(train, labels, test, 5, k=5)
     scaled = train.clone()
     scaled[::3] *= 100.0
@@ -85,10 +96,7 @@ def test_scaling_training_features_does_not_change_predictions():
 
 
 def test_chunking_does_not_change_the_result():
-    g = torch.Generator().manual_seed(1)
-    train = torch.randn(300, 16, generator=g)
-    labels = torch.randint(0, 7, (300,), generator=g)
-    test = torch.randn(137, 16, generator=g)
+    train, labels, test = _random(1, 300, 137, dim=16, classes=7)
     reference = knn_predict(train, labels, test, 7, chunk_size=1024)
     for chunk_size in (1, 10, 137):
         assert torch.equal(knn_predict(train, labels, test, 7, chunk_size=chunk_size), reference)
@@ -216,3 +224,19 @@ def test_runs_on_cuda_and_matches_cpu():
     gpu = knn_predict(train.cuda(), labels.cuda(), test.cuda(), 4, chunk_size=16)
     assert gpu.device.type == "cuda"
     assert torch.equal(gpu.cpu(), cpu)
+
+
+def test_knn_eval_takes_its_vote_and_pooling_from_the_config(digits_run, tmp_path):
+    checkpoint = Checkpoint.read(shutil.copy(digits_run / "last.pt", tmp_path / "last.pt"))
+    changes = {"monitor.knn_k": 5, "monitor.knn_temperature": 0.5, "probe.pool": "cls"}
+    cfg = evaluation_config(checkpoint.config, changes)
+    result = knn_eval(checkpoint, cfg)
+    assert (result.k, result.temperature, result.pool, result.num_test) == (5, 0.5, "cls", 449)
+    saved = json.loads((tmp_path / "last.knn-cls.json").read_text())
+    assert saved == result.to_dict() and saved["checkpoint"] == str(tmp_path / "last.pt")
+    splits = labelled_splits(cfg.data, cfg.model, "a test")
+    f = frozen_features(checkpoint.encoder(), splits, cfg, "cls", torch.device("cpu"))
+    expected = knn_accuracy(
+        f.train, f.train_labels, f.test, f.test_labels, 10, k=5, temperature=0.5
+    )
+    assert result.top1 == expected

@@ -1,3 +1,4 @@
+import dataclasses
 import importlib
 import json
 import shutil
@@ -6,14 +7,22 @@ import pytest
 import timm.optim
 import torch
 
+from dsmae.checkpoint import Checkpoint
 from dsmae.cli import main
 from dsmae.config import ConfigError, ProbeConfig
-from dsmae.evaluation.frozen import evaluation_settings, extract_features
-from dsmae.evaluation.linprobe import linprobe, train_linear_probe
-from dsmae.export import encoder_from_checkpoint
+from dsmae.evaluation.linprobe import ProbeResult, linprobe, train_linear_probe
+from dsmae.evaluation.results import evaluation_config, evaluation_settings
 
 # the module itself (``dsmae.evaluation`` exports its ``linprobe`` function under that name)
 linprobe_module = importlib.import_module("dsmae.evaluation.linprobe")
+
+
+def _probe(path, probe: ProbeConfig, seed: int = 0, random_init: bool = False) -> ProbeResult:
+    """``linprobe`` of the checkpoint at ``path`` with ``probe``, on the checkpoint's data,
+    seeded by ``seed``."""
+    checkpoint = Checkpoint.read(path)
+    cfg = evaluation_config(checkpoint.config, {"train.device": "auto", "train.seed": seed})
+    return linprobe(checkpoint, dataclasses.replace(cfg, probe=probe), random_init=random_init)
 
 
 def test_probe_learns_separable_features_and_reports_the_last_epoch():
@@ -48,23 +57,10 @@ def tiny_checkpoint(digits_run):
     return digits_run / "last.pt"
 
 
-def test_features_are_frozen_encoder_outputs(tiny_checkpoint):
-    encoder, cfg = encoder_from_checkpoint(tiny_checkpoint)
-    images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
-    size = cfg.model.img_size
-    token = extract_features(
-        encoder, images, size=size, mean=cfg.data.mean, std=cfg.data.std, pool="cls"
-    )
-    avg = extract_features(
-        encoder, images, size=size, mean=cfg.data.mean, std=cfg.data.std, pool="avg", batch_size=2
-    )
-    assert token.shape == avg.shape == (5, 32) and not torch.allclose(token, avg)
-
-
 def test_linprobe_writes_json_beside_the_checkpoint(tiny_checkpoint):
     probe = ProbeConfig(epochs=3, warmup_epochs=1)
-    trained = linprobe(tiny_checkpoint, probe=probe)
-    baseline = linprobe(tiny_checkpoint, probe=probe, random_init=True)
+    trained = _probe(tiny_checkpoint, probe)
+    baseline = _probe(tiny_checkpoint, probe, random_init=True)
     saved = json.loads(tiny_checkpoint.with_name("last.linprobe.json").read_text())
     assert saved["top1"] == trained.top1 and saved["num_test"] == 449 and not saved["random_init"]
     assert saved["recipe"] == "fast"
@@ -73,14 +69,6 @@ def test_linprobe_writes_json_beside_the_checkpoint(tiny_checkpoint):
     saved = json.loads(tiny_checkpoint.with_name("last.linprobe-random-init.json").read_text())
     assert saved["random_init"] and saved["top1"] == baseline.top1
     assert 10 < trained.top1 <= 100
-
-
-def test_random_init_ignores_the_weights_but_keeps_the_architecture(tiny_checkpoint):
-    trained, _ = encoder_from_checkpoint(tiny_checkpoint)
-    fresh, _ = encoder_from_checkpoint(tiny_checkpoint, random_init=True)
-    assert trained.state_dict().keys() == fresh.state_dict().keys()
-    w = "blocks.0.attn.qkv.weight"
-    assert not torch.equal(trained.state_dict()[w], fresh.state_dict()[w])
 
 
 @pytest.fixture
@@ -108,10 +96,10 @@ def encoder_seen(monkeypatch):
     """The encoder the probe loads, a copy of its weights then, and every input (B, C, H, W)
     it is given."""
     seen = {"inputs": []}
-    real = linprobe_module.encoder_from_checkpoint
+    real = Checkpoint.encoder
 
     def spy(*args, **kwargs):
-        encoder, cfg = real(*args, **kwargs)
+        encoder = real(*args, **kwargs)
         seen["encoder"] = encoder
         seen["weights"] = {k: v.clone() for k, v in encoder.state_dict().items()}
         forward = encoder.forward_features
@@ -121,15 +109,15 @@ def encoder_seen(monkeypatch):
             return forward(x)
 
         encoder.forward_features = record
-        return encoder, cfg
+        return encoder
 
-    monkeypatch.setattr(linprobe_module, "encoder_from_checkpoint", spy)
+    monkeypatch.setattr(Checkpoint, "encoder", spy)
     return seen
 
 
 def test_mae_recipe_writes_its_result_and_settings(own_checkpoint, lars_made):
     probe = ProbeConfig(epochs=2, warmup_epochs=1, batch_size=128, recipe="mae")
-    result = linprobe(own_checkpoint, probe=probe)
+    result = _probe(own_checkpoint, probe)
     saved = json.loads(own_checkpoint.with_name("last.linprobe.json").read_text())
     assert saved["recipe"] == "mae" and saved["pool"] == "avg" and saved["epochs"] == 2
     assert saved["settings"] == evaluation_settings(probe, "digits")
@@ -148,7 +136,7 @@ def test_mae_recipe_writes_its_result_and_settings(own_checkpoint, lars_made):
 
 def test_mae_recipe_augments_every_epoch_and_keeps_the_encoder_frozen(own_checkpoint, encoder_seen):
     probe = ProbeConfig(epochs=2, warmup_epochs=1, batch_size=2048, recipe="mae", pool="cls")
-    result = linprobe(own_checkpoint, probe=probe)
+    result = _probe(own_checkpoint, probe)
     assert result.pool == "cls" and result.recipe == "mae"
     # the batch holds the whole train split: one step, one encoder call per epoch
     train = [x for x in encoder_seen["inputs"] if len(x) == result.num_train]
@@ -167,14 +155,15 @@ def test_mae_recipe_augments_every_epoch_and_keeps_the_encoder_frozen(own_checkp
 
 def test_mae_recipe_is_repeatable_from_its_seed(own_checkpoint):
     probe = ProbeConfig(epochs=2, warmup_epochs=1, batch_size=256, recipe="mae")
-    first = linprobe(own_checkpoint, probe=probe, seed=3)
-    again = linprobe(own_checkpoint, probe=probe, seed=3)
+    first = _probe(own_checkpoint, probe, seed=3)
+    again = _probe(own_checkpoint, probe, seed=3)
     assert (first.top1, first.best_top1) == (again.top1, again.best_top1)
 
 
 def test_unknown_recipe_is_refused(own_checkpoint):
+    checkpoint = Checkpoint.read(own_checkpoint)
     with pytest.raises(ConfigError, match=r"probe\.recipe"):
-        linprobe(own_checkpoint, probe_overrides={"recipe": "sgd"})
+        linprobe(checkpoint, evaluation_config(checkpoint.config, {"probe.recipe": "sgd"}))
 
 
 def test_recipe_flag_reaches_the_probe(own_checkpoint, lars_made, capsys):

@@ -36,6 +36,7 @@ and the test accuracy is summed over processes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Callable, Iterator
@@ -59,16 +60,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from dsmae import distributed
+from dsmae.checkpoint import Checkpoint
 from dsmae.config import Config, FinetuneConfig
 from dsmae.data.pipeline import eval_batch
 from dsmae.data.sources import DataError, ImageTensors
-from dsmae.evaluation.frozen import (
-    best_epoch,
-    evaluation_settings,
-    labelled_splits,
-    save_result,
-)
-from dsmae.export import encoder_from_checkpoint
+from dsmae.evaluation.results import LabelledSplits, TrainedResult, labelled_splits
 from dsmae.metrics import MetricsLog
 from dsmae.runtime import autocast, generator, progress, use_amp
 from dsmae.schedules import lr_at
@@ -80,25 +76,18 @@ Transform = Callable[[Image.Image], torch.Tensor]
 
 
 @dataclass
-class FinetuneResult:
-    """Outcome of one fine-tuning; ``top1`` is the last epoch's test accuracy in %.
+class FinetuneResult(TrainedResult):
+    """Outcome of one fine-tuning (:func:`finetune`); ``top1`` is the last epoch's test
+    accuracy in %, ``history`` every epoch's.
 
     ``settings`` is the ``finetune`` config section plus ``"data"`` (the data source): what a
     cached result is compared against before it is reused.
     """
 
-    top1: float
-    best_top1: float
-    best_epoch: int
-    epochs: int
-    num_train: int
-    num_test: int
-    num_classes: int
-    data: str
-    random_init: bool
-    checkpoint: str
-    pool: str
-    settings: dict[str, Any]
+    protocol = "finetune"
+    keys = ("top1", "best_top1", "best_epoch", "epochs", "num_train", "num_test", "num_classes",
+            "data", "random_init", "checkpoint", "pool", "settings", "history")  # fmt: skip
+
     history: list[float]
 
 
@@ -335,126 +324,199 @@ def _evaluate(
 
 
 def finetune(
-    checkpoint: str | Path,
-    cfg: Config,
+    checkpoint: Checkpoint,
+    cfg: Config | None = None,
     *,
     random_init: bool = False,
     out: str | Path | None = None,
 ) -> FinetuneResult:
-    """Fine-tune the encoder of ``checkpoint`` with ``cfg.finetune`` on ``cfg.data``.
+    """Fine-tune the encoder of ``checkpoint`` (with ``random_init``: its architecture at
+    random initialisation, seeded by ``cfg.train.seed``) with ``cfg.finetune`` on
+    ``cfg.data``.
 
     ``cfg`` is the checkpoint's config with the user's changes (data, finetune section,
-    device, seed); its model section must be the checkpoint's.
+    device, seed; default: the checkpoint's own); its model section must be the
+    checkpoint's.
 
     Writes ``<checkpoint stem>.finetune[-cls][-random-init].json`` beside the checkpoint
     and, when ``out`` is given, ``out/metrics.jsonl`` (one line per epoch) and TensorBoard
     logs.
-    """
-    f, t = cfg.finetune, cfg.train
-    proc, device = distributed.setup(t.device, t.dist_timeout_minutes)
-    try:
-        splits = labelled_splits(cfg.data, cfg.model, "fine-tuning")
-        train, test = splits["train"], splits["test"]
-        num_classes = len(train.classes)
-        if len(train) < f.batch_size:
-            raise DataError(
-                f"finetune.batch_size={f.batch_size} is larger than the {len(train)} "
-                "training images"
-            )
-        encoder, _ = encoder_from_checkpoint(checkpoint, random_init=random_init, seed=t.seed)
-        torch.manual_seed(t.seed)
-        model = classifier(encoder, num_classes, f).to(device)
-        optimizer = build_finetune_optimizer(model, f, device)
-        forward = distributed.wrap(model, proc, device)
-        # mixup (numpy) and drop path (torch) draw from the global RNGs, seeded per process
-        # as MAE does (``seed + rank``); the images are seeded per image (AugmentedImages)
-        own = process_seed(t.seed, proc.rank)
-        random.seed(own)
-        np.random.seed(own)
-        torch.manual_seed(own)
-        amp = use_amp(device, t.amp)
-        mixup = None
-        if f.mixup > 0 or f.cutmix > 0:
-            mixup = Mixup(
-                mixup_alpha=f.mixup,
-                cutmix_alpha=f.cutmix,
-                label_smoothing=f.label_smoothing,
-                num_classes=num_classes,
-            )
-        soft_ce = SoftTargetCrossEntropy()
-        loader, batches = train_loader(
-            train, cfg, proc.rank, proc.world_size, pin_memory=device.type == "cuda"
-        )
 
-        steps_per_epoch = len(batches)
-        total, warmup = f.epochs * steps_per_epoch, f.warmup_epochs * steps_per_epoch
-        test_share = slice(proc.rank, None, proc.world_size)
-        metrics = MetricsLog(out, prefix="finetune") if out and proc.is_main else None
-        history: list[float] = []
-        step = 0
-        bar = progress(total * f.batch_size, "finetune", disable=not proc.is_main)
-        with bar:
-            for epoch in range(f.epochs):
-                batches.set_epoch(epoch)
-                model.train()
-                for images, labels in loader:
-                    x = images.to(device, non_blocking=True)
-                    y = labels.to(device, non_blocking=True)
-                    if mixup is not None:
-                        x, y = mixup(x, y)
-                    lr = lr_at(step, total, warmup, f.lr, f.min_lr)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr * group.get("lr_scale", 1.0)
-                    with autocast(device, amp):
-                        logits = forward(x)
-                    if mixup is not None:
-                        loss = soft_ce(logits.float(), y)
-                    else:
-                        loss = F.cross_entropy(logits.float(), y, label_smoothing=f.label_smoothing)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if f.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), f.grad_clip)
-                    optimizer.step()
-                    step += 1
-                    bar.update(f.batch_size)
-                correct, seen = _evaluate(
-                    model, test.images[test_share], test.labels[test_share], cfg, amp
-                )
-                counts = distributed.mean_over_processes(
-                    {"correct": torch.tensor(float(correct)), "seen": torch.tensor(float(seen))},
-                    proc,
-                )
-                top1 = 100.0 * float(counts["correct"]) / float(counts["seen"])
-                history.append(top1)
-                bar.set_postfix(epoch=epoch + 1, top1=f"{top1:.2f}")
-                log.info("fine-tune epoch %d/%d: test top-1 %.2f%%", epoch + 1, f.epochs, top1)
-                if metrics is not None:
-                    metrics.write(
-                        {"epoch": epoch + 1, "step": step, "loss": loss.item(), "top1": top1}
-                    )
-        if metrics is not None:
-            metrics.close()
-        del loader  # stops its worker processes
+    Raises:
+        DataError: a split without class labels, or fewer training images than a batch.
+    """
+    cfg = checkpoint.config if cfg is None else cfg
+    proc, device = distributed.setup(cfg.train.device, cfg.train.dist_timeout_minutes)
+    try:
+        splits = _training_splits(cfg)
+        run = _prepare(checkpoint, cfg, splits, random_init, proc, device)
+        history = _train(run, splits.test, out)
+        del run  # its loader's worker processes stop
     finally:
         distributed.teardown()
-
-    best_top1, best = best_epoch(history)
-    result = FinetuneResult(
-        top1=history[-1],
-        best_top1=best_top1,
-        best_epoch=best,
-        epochs=f.epochs,
-        num_train=len(train),
-        num_test=len(test),
-        num_classes=num_classes,
-        data=cfg.data.source,
-        random_init=random_init,
-        checkpoint=str(checkpoint),
-        pool=f.pool,
-        settings=evaluation_settings(f, cfg.data.source),
-        history=history,
-    )
+    trained = FinetuneResult.trained_fields(history, cfg.finetune, cfg.data.source)
+    measured = splits.measured_on(checkpoint, random_init)
+    result = FinetuneResult(**trained, **measured, pool=cfg.finetune.pool, history=history)
     if proc.is_main:
-        save_result(checkpoint, "finetune", random_init, result)
+        result.save()
     return result
+
+
+def _training_splits(cfg: Config) -> LabelledSplits:
+    """The labelled splits of ``cfg.data``, refused unless the train split holds a batch.
+
+    Raises:
+        DataError: a split without class labels, or fewer training images than
+            ``finetune.batch_size``.
+    """
+    splits = labelled_splits(cfg.data, cfg.model, "fine-tuning")
+    batch = cfg.finetune.batch_size
+    if len(splits.train) < batch:
+        raise DataError(
+            f"finetune.batch_size={batch} is larger than the {len(splits.train)} training images"
+        )
+    return splits
+
+
+@dataclass
+class _FinetuneRun:
+    """What the training loop of one fine-tuning works with, on this process."""
+
+    cfg: Config
+    proc: distributed.Process
+    device: torch.device
+    model: VisionTransformer  # the classifier, trained in place
+    forward: nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader[tuple[torch.Tensor, int]]
+    batches: ShardedBatches
+    mixup: Mixup | None
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> loss
+    amp: bool
+
+
+def _prepare(
+    checkpoint: Checkpoint,
+    cfg: Config,
+    splits: LabelledSplits,
+    random_init: bool,
+    proc: distributed.Process,
+    device: torch.device,
+) -> _FinetuneRun:
+    """Build the classifier, its optimizer, mixup and the training batches, in the order
+    their random draws have always come: the encoder's init from ``train.seed``, the head
+    from ``train.seed`` again, then the global RNGs seeded per process."""
+    f, t = cfg.finetune, cfg.train
+    num_classes = len(splits.train.classes)
+    encoder = checkpoint.encoder(random_init=random_init, seed=t.seed)
+    torch.manual_seed(t.seed)
+    model = classifier(encoder, num_classes, f).to(device)
+    optimizer = build_finetune_optimizer(model, f, device)
+    forward = distributed.wrap(model, proc, device)
+    # mixup (numpy) and drop path (torch) draw from the global RNGs, seeded per process
+    # as MAE does (``seed + rank``); the images are seeded per image (AugmentedImages)
+    _seed_globals(process_seed(t.seed, proc.rank))
+    amp = use_amp(device, t.amp)
+    mixup, criterion = _mixup_and_loss(f, num_classes)
+    loader, batches = train_loader(
+        splits.train, cfg, proc.rank, proc.world_size, pin_memory=device.type == "cuda"
+    )
+    parts = (model, forward, optimizer, loader, batches, mixup, criterion, amp)
+    return _FinetuneRun(cfg, proc, device, *parts)
+
+
+def _seed_globals(seed: int) -> None:
+    """Seed ``random``, ``numpy.random`` and torch's global generator with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _mixup_and_loss(
+    f: FinetuneConfig, num_classes: int
+) -> tuple[Mixup | None, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """timm's ``Mixup`` (mixup / cutmix with label smoothing) and the soft-target
+    cross-entropy it needs; with both off, no mixup and cross-entropy with label
+    smoothing. The loss maps (B, C) float32 logits and (B,) labels or (B, C) soft
+    targets to a scalar."""
+    if f.mixup > 0 or f.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=f.mixup,
+            cutmix_alpha=f.cutmix,
+            label_smoothing=f.label_smoothing,
+            num_classes=num_classes,
+        )
+        return mixup, SoftTargetCrossEntropy()
+    return None, functools.partial(F.cross_entropy, label_smoothing=f.label_smoothing)
+
+
+def _train(run: _FinetuneRun, test: ImageTensors, out: str | Path | None) -> list[float]:
+    """``finetune.epochs`` epochs of training, the test top-1 (%) after each (logged, and
+    written to ``out/metrics.jsonl`` by the main process where ``out`` is given).
+    Returns the per-epoch top-1 history."""
+    f, proc = run.cfg.finetune, run.proc
+    steps_per_epoch = len(run.batches)
+    schedule = (f.epochs * steps_per_epoch, f.warmup_epochs * steps_per_epoch)
+    metrics = MetricsLog(out, prefix="finetune") if out and proc.is_main else None
+    history: list[float] = []
+    step = 0
+    with progress(schedule[0] * f.batch_size, "finetune", disable=not proc.is_main) as bar:
+        for epoch in range(f.epochs):
+            step, loss = _train_epoch(run, epoch, step, schedule, bar)
+            top1 = _test_top1(run, test)
+            history.append(top1)
+            bar.set_postfix(epoch=epoch + 1, top1=f"{top1:.2f}")
+            log.info("fine-tune epoch %d/%d: test top-1 %.2f%%", epoch + 1, f.epochs, top1)
+            if metrics is not None:
+                metrics.write({"epoch": epoch + 1, "step": step, "loss": loss.item(), "top1": top1})
+    if metrics is not None:
+        metrics.close()
+    return history
+
+
+def _train_epoch(
+    run: _FinetuneRun, epoch: int, step: int, schedule: tuple[int, int], bar: Any
+) -> tuple[int, torch.Tensor]:
+    """One epoch of optimizer steps from global step ``step``, the lr of each parameter
+    group set per step (warm-up then cosine over ``schedule`` = (total, warm-up) steps,
+    times the group's ``lr_scale``). Returns the next step and the last step's loss."""
+    f = run.cfg.finetune
+    run.batches.set_epoch(epoch)
+    run.model.train()
+    for images, labels in run.loader:
+        x = images.to(run.device, non_blocking=True)
+        y = labels.to(run.device, non_blocking=True)
+        if run.mixup is not None:
+            x, y = run.mixup(x, y)
+        lr = lr_at(step, *schedule, f.lr, f.min_lr)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        loss = _step(run, x, y)
+        step += 1
+        bar.update(f.batch_size)
+    return step, loss
+
+
+def _step(run: _FinetuneRun, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One optimizer step on (B, C, S, S) images ``x`` with labels or soft targets ``y``
+    (gradient clipping with ``finetune.grad_clip``); returns the loss."""
+    with autocast(run.device, run.amp):
+        logits = run.forward(x)
+    loss = run.criterion(logits.float(), y)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.cfg.finetune.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.finetune.grad_clip)
+    run.optimizer.step()
+    return loss
+
+
+def _test_top1(run: _FinetuneRun, test: ImageTensors) -> float:
+    """Test top-1 (%) of the model: each process evaluates its share of the images, and
+    the counts are summed over processes."""
+    share = slice(run.proc.rank, None, run.proc.world_size)
+    correct, seen = _evaluate(run.model, test.images[share], test.labels[share], run.cfg, run.amp)
+    counts = distributed.mean_over_processes(
+        {"correct": torch.tensor(float(correct)), "seen": torch.tensor(float(seen))}, run.proc
+    )
+    return 100.0 * float(counts["correct"]) / float(counts["seen"])

@@ -3,23 +3,21 @@ the linear probe and k-NN), and of any folder of images (``dsmae features``)."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from dsmae.config import Config, DataConfig, ModelConfig
-from dsmae.data.pipeline import eval_batch, load_split
-from dsmae.data.sources import DataError, ImageTensors, decode_files, find_image_files
-from dsmae.export import encoder_from_checkpoint
+from dsmae.checkpoint import Checkpoint
+from dsmae.config import Config
+from dsmae.data.pipeline import eval_batch
+from dsmae.data.sources import DataError, decode_files, find_image_files
+from dsmae.evaluation.results import LabelledSplits
 from dsmae.runtime import progress, resolve_device
 from dsmae.writes import atomic_write_bytes, atomic_write_text, written
 
@@ -69,77 +67,6 @@ def pooled_features(encoder: VisionTransformer, images: torch.Tensor, pool: str)
     raise ValueError(f"pool must be 'avg' or 'cls', not {pool!r}")
 
 
-def data_with(
-    base: DataConfig,
-    source: str | None = None,
-    root: str | None = None,
-    download: bool | None = None,
-    skip_bad_images: bool | None = None,
-) -> DataConfig:
-    """``base`` with the data options an evaluation command was given (None: keep)."""
-    given = {"source": source, "root": root, "download": download,
-             "skip_bad_images": skip_bad_images}  # fmt: skip
-    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
-
-
-def labelled_splits(data: DataConfig, model: ModelConfig, purpose: str) -> dict[str, ImageTensors]:
-    """The "train" and "test" splits of ``data``, refused unless every image has a class.
-
-    Args:
-        purpose: what needs the labels, for the message (e.g. "a linear probe").
-
-    Raises:
-        DataError: a split without class labels (a folder without class sub-folders).
-    """
-    splits = {split: load_split(data, model, split) for split in ("train", "test")}
-    for split, tensors in splits.items():
-        if not tensors.classes or bool((tensors.labels < 0).any()):
-            raise DataError(
-                f"the {split} split of {data.source} has unlabelled images; {purpose} "
-                "needs class labels (for a folder: one sub-folder per class)"
-            )
-    return splits
-
-
-def result_path(
-    checkpoint: str | Path, protocol: str, random_init: bool = False, pool: str = "avg"
-) -> Path:
-    """Where an evaluation of ``checkpoint`` is written: beside it, as
-    ``<stem>.<protocol>[-cls][-random-init].json`` (protocol: linprobe, knn, finetune;
-    ``-cls`` for the [CLS] features, so that both poolings can be kept)."""
-    path = Path(checkpoint)
-    variant = ("-cls" if pool == "cls" else "") + ("-random-init" if random_init else "")
-    return path.with_name(f"{path.stem}.{protocol}{variant}.json")
-
-
-def save_result(checkpoint: str | Path, protocol: str, random_init: bool, result: Any) -> Path:
-    """Write a result dataclass to :func:`result_path` (for its ``pool``) as JSON; returns
-    the path."""
-    out = result_path(checkpoint, protocol, random_init, getattr(result, "pool", "avg"))
-    atomic_write_text(out, json.dumps(dataclasses.asdict(result), indent=2) + "\n", "result")
-    return out
-
-
-# Config keys that say how an evaluation runs or when, not what it computes.
-_NOT_SETTINGS = ("workers", "after_pretrain", "random_baseline")
-
-
-def evaluation_settings(section: Any, data: str) -> dict[str, Any]:
-    """What an evaluation result depends on: its config section (a ``ProbeConfig`` or
-    ``FinetuneConfig``) without the keys that change only how it runs (``workers``) or
-    when (``after_pretrain``, ``random_baseline``), and the data it ran on. Saved in every
-    result as ``settings``; a cached result is reused only for equal settings."""
-    fields = dataclasses.asdict(section)
-    return {**{k: v for k, v in fields.items() if k not in _NOT_SETTINGS}, "data": data}
-
-
-def best_epoch(history: Sequence[float]) -> tuple[float, int]:
-    """The best top-1 of a per-epoch history and its 1-based epoch (the first on ties),
-    shown beside the last epoch's, labelled as such (SPEC section 6)."""
-    best = max(range(len(history)), key=history.__getitem__)
-    return history[best], best + 1
-
-
 @dataclass
 class FrozenFeatures:
     """Features (N, D) / (M, D) float32 and labels of the train and test splits."""
@@ -149,62 +76,39 @@ class FrozenFeatures:
     test: torch.Tensor
     test_labels: torch.Tensor
     classes: tuple[str, ...]
-    data: str  # the data set or folder they came from
-    config: Config  # the checkpoint's
+
+
+def encoded(
+    encoder: VisionTransformer,
+    images: torch.Tensor,
+    cfg: Config,
+    pool: str,
+    device: torch.device,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """:func:`extract_features` of (N, C, H, W) uint8 ``images`` as ``cfg`` (a
+    checkpoint's) sees them: resized to ``model.img_size``, normalised with ``data``'s
+    mean and std. Returns (N, D) float32 on the CPU."""
+    m, d = cfg.model, cfg.data
+    return extract_features(
+        encoder, images, size=m.img_size, mean=d.mean, std=d.std, pool=pool,
+        batch_size=batch_size, device=device,
+    )  # fmt: skip
 
 
 def frozen_features(
-    checkpoint: str | Path,
-    *,
-    pool: str,
-    purpose: str,
-    data: str | None = None,
-    data_root: str | None = None,
-    download: bool | None = None,
-    skip_bad_images: bool | None = None,
-    random_init: bool = False,
-    device: str = "auto",
-    seed: int = 0,
+    encoder: VisionTransformer, splits: LabelledSplits, cfg: Config, pool: str, device: torch.device
 ) -> FrozenFeatures:
-    """Run the encoder of ``checkpoint`` (or its random init) once over the train and test
-    splits of ``data`` (default: the data it was pre-trained on), without augmentation.
-
-    Args:
-        pool: "avg" (mean of the patch tokens) or "cls" ([CLS]).
-        purpose: what the features are for, in the message when labels are missing.
-
-    Raises:
-        DataError: a split without class labels (a folder without class sub-folders).
-    """
-    encoder, cfg = encoder_from_checkpoint(checkpoint, random_init=random_init, seed=seed)
-    data_cfg = data_with(cfg.data, data, data_root, download, skip_bad_images)
-    splits = labelled_splits(data_cfg, cfg.model, purpose)
-    dev = resolve_device(device)
-    feats = {
-        split: extract_features(
-            encoder,
-            tensors.images,
-            size=cfg.model.img_size,
-            mean=cfg.data.mean,
-            std=cfg.data.std,
-            pool=pool,
-            device=dev,
-        )
-        for split, tensors in splits.items()
-    }
-    return FrozenFeatures(
-        train=feats["train"],
-        train_labels=splits["train"].labels,
-        test=feats["test"],
-        test_labels=splits["test"].labels,
-        classes=splits["train"].classes,
-        data=data_cfg.source,
-        config=cfg,
-    )
+    """Run ``encoder`` (frozen) once over the train and test splits, without augmentation
+    (:func:`encoded`), ``pool`` giving the features: "avg" (mean of the patch tokens) or
+    "cls" ([CLS])."""
+    train, test = splits.train, splits.test
+    feats = [encoded(encoder, split.images, cfg, pool, device) for split in (train, test)]
+    return FrozenFeatures(feats[0], train.labels, feats[1], test.labels, train.classes)
 
 
 def folder_features(
-    checkpoint: str | Path,
+    checkpoint: Checkpoint,
     folder: str | Path,
     out: str | Path,
     *,
@@ -229,30 +133,28 @@ def folder_features(
     Returns:
         the two paths.
     """
-    encoder, cfg = encoder_from_checkpoint(checkpoint, teacher=teacher)
+    encoder, cfg = checkpoint.encoder(teacher=teacher), checkpoint.config
     folder = Path(folder).expanduser()
     paths = _listable(find_image_files(folder), folder, skip_bad_images)
     images, kept = decode_files(
         paths, channels=cfg.model.in_chans, size=cfg.model.img_size, skip_bad=skip_bad_images
     )
-    feats = extract_features(
-        encoder,
-        images,
-        size=cfg.model.img_size,
-        mean=cfg.data.mean,
-        std=cfg.data.std,
-        pool=pool or cfg.probe.pool,
-        batch_size=batch_size,
-        device=resolve_device(device),
+    feats = encoded(
+        encoder, images, cfg, pool or cfg.probe.pool, resolve_device(device), batch_size
     )
-    out = Path(out)
+    listing = "".join(f"{paths[i].relative_to(folder).as_posix()}\n" for i in kept)
+    return _write_features(feats, listing, Path(out))
+
+
+def _write_features(feats: torch.Tensor, listing: str, out: Path) -> tuple[Path, Path]:
+    """Write (N, D) ``feats`` to the ``.npy`` file ``out`` and ``listing`` (their image
+    files, one a line) to ``<out stem>.files.txt`` beside it, each atomically."""
     with written("features", out):
         out.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.save(buffer, feats.numpy())
     atomic_write_bytes(out, buffer.getvalue(), "features")
     names = out.with_name(out.stem + ".files.txt")
-    listing = "".join(f"{paths[i].relative_to(folder).as_posix()}\n" for i in kept)
     atomic_write_text(names, listing, "features")
     return out, names
 

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TypedDict, Unpack
 
 import torch
 import torch.nn.functional as F
 
-from dsmae.checkpoint import checkpoint_config, load_checkpoint
-from dsmae.evaluation.frozen import frozen_features, save_result
+from dsmae.checkpoint import Checkpoint
+from dsmae.config import Config
+from dsmae.evaluation.frozen import frozen_features
+from dsmae.evaluation.results import EvalResult, labelled_splits
+from dsmae.runtime import resolve_device
 
 __all__ = ["KnnResult", "knn_accuracy", "knn_eval", "knn_predict"]
 
@@ -56,6 +59,21 @@ def _validate(
     Expected shapes: ``train_features`` (N, D), ``train_labels`` (N,), ``test_features``
     (M, D), with N >= 1 and labels integers in ``[0, num_classes)``.
     """
+    _check_shapes(train_features, train_labels, test_features)
+    _check_labels(train_features, train_labels, test_features, num_classes)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def _check_shapes(
+    train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor
+) -> None:
+    """``ValueError`` unless the features are (N, D) and (M, D) with N >= 1 and the labels
+    (N,)."""
     if train_features.dim() != 2:
         raise ValueError(
             f"train_features must have shape (N, D), got {tuple(train_features.shape)}"
@@ -75,20 +93,26 @@ def _validate(
             f"train_labels must have shape (N,) = ({n},) to match train_features, "
             f"got {tuple(train_labels.shape)}"
         )
+
+
+def _check_labels(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    num_classes: int,
+) -> None:
+    """``ValueError`` unless the labels are integers in ``[0, num_classes)`` and all three
+    tensors are on one device."""
     if train_labels.dtype.is_floating_point or train_labels.dtype.is_complex:
         raise ValueError(f"train_labels must be an integer tensor, got dtype {train_labels.dtype}")
     if train_labels.dtype == torch.bool:
         raise ValueError("train_labels must be an integer tensor, got dtype torch.bool")
-    if test_features.device != train_features.device:
-        raise ValueError(
-            f"train_features are on {train_features.device} but test_features are on "
-            f"{test_features.device}; put both on the same device"
-        )
-    if train_labels.device != train_features.device:
-        raise ValueError(
-            f"train_features are on {train_features.device} but train_labels are on "
-            f"{train_labels.device}; put both on the same device"
-        )
+    for name, tensor in (("test_features", test_features), ("train_labels", train_labels)):
+        if tensor.device != train_features.device:
+            raise ValueError(
+                f"train_features are on {train_features.device} but {name} are on "
+                f"{tensor.device}; put both on the same device"
+            )
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     low, high = int(train_labels.min()), int(train_labels.max())
@@ -97,12 +121,6 @@ def _validate(
             f"train_labels must lie in [0, num_classes) = [0, {num_classes}), "
             f"found values in [{low}, {high}]"
         )
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
 @torch.no_grad()
@@ -137,28 +155,47 @@ def knn_predict(
             ``num_classes`` or ``chunk_size`` are invalid.
     """
     _validate(train_features, train_labels, test_features, num_classes, k, temperature, chunk_size)
-    n = train_features.shape[0]
-    k = min(k, n)
-
+    k = min(k, train_features.shape[0])
     train = F.normalize(_as_float(train_features), dim=1)  # (N, D)
     test = F.normalize(_as_float(test_features), dim=1)  # (M, D)
     if test.dtype != train.dtype:
         common = torch.promote_types(test.dtype, train.dtype)
         train, test = train.to(common), test.to(common)
     labels = train_labels.to(torch.int64)  # (N,)
-
     predictions = torch.empty(test.shape[0], dtype=torch.int64, device=test.device)  # (M,)
     for start in range(0, test.shape[0], chunk_size):
         chunk = test[start : start + chunk_size]  # (B, D)
-        similarity = chunk @ train.T  # (B, N)
-        top_sim, top_idx = similarity.topk(k, dim=1)  # (B, k), sorted descending
-        # exp(s / T) scaled per row by exp(-s_max / T): the argmax is unchanged, and
-        # small temperatures cannot overflow to inf.
-        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()  # (B, k)
-        votes = torch.zeros(chunk.shape[0], num_classes, dtype=weights.dtype, device=chunk.device)
-        votes.scatter_add_(1, labels[top_idx], weights)  # (B, C)
+        votes = _votes(chunk, train, labels, num_classes, k, temperature)  # (B, C)
         predictions[start : start + chunk_size] = votes.argmax(dim=1)
     return predictions
+
+
+def _votes(
+    queries: torch.Tensor,
+    train: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    k: int,
+    temperature: float,
+) -> torch.Tensor:
+    """(B, D) unit ``queries`` against (N, D) unit ``train`` features with (N,) int64
+    ``labels`` -> (B, C) class votes: each of the ``k`` most similar training features
+    votes for its label with weight ``exp((s - s_max) / T)``, scaled per row by
+    ``exp(-s_max / T)`` so that the argmax is unchanged and small temperatures cannot
+    overflow to inf."""
+    similarity = queries @ train.T  # (B, N)
+    top_sim, top_idx = similarity.topk(k, dim=1)  # (B, k), sorted descending
+    weights = ((top_sim - top_sim[:, :1]) / temperature).exp()  # (B, k)
+    votes = torch.zeros(len(queries), num_classes, dtype=weights.dtype, device=queries.device)
+    return votes.scatter_add_(1, labels[top_idx], weights)  # (B, C)
+
+
+class VoteOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`knn_predict` that :func:`knn_accuracy` passes on."""
+
+    k: int
+    temperature: float
+    chunk_size: int
 
 
 @torch.no_grad()
@@ -168,10 +205,7 @@ def knn_accuracy(
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
     num_classes: int,
-    *,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk_size: int = 1024,
+    **vote: Unpack[VoteOptions],
 ) -> float:
     """Top-1 accuracy in percent of :func:`knn_predict` on a labelled test set.
 
@@ -181,7 +215,7 @@ def knn_accuracy(
         test_features: (M, D) test features, M >= 1.
         test_labels: (M,) integer ground-truth labels of the test features.
         num_classes: number of classes C.
-        k, temperature, chunk_size: as in :func:`knn_predict`.
+        vote: ``k``, ``temperature``, ``chunk_size``: as in :func:`knn_predict`.
 
     Returns:
         Percentage (0 to 100) of test features whose predicted label equals the true one.
@@ -197,90 +231,49 @@ def knn_accuracy(
             f"test_labels must have shape (M,) = ({test_features.shape[0]},) to match "
             f"test_features, got {tuple(test_labels.shape)}"
         )
-    predictions = knn_predict(
-        train_features,
-        train_labels,
-        test_features,
-        num_classes,
-        k=k,
-        temperature=temperature,
-        chunk_size=chunk_size,
-    )  # (M,)
+    predictions = knn_predict(train_features, train_labels, test_features, num_classes, **vote)
     correct = int((predictions == test_labels.to(predictions.device)).sum())
     return 100.0 * correct / predictions.shape[0]
 
 
 @dataclass
-class KnnResult:
-    """Outcome of :func:`knn_eval`: the k-NN top-1 (%) on the test split."""
+class KnnResult(EvalResult):
+    """Outcome of :func:`knn_eval`: the k-NN top-1 (%) on the test split, with the vote's
+    ``k`` and ``temperature``."""
 
-    top1: float
+    protocol = "knn"
+    keys = ("top1", "k", "temperature", "pool", "num_train", "num_test", "num_classes", "data",
+            "random_init", "checkpoint")  # fmt: skip
+
     k: int
     temperature: float
-    pool: str
-    num_train: int
-    num_test: int
-    num_classes: int
-    data: str
-    random_init: bool
-    checkpoint: str
 
 
 def knn_eval(
-    checkpoint: str | Path,
-    *,
-    k: int = 20,
-    temperature: float = 0.07,
-    pool: str | None = None,
-    data: str | None = None,
-    data_root: str | None = None,
-    download: bool | None = None,
-    skip_bad_images: bool | None = None,
-    random_init: bool = False,
-    device: str = "auto",
-    seed: int = 0,
+    checkpoint: Checkpoint, cfg: Config | None = None, *, random_init: bool = False
 ) -> KnnResult:
-    """k-NN classification of the test split of ``data`` (default: the pre-training data
-    set) by the frozen encoder of ``checkpoint``, its train split as the memory bank.
+    """k-NN classification of the test split of ``cfg.data`` by the frozen encoder of
+    ``checkpoint`` (with ``random_init``: its architecture at random initialisation,
+    seeded by ``cfg.train.seed``), the train split as the memory bank.
 
-    ``pool``: "avg" or "cls" (default: the checkpoint's ``probe.pool``, "avg" unless set).
-    Writes ``<checkpoint stem>.knn[-cls][-random-init].json`` beside the checkpoint.
+    ``cfg`` is the checkpoint's config with the evaluation's changes (default: the
+    checkpoint's own); the features are pooled by ``probe.pool``, the vote takes
+    ``monitor.knn_k`` neighbours at ``monitor.knn_temperature`` (what the k-NN monitor of
+    pre-training uses too), on ``train.device``. Writes
+    ``<checkpoint stem>.knn[-cls][-random-init].json`` beside the checkpoint.
+
+    Raises:
+        DataError: a split without class labels.
     """
-    if pool is None:
-        pool = checkpoint_config(load_checkpoint(checkpoint), checkpoint).probe.pool
-    feats = frozen_features(
-        checkpoint,
-        pool=pool,
-        purpose="k-NN classification",
-        data=data,
-        data_root=data_root,
-        download=download,
-        skip_bad_images=skip_bad_images,
-        random_init=random_init,
-        device=device,
-        seed=seed,
-    )
-    top1 = knn_accuracy(
-        feats.train,
-        feats.train_labels,
-        feats.test,
-        feats.test_labels,
-        len(feats.classes),
-        k=k,
-        temperature=temperature,
-    )
-    result = KnnResult(
-        top1=top1,
-        k=k,
-        temperature=temperature,
-        pool=pool,
-        num_train=len(feats.train),
-        num_test=len(feats.test),
-        num_classes=len(feats.classes),
-        data=feats.data,
-        random_init=random_init,
-        checkpoint=str(checkpoint),
-    )
-    out = save_result(checkpoint, "knn", random_init, result)
+    cfg = checkpoint.config if cfg is None else cfg
+    encoder = checkpoint.encoder(random_init=random_init, seed=cfg.train.seed)
+    splits = labelled_splits(cfg.data, cfg.model, "k-NN classification")
+    pool, k, temperature = cfg.probe.pool, cfg.monitor.knn_k, cfg.monitor.knn_temperature
+    f = frozen_features(encoder, splits, cfg, pool, resolve_device(cfg.train.device))
+    vote = VoteOptions(k=k, temperature=temperature)
+    top1 = knn_accuracy(f.train, f.train_labels, f.test, f.test_labels, len(f.classes), **vote)
+    measured = splits.measured_on(checkpoint, random_init)
+    result = KnnResult(top1=top1, pool=pool, k=k, temperature=temperature, **measured)
+    out = result.save()
     log.info("k-NN top-1 %.2f%% (k=%d, T=%g, %s) -> %s", top1, k, temperature, pool, out)
     return result

@@ -14,12 +14,9 @@ on the test split; the best epoch's top-1 is recorded beside it, labelled as suc
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,20 +24,12 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import Lars
 from torch import nn
 
+from dsmae.checkpoint import Checkpoint
 from dsmae.config import Config, ConfigError, ProbeConfig
 from dsmae.data.augment import crop_boxes, random_flips
 from dsmae.data.pipeline import augmented_batch, eval_batch
-from dsmae.data.sources import ImageTensors
-from dsmae.evaluation.frozen import (
-    best_epoch,
-    data_with,
-    evaluation_settings,
-    extract_features,
-    labelled_splits,
-    pooled_features,
-    save_result,
-)
-from dsmae.export import encoder_from_checkpoint
+from dsmae.evaluation.frozen import frozen_features, pooled_features
+from dsmae.evaluation.results import LabelledSplits, TrainedResult, labelled_splits
 from dsmae.runtime import autocast, generator, resolve_device, use_amp
 from dsmae.schedules import lr_at, scaled_lr
 from dsmae.seeds import probe_step_seed
@@ -51,37 +40,28 @@ MAE_CROP_SCALE = (0.08, 1.0)  # MAE's RandomResizedCrop for the probe (ratio 3/4
 
 
 @dataclass
-class ProbeResult:
-    """Outcome of one linear probe; ``top1`` is the last epoch's test accuracy in %.
+class ProbeResult(TrainedResult):
+    """Outcome of one linear probe (:func:`linprobe`) by ``recipe``; ``top1`` is the last
+    epoch's test accuracy in %.
 
     ``settings`` is the probe configuration it was made with plus ``"data"`` (the data set
     or folder probed on): a result on disk is reused only where it matches."""
 
-    top1: float
-    best_top1: float
-    best_epoch: int
-    epochs: int
-    pool: str
+    protocol = "linprobe"
+    keys = ("top1", "best_top1", "best_epoch", "epochs", "pool", "recipe", "num_train",
+            "num_test", "num_classes", "data", "random_init", "checkpoint", "settings")  # fmt: skip
+
     recipe: str
-    num_train: int
-    num_test: int
-    num_classes: int
-    data: str
-    random_init: bool
-    checkpoint: str
-    settings: dict[str, Any]
 
 
 @dataclass
 class ProbeData:
     """What both recipes read: the frozen encoder (eval mode, no gradients, on ``device``),
-    the checkpoint's config and the labelled splits (images (N, C, H, W) uint8 on the CPU)."""
+    the checkpoint's config (with the evaluation's changes) and the labelled splits."""
 
     encoder: VisionTransformer
     config: Config
-    train: ImageTensors
-    test: ImageTensors
-    data: str  # the data set or folder the splits came from
+    splits: LabelledSplits
     device: torch.device
 
 
@@ -243,13 +223,13 @@ def train_mae_probe(src: ProbeData, probe: ProbeConfig, seed: int = 0) -> tuple[
     Returns:
         the last epoch's test top-1 (%) and the per-epoch test top-1 history.
     """
-    dev, train = src.device, src.train
+    dev, train, test_images = src.device, src.splits.train, src.splits.test.images
     amp = use_amp(dev, src.config.train.amp)
     chunk = probe.batch_size
     test_x = torch.cat(
         [
-            encode(src, src.test.images[i : i + chunk], probe.pool, amp)
-            for i in range(0, len(src.test.images), chunk)
+            encode(src, test_images[i : i + chunk], probe.pool, amp)
+            for i in range(0, len(test_images), chunk)
         ]
     )
     rng = generator(seed)
@@ -261,29 +241,17 @@ def train_mae_probe(src: ProbeData, probe: ProbeConfig, seed: int = 0) -> tuple[
         crops = generator(probe_step_seed(seed, step), dev)
         return encode(src, train.images[idx], probe.pool, amp, crops)
 
-    test = (test_x, src.test.labels.to(dev))
+    test = (test_x, src.splits.test.labels.to(dev))
     history = _train_head(head, optimizer, features, train.labels, test, probe, batch, rng)
     return history[-1], history
 
 
 def _fast_probe(src: ProbeData, probe: ProbeConfig, seed: int) -> tuple[float, list[float]]:
     """The fast recipe on ``src``: features computed once, then :func:`train_linear_probe`."""
-    cfg = src.config
-    feats = [
-        extract_features(
-            src.encoder,
-            split.images,
-            size=cfg.model.img_size,
-            mean=cfg.data.mean,
-            std=cfg.data.std,
-            pool=probe.pool,
-            device=src.device,
-        )
-        for split in (src.train, src.test)
-    ]
-    labels = (src.train.labels, src.test.labels)
-    classes = len(src.train.classes)
-    return train_linear_probe(feats[0], labels[0], feats[1], labels[1], classes, probe, seed)
+    f = frozen_features(src.encoder, src.splits, src.config, probe.pool, src.device)
+    return train_linear_probe(
+        f.train, f.train_labels, f.test, f.test_labels, len(f.classes), probe, seed
+    )
 
 
 RECIPES: dict[str, Callable[[ProbeData, ProbeConfig, int], tuple[float, list[float]]]] = {
@@ -292,101 +260,51 @@ RECIPES: dict[str, Callable[[ProbeData, ProbeConfig, int], tuple[float, list[flo
 }
 
 
-def load_probe_data(
-    encoder: VisionTransformer,
-    cfg: Config,
-    *,
-    data: str | None,
-    data_root: str | None,
-    download: bool | None,
-    skip_bad_images: bool | None,
-    device: str,
-) -> ProbeData:
-    """Freeze ``encoder`` on ``device`` and load the labelled train and test splits of
-    ``data`` (default: ``cfg``'s pre-training data; None keeps ``cfg``'s value).
+def load_probe_data(encoder: VisionTransformer, cfg: Config) -> ProbeData:
+    """Freeze ``encoder`` on ``cfg.train.device`` and load the labelled train and test
+    splits of ``cfg.data``.
 
     Raises:
         DataError: a split without class labels (a folder without class sub-folders).
     """
-    data_cfg = data_with(cfg.data, data, data_root, download, skip_bad_images)
-    splits = labelled_splits(data_cfg, cfg.model, "a linear probe")
-    dev = resolve_device(device)
+    splits = labelled_splits(cfg.data, cfg.model, "a linear probe")
+    dev = resolve_device(cfg.train.device)
     encoder.eval().requires_grad_(False).to(dev)
-    return ProbeData(encoder, cfg, splits["train"], splits["test"], data_cfg.source, dev)
+    return ProbeData(encoder, cfg, splits, dev)
 
 
 def linprobe(
-    checkpoint: str | Path,
-    *,
-    data: str | None = None,
-    data_root: str | None = None,
-    download: bool | None = None,
-    skip_bad_images: bool | None = None,
-    random_init: bool = False,
-    probe: ProbeConfig | None = None,
-    probe_overrides: Mapping[str, Any] | None = None,
-    device: str = "auto",
-    seed: int = 0,
+    checkpoint: Checkpoint, cfg: Config | None = None, *, random_init: bool = False
 ) -> ProbeResult:
-    """Linear-probe the encoder of ``checkpoint`` on ``data`` (default: the data set it was
-    pre-trained on) by ``probe.recipe`` and write the result beside it (``save_result``).
+    """Linear-probe the encoder of ``checkpoint`` (with ``random_init``: its architecture
+    at random initialisation, seeded by ``cfg.train.seed``) by ``cfg.probe.recipe`` and
+    write the result beside it (:meth:`ProbeResult.save`).
 
-    The probe's settings are ``probe`` (default: the checkpoint's ``probe`` section) with
-    ``probe_overrides`` (field name -> value) on top.
+    ``cfg`` is the checkpoint's config with the evaluation's changes (default: the
+    checkpoint's own): the probe runs with its ``probe`` section on ``data``, on
+    ``train.device``, seeded by ``train.seed``.
 
     Raises:
         ConfigError: an unknown ``recipe``.
         DataError: a split without class labels.
     """
-    encoder, cfg = encoder_from_checkpoint(checkpoint, random_init=random_init, seed=seed)
-    probe = dataclasses.replace(probe or cfg.probe, **(probe_overrides or {}))
+    cfg = checkpoint.config if cfg is None else cfg
+    encoder = checkpoint.encoder(random_init=random_init, seed=cfg.train.seed)
+    probe = cfg.probe
     if probe.recipe not in RECIPES:
         raise ConfigError(f"probe.recipe must be one of {sorted(RECIPES)}, not {probe.recipe!r}")
-    src = load_probe_data(
-        encoder,
-        cfg,
-        data=data,
-        data_root=data_root,
-        download=download,
-        skip_bad_images=skip_bad_images,
-        device=device,
-    )
-    _, history = RECIPES[probe.recipe](src, probe, seed)
-    return _write_result(checkpoint, src, probe, history, random_init)
-
-
-def _write_result(
-    checkpoint: str | Path,
-    src: ProbeData,
-    probe: ProbeConfig,
-    history: list[float],
-    random_init: bool,
-) -> ProbeResult:
-    """The :class:`ProbeResult` of a per-epoch top-1 ``history``, written beside
-    ``checkpoint`` by ``save_result``."""
-    best_top1, best = best_epoch(history)
-    result = ProbeResult(
-        top1=history[-1],
-        best_top1=best_top1,
-        best_epoch=best,
-        epochs=probe.epochs,
-        pool=probe.pool,
-        recipe=probe.recipe,
-        num_train=len(src.train.labels),
-        num_test=len(src.test.labels),
-        num_classes=len(src.train.classes),
-        data=src.data,
-        random_init=random_init,
-        checkpoint=str(checkpoint),
-        settings=evaluation_settings(probe, src.data),
-    )
-    out = save_result(checkpoint, "linprobe", random_init, result)
+    src = load_probe_data(encoder, cfg)
+    _, history = RECIPES[probe.recipe](src, probe, cfg.train.seed)
+    trained = ProbeResult.trained_fields(history, probe, src.splits.data)
+    measured = src.splits.measured_on(checkpoint, random_init)
+    result = ProbeResult(**trained, **measured, pool=probe.pool, recipe=probe.recipe)
+    out = result.save()
     log.info(
         "linear probe (%s recipe) top-1 %.2f%% (last epoch; best %.2f%% at epoch %d) -> %s",
         probe.recipe,
         result.top1,
-        best_top1,
-        best,
+        result.best_top1,
+        result.best_epoch,
         out,
     )
     return result
