@@ -8,7 +8,7 @@ import pytest
 import dsmae
 from dsmae.config import ARCHS, ConfigError
 from dsmae.export import load_encoder
-from dsmae.models import DSMAE
+from dsmae.models import DSMAE, MAE
 
 
 def test_every_public_name_is_there_and_listed():
@@ -17,7 +17,8 @@ def test_every_public_name_is_there_and_listed():
     assert set(dsmae.__all__) <= set(dir(dsmae))
     assert dsmae.ARCHS is ARCHS and dsmae.ConfigError is ConfigError
     assert dsmae.DSMAE is DSMAE and dsmae.load_encoder is load_encoder
-    assert isinstance(dsmae.build("mae", arch="vit_tiny", img_size=8, patch_size=4), DSMAE)
+    assert isinstance(dsmae.build("mae", arch="vit_tiny", img_size=8, patch_size=4), MAE)
+    assert isinstance(dsmae.build("dsmae-ly", arch="vit_tiny", img_size=8, patch_size=4), DSMAE)
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         dsmae.nothing  # noqa: B018
 

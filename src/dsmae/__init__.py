@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from dsmae.config import ARCHS, METHODS, Config, ConfigError, ModelConfig
     from dsmae.export import export_encoder, load_encoder
-    from dsmae.models import DSMAE, PretrainOutput
+    from dsmae.models import DSMAE, MAE, PretrainModel, PretrainOutput
     from dsmae.schedules import momentum_at
 
 __version__ = "0.1.0"
@@ -33,6 +33,8 @@ _LAZY = {
     "export_encoder": "dsmae.export",
     "load_encoder": "dsmae.export",
     "DSMAE": "dsmae.models",
+    "MAE": "dsmae.models",
+    "PretrainModel": "dsmae.models",
     "PretrainOutput": "dsmae.models",
     "momentum_at": "dsmae.schedules",
 }
@@ -51,8 +53,9 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
 
-def build(method: str = "dsmae", **options: Any) -> DSMAE:
-    """Build a pre-training model.
+def build(method: str = "dsmae", **options: Any) -> PretrainModel:
+    """Build a pre-training model: a :class:`~dsmae.models.DSMAE` (dsmae, dsmae-ly,
+    dsmae-lz) or a :class:`~dsmae.models.MAE`.
 
     Args:
         method: "dsmae", "dsmae-ly", "dsmae-lz" or "mae".
@@ -65,18 +68,20 @@ def build(method: str = "dsmae", **options: Any) -> DSMAE:
         ConfigError: an unknown option or an impossible value, naming it.
     """
     from dsmae.config import model_config
-    from dsmae.models import DSMAE
+    from dsmae.models import build_model
 
-    return DSMAE(model_config(method, **options))
+    return build_model(model_config(method, **options))
 
 
 __all__ = [
     "ARCHS",
     "DSMAE",
+    "MAE",
     "METHODS",
     "Config",
     "ConfigError",
     "ModelConfig",
+    "PretrainModel",
     "PretrainOutput",
     "__version__",
     "build",

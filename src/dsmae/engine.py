@@ -37,9 +37,6 @@ from dsmae.models import PretrainModel, build_model
 from dsmae.monitor import Monitor
 from dsmae.preemption import Preempted, StopSignals
 from dsmae.resume import ResumePoint, resume_point
-
-# until dsmae.experiments imports it from dsmae.resume, where it now lives
-from dsmae.resume import settings_differences as settings_differences
 from dsmae.run_folder import cut_metrics, lock_folder, prune_checkpoints, start_run
 from dsmae.runtime import (
     autocast,

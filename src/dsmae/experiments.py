@@ -172,7 +172,7 @@ def _finished(path: Path, cfg: Config) -> Checkpoint | None:
             not belong in this grid.
     """
     from dsmae.checkpoint import Checkpoint
-    from dsmae.engine import settings_differences
+    from dsmae.resume import settings_differences
 
     if not path.is_file():
         return None
