@@ -145,8 +145,9 @@ class Checkpoint:
     ``--checkpoint`` works from.
 
     ``path`` is the file as it was given (it names the checkpoint in messages and in
-    results), ``state`` what :func:`load_checkpoint` read (on the CPU) and ``config`` its
-    validated config (:func:`checkpoint_config`).
+    results), ``state`` what :func:`load_checkpoint` read (on the CPU) but the optimizer
+    state, which no such command needs (it would double the memory held: resuming reads
+    the file itself), and ``config`` its validated config (:func:`checkpoint_config`).
     """
 
     path: str | Path
@@ -162,6 +163,7 @@ class Checkpoint:
             CheckpointError: see :func:`load_checkpoint` and :func:`checkpoint_config`.
         """
         state = load_checkpoint(path)
+        state.pop("optimizer", None)
         return cls(path, state, checkpoint_config(state, path))
 
     def encoder(
