@@ -1,24 +1,202 @@
-"""Shared fixtures: tiny model settings and a few hundred real CIFAR-10 images."""
+"""Shared fixtures: the tiny model and the tiny run every test builds on (``tiny``,
+``tiny_run``, ``counted_tiny``), tiny finished runs on real digits, a few hundred real
+CIFAR-10 images, a local file server and a driver script that injects a fault."""
 
 from __future__ import annotations
 
+import json
 import tarfile
+import textwrap
 from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytest
 
-# A ViT small enough for unit tests: 16x16 images, patch 4 -> 16 tokens.
-TINY = dict(
-    arch="vit_tiny",
-    img_size=16,
-    patch_size=4,
-    depth=2,
-    embed_dim=32,
-    num_heads=2,
-    decoder_depth=1,
-    regressor_depth=1,
+if TYPE_CHECKING:
+    from dsmae.models import PretrainModel
+
+# ------------------------------------------------------------------ the tiny model
+
+# The unit tests' ViT: 16x16 images, patch 4 -> 16 tokens; 2 blocks of width 32 (2 heads),
+# one decoder and one regressor block.
+TINY: Mapping[str, Any] = MappingProxyType(
+    {
+        "arch": "vit_tiny",
+        "img_size": 16,
+        "patch_size": 4,
+        "depth": 2,
+        "embed_dim": 32,
+        "num_heads": 2,
+        "decoder_depth": 1,
+        "regressor_depth": 1,
+    }
 )
+
+
+@pytest.fixture
+def tiny() -> dict[str, Any]:
+    """The unit tests' ViT (:data:`TINY`) as options of ``dsmae.build`` / ``model_config``;
+    a test's own keywords on top (``{**tiny, "depth": 1}``) make its variation."""
+    return dict(TINY)
+
+
+@dataclass(frozen=True)
+class CountedTiny:
+    """The tiny ViT shrunk to the model whose training-step FLOPs ``test_flops.py`` counts
+    by hand: 8x8 grey images, patch 2 -> N = 16 patch tokens, one block of width 32, noise
+    ratio 0.75 -> K = 12 corrupted tokens."""
+
+    options: Mapping[str, Any]
+    dsmae_flops: int  # a DSMAE training step's FLOPs per image, counted by hand
+
+    def build(self, method: str) -> PretrainModel:
+        """A ``method`` model of these options drawn after ``torch.manual_seed(0)``, in
+        training mode."""
+        import torch
+
+        from dsmae.config import model_config
+        from dsmae.models import build_model
+
+        torch.manual_seed(0)
+        return build_model(model_config(method, **self.options)).train()
+
+
+COUNTED_TINY = CountedTiny(
+    MappingProxyType(
+        {**TINY, "img_size": 8, "patch_size": 2, "in_chans": 1, "depth": 1, "noise_ratio": 0.75}
+    ),
+    dsmae_flops=3_831_360,
+)
+
+
+@pytest.fixture
+def counted_tiny() -> CountedTiny:
+    """The model of hand-counted FLOPs (:class:`CountedTiny`)."""
+    return COUNTED_TINY
+
+
+# ------------------------------------------------------------------ the tiny run
+
+
+def _as_sets(settings: Mapping[str, Any]) -> list[str]:
+    """Dotted config settings (strings, integers, booleans) as ``--set KEY=VALUE``
+    arguments."""
+    text = {key: v if isinstance(v, str) else json.dumps(v) for key, v in settings.items()}
+    return [arg for key, value in text.items() for arg in ("--set", f"{key}={value}")]
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """A pre-training of seconds on 128 real digits: the quickstart preset (8x8 grey digits)
+    with a ViT of the tiny width in one block on 4x4 patches (4 tokens), batch 32 -> 4
+    steps an epoch, 2 epochs, a metrics line every step, on the CPU.
+
+    ``overrides`` holds these settings as dotted config keys (on top of ``preset``), for
+    ``engine.pretrain``; ``args()`` is the same run as a ``dsmae pretrain`` command line
+    whose every setting is a ``--set``, so that a flag or a later ``--set`` a test adds
+    wins; the command also leaves out the linear probe it runs after a quickstart run.
+    """
+
+    model: Mapping[str, Any]  # the model's settings
+    run: Mapping[str, Any]  # the data's and the training's
+    preset: str = "quickstart"
+    # the command's alone: no linear probe after the pre-training
+    COMMAND: ClassVar[Mapping[str, Any]] = MappingProxyType({"probe.after_pretrain": False})
+    # args(checkpoints=True): a checkpoint after every epoch, none pruned
+    EVERY_EPOCH: ClassVar[Mapping[str, Any]] = MappingProxyType(
+        {"train.checkpoint_every": 1, "train.keep_checkpoints": 0}
+    )
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """The run's settings as dotted config keys, on top of :attr:`preset`."""
+        return {**self.model, **self.run}
+
+    @property
+    def model_args(self) -> list[str]:
+        """The model's settings alone as ``--set`` arguments: shrinks any run's model."""
+        return _as_sets(self.model)
+
+    def args(self, *extra: str, preset_model: bool = False, checkpoints: bool = False) -> list[str]:
+        """``pretrain --preset quickstart`` with the run's settings, then ``extra``.
+
+        Args:
+            preset_model: keep the preset's own model (4 blocks of width 96, patch 2).
+            checkpoints: also a checkpoint after every epoch, none pruned
+                (``checkpoint-00000004.pt``, ``checkpoint-00000008.pt``, ...).
+        """
+        settings = {
+            **({} if preset_model else self.model),
+            **self.run,
+            **self.COMMAND,
+            **(self.EVERY_EPOCH if checkpoints else {}),
+        }
+        return ["pretrain", "--preset", self.preset, *_as_sets(settings), *extra]
+
+
+TINY_RUN = TinyRun(
+    model=MappingProxyType(
+        {
+            "model.depth": 1,
+            **{
+                f"model.{k}": TINY[k]
+                for k in ("embed_dim", "num_heads", "decoder_depth", "regressor_depth")
+            },
+            "model.patch_size": 4,
+        }
+    ),
+    run=MappingProxyType(
+        {
+            "data.subset": 128,
+            "train.batch_size": 32,
+            "train.epochs": 2,
+            "train.log_every": 1,
+            "train.device": "cpu",
+        }
+    ),
+)
+
+
+@pytest.fixture
+def tiny_run() -> TinyRun:
+    """The tiny pre-training on 128 real digits (:class:`TinyRun`)."""
+    return TINY_RUN
+
+
+def digits_run_into(out: Path, method: str = "dsmae") -> Path:
+    """The tiny run of ``method`` (warm-up 1 epoch, the k-NN monitor every epoch) through
+    ``engine.pretrain`` into ``out``; returns the run folder (last.pt, metrics.jsonl, ...)."""
+    from dsmae.config import build_config
+    from dsmae.engine import pretrain
+
+    more = {"model.method": method, "train.warmup_epochs": 1, "monitor.knn_every": 1}
+    cfg = build_config(TINY_RUN.preset, overrides={**TINY_RUN.overrides, **more, "out": str(out)})
+    return pretrain(cfg).out
+
+
+@pytest.fixture
+def tiny_digits_run() -> Callable[..., Path]:
+    """``tiny_digits_run(out, method="dsmae")``: a fresh finished tiny run in ``out``."""
+    return digits_run_into
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny finished DSMAE run on real digits, shared by the session."""
+    return digits_run_into(tmp_path_factory.mktemp("digits") / "dsmae")
+
+
+@pytest.fixture(scope="session")
+def digits_mae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny run with MAE."""
+    return digits_run_into(tmp_path_factory.mktemp("digits") / "mae", "mae")
+
+
+# ------------------------------------------------------------------ data and faults
 
 CIFAR_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -55,42 +233,18 @@ def serve(monkeypatch: pytest.MonkeyPatch):
     yield from serve_files(monkeypatch)
 
 
-def tiny_digits_run(out: Path, method: str = "dsmae") -> Path:
-    """Pre-train a 1-block ViT on 128 real digits (8x8, patch 4) for 2 epochs, with the
-    k-NN monitor every epoch; returns the run folder (last.pt, metrics.jsonl, ...)."""
-    from dsmae.config import build_config
-    from dsmae.engine import pretrain
+@pytest.fixture
+def fault_driver(tmp_path: Path) -> Callable[[str], str]:
+    """``fault_driver(body)``: the path of a script that runs ``body`` (a fault; os, signal,
+    sys and torch imported) and then ``dsmae`` with the script's own arguments."""
 
-    cfg = build_config(
-        "quickstart",
-        overrides={
-            "model.method": method,
-            "model.depth": 1,
-            "model.embed_dim": 32,
-            "model.num_heads": 2,
-            "model.decoder_depth": 1,
-            "model.regressor_depth": 1,
-            "model.patch_size": 4,
-            "data.subset": 128,
-            "train.batch_size": 32,
-            "train.epochs": 2,
-            "train.warmup_epochs": 1,
-            "train.log_every": 1,
-            "train.device": "cpu",
-            "monitor.knn_every": 1,
-            "out": str(out),
-        },
-    )
-    return pretrain(cfg).out
+    def write(body: str) -> str:
+        script = tmp_path / "driver.py"
+        script.write_text(
+            "import os, signal, sys\nimport torch\n"
+            + textwrap.dedent(body)
+            + "\nfrom dsmae.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+        )
+        return str(script)
 
-
-@pytest.fixture(scope="session")
-def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny finished DSMAE run on real digits (see :func:`tiny_digits_run`)."""
-    return tiny_digits_run(tmp_path_factory.mktemp("digits") / "dsmae")
-
-
-@pytest.fixture(scope="session")
-def digits_mae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same tiny run with MAE."""
-    return tiny_digits_run(tmp_path_factory.mktemp("digits") / "mae", "mae")
+    return write

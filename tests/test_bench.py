@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from test_flops import HAND_DSMAE_TOTAL, TINY, tiny_model
 
 from dsmae import bench
 from dsmae.bench import PARTS, bench_step, matmul_peak_gflops, time_calls
@@ -13,19 +12,24 @@ from dsmae.cli import main
 from dsmae.config import build_config
 from dsmae.engine import build_optimizer
 
-TINY_ARGS = [
-    "--arch", "vit_tiny", "--img-size", "8", "--patch-size", "2", "--in-chans", "1",
-    "--depth", "1", "--embed-dim", "32", "--num-heads", "2",
-    "--set", "model.decoder_depth=1", "--set", "model.regressor_depth=1",
-    "--set", "model.noise_ratio=0.75", "--device", "cpu",
-]  # fmt: skip
+SHAPE = ("arch", "img_size", "patch_size", "in_chans")  # the model options bench takes as flags
 
 
-def test_matmul_peak_and_step_timing():
+@pytest.fixture
+def bench_args(counted_tiny) -> list[str]:
+    """The counted model as ``dsmae bench`` arguments (its shape as flags, the rest as
+    ``--set``), on the CPU."""
+    options = counted_tiny.options
+    flags = [arg for key in SHAPE for arg in (f"--{key.replace('_', '-')}", str(options[key]))]
+    sets = [a for k, v in options.items() if k not in SHAPE for a in ("--set", f"model.{k}={v}")]
+    return [*flags, *sets, "--device", "cpu"]
+
+
+def test_matmul_peak_and_step_timing(counted_tiny):
     peak = matmul_peak_gflops(torch.device("cpu"), torch.float32, size=128, repeats=1)
     assert peak > 0
-    model = tiny_model("dsmae")
-    overrides = {f"model.{k}": v for k, v in TINY.items()}
+    model = counted_tiny.build("dsmae")
+    overrides = {f"model.{k}": v for k, v in counted_tiny.options.items()}
     cfg = build_config(overrides={**overrides, "train.batch_size": 4, "train.ema_every": "step",
                                   "data.mean": [0.5], "data.std": [0.25]})  # fmt: skip
     optimizer = build_optimizer(model, cfg.train, torch.device("cpu"))
@@ -40,10 +44,10 @@ def test_matmul_peak_and_step_timing():
     assert time_calls(step.inputs, torch.device("cpu"), steps=1, warmup=0)[1] is None
 
 
-def test_bench_json_end_to_end(capsys, monkeypatch):
+def test_bench_json_end_to_end(capsys, monkeypatch, counted_tiny, bench_args):
     assert bench.MATMUL_SIZE == 4096  # what the command uses
     monkeypatch.setattr(bench, "MATMUL_SIZE", 256)  # quick here
-    args = ["bench", "--method", "dsmae", *TINY_ARGS, "--batch-size", "4"]
+    args = ["bench", "--method", "dsmae", *bench_args, "--batch-size", "4"]
     assert main([*args, "--steps", "2", "--warmup", "1", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
     keys = {
@@ -66,7 +70,7 @@ def test_bench_json_end_to_end(capsys, monkeypatch):
         assert r[key] > 0, key
     assert r["matmul_peak_gflops"] > 0 and r["mfu"] > 0
     assert all(v > 0 for v in r["parts"].values())
-    assert r["gflop_per_img"] == pytest.approx(HAND_DSMAE_TOTAL / 1e9, rel=1e-12)
+    assert r["gflop_per_img"] == pytest.approx(counted_tiny.dsmae_flops / 1e9, rel=1e-12)
     assert r["gflop_per_img"] == pytest.approx(sum(r["parts"].values()), rel=1e-12)
     assert r["mfu"] == pytest.approx(r["achieved_gflops"] / r["matmul_peak_gflops"], rel=1e-12)
     assert r["achieved_gflops"] == pytest.approx(r["gflop_per_img"] * r["img_per_s"], rel=1e-12)
@@ -76,9 +80,9 @@ def test_bench_json_end_to_end(capsys, monkeypatch):
     assert r["compile"] is False and r["compile_s"] is None and r["host_syncs_per_step"] is None
 
 
-def test_bench_compiled_reports_the_compilation_apart(capsys, monkeypatch):
+def test_bench_compiled_reports_the_compilation_apart(capsys, monkeypatch, bench_args):
     monkeypatch.setattr(bench, "MATMUL_SIZE", 64)
-    args = ["bench", "--method", "dsmae-ly", *TINY_ARGS, "--batch-size", "2", "--steps", "1"]
+    args = ["bench", "--method", "dsmae-ly", *bench_args, "--batch-size", "2", "--steps", "1"]
     assert main([*args, "--warmup", "0", "--compile", "--json",
                  "--set", "train.compile_scope=blocks"]) == 0  # fmt: skip
     r = json.loads(capsys.readouterr().out)
@@ -87,9 +91,9 @@ def test_bench_compiled_reports_the_compilation_apart(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["mae", "dsmae-ly", "dsmae-lz"])
-def test_bench_table_and_absent_parts(capsys, monkeypatch, method):
+def test_bench_table_and_absent_parts(capsys, monkeypatch, method, bench_args):
     monkeypatch.setattr(bench, "MATMUL_SIZE", 64)
-    args = ["bench", "--method", method, *TINY_ARGS, "--batch-size", "2", "--steps", "1"]
+    args = ["bench", "--method", method, *bench_args, "--batch-size", "2", "--steps", "1"]
     assert main([*args, "--warmup", "0"]) == 0
     table = capsys.readouterr().out
     for text in ("img/s", "peak memory", "GFLOP/s", "MFU", "teacher_fwd", "float32"):
@@ -103,16 +107,16 @@ def test_bench_table_and_absent_parts(capsys, monkeypatch, method):
     assert parts["student_fwd_bwd"] > 0
 
 
-def test_bench_refuses_bad_settings(capsys):
-    args = ["bench", "--method", "dsmae", *TINY_ARGS, "--batch-size", "2"]
+def test_bench_refuses_bad_settings(capsys, bench_args):
+    args = ["bench", "--method", "dsmae", *bench_args, "--batch-size", "2"]
     assert main([*args, "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
     assert main([*args, "--set", "model.nope=1"]) == 2
 
 
-def test_each_part_is_timed_alone(capsys, monkeypatch):
+def test_each_part_is_timed_alone(capsys, monkeypatch, bench_args):
     monkeypatch.setattr(bench, "MATMUL_SIZE", 64)
-    args = ["bench", "--method", "dsmae", *TINY_ARGS, "--batch-size", "2", "--steps", "2"]
+    args = ["bench", "--method", "dsmae", *bench_args, "--batch-size", "2", "--steps", "2"]
     assert main([*args, "--warmup", "0", "--parts", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert set(r["parts_ms"]) == set(PARTS) and all(v > 0 for v in r["parts_ms"].values())
@@ -126,25 +130,13 @@ def test_each_part_is_timed_alone(capsys, monkeypatch):
     assert "each part alone" in table and "step over its parts" in table
 
 
-def test_mae_parts_timed_alone_leave_out_what_it_lacks():
-    model = tiny_model("mae")
+def test_mae_parts_timed_alone_leave_out_what_it_lacks(counted_tiny):
+    model = counted_tiny.build("mae")
     mask, _ = model.sample_corruption(2, torch.Generator().manual_seed(0))
     seconds = bench.time_parts(model, torch.randn(2, 1, 8, 8), mask, steps=1, warmup=0)
     assert seconds["teacher_fwd"] == 0 and seconds["regressor_fwd_bwd"] == 0
     assert seconds["student_fwd_bwd"] > 0 and seconds["decoder_fwd_bwd"] > 0
     assert all(p.grad is None for p in model.parameters())  # cleared after each run
-
-
-def test_keep_freed_memory_applies_on_glibc():
-    import platform
-
-    from dsmae.runtime import keep_freed_memory
-
-    applied = keep_freed_memory()
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert applied
-    else:
-        assert not applied
 
 
 def test_host_syncs_name_the_line_that_waits(monkeypatch):

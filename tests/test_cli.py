@@ -15,18 +15,18 @@ from torchvision_fakes import patch_cifar10, patch_stl10, write_fake_cifar10, wr
 from dsmae.checkpoint import load_checkpoint
 from dsmae.cli import main
 
-# shrink any run to seconds: a 1-block ViT, patch 4, one epoch
-SMALL = [
-    "--set", "model.depth=1", "--set", "model.embed_dim=32", "--set", "model.num_heads=2",
-    "--set", "model.decoder_depth=1", "--set", "model.regressor_depth=1",
-    "--epochs", "1", "--device", "cpu",
-]  # fmt: skip
+
+@pytest.fixture
+def small(tiny_run) -> list[str]:
+    """Shrinks any run to seconds: the tiny run's model (one block, patch 4 unless a flag
+    says otherwise), one epoch, on the CPU."""
+    return [*tiny_run.model_args, "--epochs", "1", "--device", "cpu"]
 
 
-def test_quickstart_pretrains_probes_and_draws(tmp_path, capsys):
+def test_quickstart_pretrains_probes_and_draws(tmp_path, capsys, small):
     out = tmp_path / "qs"
     args = ["pretrain", "--preset", "quickstart", "--out", str(out), "--patch-size", "4"]
-    args += [*SMALL, "--set", "probe.epochs=2", "--set", "probe.warmup_epochs=0"]
+    args += [*small, "--set", "probe.epochs=2", "--set", "probe.warmup_epochs=0"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "linear probe top-1, pre-trained encoder:" in printed
@@ -44,9 +44,10 @@ def test_quickstart_pretrains_probes_and_draws(tmp_path, capsys):
     assert saved["model"]["patch_size"] == 4 and saved["train"]["epochs"] == 1
 
 
-def test_linprobe_command(tmp_path, capsys):
+def test_linprobe_command(tmp_path, capsys, small):
     out = tmp_path / "run"
-    assert main(["pretrain", "--preset", "quickstart", "--out", str(out), *SMALL]) == 0
+    run = ["pretrain", "--preset", "quickstart", "--out", str(out), *small, "--patch-size", "2"]
+    assert main(run) == 0
     args = ["linprobe", "--checkpoint", str(out / "last.pt"), "--epochs", "2", "--pool", "avg"]
     assert main(args) == 0
     assert "linear probe top-1 (pre-trained encoder, last epoch of 2)" in capsys.readouterr().out
@@ -57,11 +58,11 @@ def test_linprobe_command(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("method", ["dsmae", "dsmae-ly", "dsmae-lz", "mae"])
-def test_every_method_from_the_command_line(tmp_path, method):
+def test_every_method_from_the_command_line(tmp_path, method, small):
     out = tmp_path / method
     args = ["pretrain", "--method", method, "--data", "digits", "--img-size", "8"]
     args += ["--patch-size", "2", "--in-chans", "1", "--batch-size", "128", "--out", str(out)]
-    args += ["--noise-ratio", "0.5", "--lam", "0.3", "--seed", "3", *SMALL]
+    args += ["--noise-ratio", "0.5", "--lam", "0.3", "--seed", "3", *small]
     assert main(args) == 0
     cfg = load_checkpoint(out / "last.pt")["config"]
     assert cfg["model"]["method"] == method and cfg["model"]["noise_ratio"] == 0.5
@@ -71,36 +72,36 @@ def test_every_method_from_the_command_line(tmp_path, method):
     assert main(probe) == 0  # the probe works on every variant's encoder
 
 
-def test_image_folder(tmp_path, cifar_folder):
+def test_image_folder(tmp_path, cifar_folder, small):
     out = tmp_path / "mine"
     args = ["pretrain", "--data", str(cifar_folder), "--arch", "vit_small", "--img-size", "16"]
-    args += ["--patch-size", "4", "--batch-size", "64", "--out", str(out), *SMALL]
+    args += ["--patch-size", "4", "--batch-size", "64", "--out", str(out), *small]
     assert main(args) == 0
     cfg = load_checkpoint(out / "last.pt")["config"]
     assert cfg["data"]["source"] == str(cifar_folder) and len(cfg["data"]["mean"]) == 3
     assert main(["linprobe", "--checkpoint", str(out / "last.pt"), "--epochs", "1"]) == 0
 
 
-def _pretrain_downloaded(tmp_path, dataset: str, *shape: str):
+def _pretrain_downloaded(tmp_path, small: list[str], dataset: str, *shape: str):
     """Pre-train on ``dataset`` downloaded into ``tmp_path/datasets`` (its root, returned),
     the run in ``tmp_path/dataset``."""
     root = tmp_path / "datasets"
     args = ["pretrain", "--data", dataset, "--download", "--data-root", str(root), *shape]
-    assert main([*args, "--out", str(tmp_path / dataset), *SMALL]) == 0
+    assert main([*args, "--out", str(tmp_path / dataset), *small]) == 0
     return root
 
 
-def test_cifar10_download_path(tmp_path, monkeypatch, serve):
+def test_cifar10_download_path(tmp_path, monkeypatch, serve, small):
     patch_cifar10(monkeypatch, write_fake_cifar10(tmp_path / "server"), serve)
     shape = ["--arch", "vit_tiny", "--patch-size", "8", "--batch-size", "4"]
-    root = _pretrain_downloaded(tmp_path, "cifar10", *shape)
+    root = _pretrain_downloaded(tmp_path, small, "cifar10", *shape)
     assert (root / "cifar-10-batches-py" / "data_batch_1").is_file()
     assert load_checkpoint(tmp_path / "cifar10" / "last.pt")["step"] == 2  # 10 images // 4
 
 
-def test_stl10_download_path(tmp_path, monkeypatch, serve):
+def test_stl10_download_path(tmp_path, monkeypatch, serve, small):
     patch_stl10(monkeypatch, write_fake_stl10(tmp_path / "server"), serve)
-    _pretrain_downloaded(tmp_path, "stl10", "--img-size", "96", "--patch-size", "24",
+    _pretrain_downloaded(tmp_path, small, "stl10", "--img-size", "96", "--patch-size", "24",
                          "--batch-size", "3")  # fmt: skip
     assert load_checkpoint(tmp_path / "stl10" / "last.pt")["step"] == 3  # (4 + 5) // 3
 
@@ -151,25 +152,10 @@ def test_module_entry_point():
         assert flag in done.stdout
 
 
-def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path):
-    run = [
-        "pretrain",
-        "--preset",
-        "quickstart",
-        "--epochs",
-        "6",
-        "--batch-size",
-        "32",
-        "--set",
-        "data.subset=256",
-        "--set",
-        "probe.after_pretrain=false",
-        "--set",
-        "train.log_every=1",
-        "--set",
-        "train.keep_checkpoints=2",
-        *SMALL[:-4],
-    ]
+def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path, tiny_run):
+    # 256 images, patch 2: 8 steps an epoch of 16 tokens
+    more = ["--set", "data.subset=256", "--patch-size", "2", "--set", "train.keep_checkpoints=2"]
+    run = tiny_run.args("--epochs", "6", *more)
     assert main([*run, "--out", str(tmp_path / "straight")]) == 0
 
     out = tmp_path / "killed"
@@ -212,10 +198,10 @@ def _broken_folder(cifar_folder, tmp_path):
     return folder
 
 
-def test_a_bad_image_is_named_and_can_be_skipped(tmp_path, cifar_folder, capsys):
+def test_a_bad_image_is_named_and_can_be_skipped(tmp_path, cifar_folder, capsys, small):
     folder = _broken_folder(cifar_folder, tmp_path)
     run = ["pretrain", "--data", str(folder), "--img-size", "16", "--patch-size", "4",
-           "--batch-size", "16", *SMALL, "--out", str(tmp_path / "run")]  # fmt: skip
+           "--batch-size", "16", *small, "--out", str(tmp_path / "run")]  # fmt: skip
     assert main(run) == 2
     err = capsys.readouterr().err
     assert "zz-cut.jpg" in err and "--skip-bad-images" in err and "Traceback" not in err
@@ -223,7 +209,7 @@ def test_a_bad_image_is_named_and_can_be_skipped(tmp_path, cifar_folder, capsys)
     assert (tmp_path / "run" / "last.pt").is_file()
 
 
-def test_a_linear_probe_needs_class_folders(tmp_path, cifar_folder, capsys):
+def test_a_linear_probe_needs_class_folders(tmp_path, cifar_folder, capsys, small):
     import shutil
 
     flat = tmp_path / "flat"
@@ -232,7 +218,7 @@ def test_a_linear_probe_needs_class_folders(tmp_path, cifar_folder, capsys):
         for i, image in enumerate(sorted((cifar_folder / split).rglob("*.jpg"))[:20]):
             shutil.copy(image, flat / split / f"{i}.jpg")
     run = ["pretrain", "--data", str(flat), "--img-size", "16", "--patch-size", "4",
-           "--batch-size", "10", *SMALL, "--out", str(tmp_path / "run")]  # fmt: skip
+           "--batch-size", "10", *small, "--out", str(tmp_path / "run")]  # fmt: skip
     assert main(run) == 0
     capsys.readouterr()
     assert main(["linprobe", "--checkpoint", str(tmp_path / "run" / "last.pt")]) == 2
@@ -269,14 +255,14 @@ def test_a_yaml_file_with_an_unknown_key_is_refused(tmp_path, capsys):
     assert "unknown config key 'train.warmup_epoch'" in capsys.readouterr().err
 
 
-def test_untrusted_or_mismatched_checkpoints_are_refused(tmp_path, capsys):
+def test_untrusted_or_mismatched_checkpoints_are_refused(tmp_path, capsys, small):
     class Evil:
         def __reduce__(self):
             return (exec, ("open('PWNED', 'w').write('x')",))
 
     evil = tmp_path / "evil.pt"
     torch.save({"config": {}, "model": {"payload": Evil()}}, evil)
-    run = ["pretrain", "--preset", "quickstart", "--patch-size", "4", *SMALL]
+    run = ["pretrain", "--preset", "quickstart", "--patch-size", "4", *small]
     for command in (
         ["linprobe", "--checkpoint", str(evil)],
         [*run, "--out", str(tmp_path / "r"), "--resume", str(evil)],
@@ -368,9 +354,7 @@ def test_denoise_command(request, fixture, first, cifar_folder, tmp_path, capsys
         assert figure.width > 3 * 96  # two triplets per row, each image scaled to 96 px
 
 
-def test_denoise_refuses_a_model_without_decoder(tmp_path, capsys):
-    from conftest import tiny_digits_run
-
+def test_denoise_refuses_a_model_without_decoder(tmp_path, capsys, tiny_digits_run):
     run = tiny_digits_run(tmp_path / "lz", "dsmae-lz")
     assert main(["denoise", "--checkpoint", str(run / "last.pt"), "x.png"]) == 2
     assert "no pixel decoder" in capsys.readouterr().err

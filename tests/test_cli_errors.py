@@ -11,9 +11,6 @@ import torch
 from dsmae.checkpoint import load_checkpoint
 from dsmae.cli import main
 
-SMALL = ["--epochs", "1", "--set", "data.subset=64", "--set", "probe.after_pretrain=false",
-         "--set", "model.depth=1", "--device", "cpu"]  # fmt: skip
-
 
 def _fails(capsys, argv, *messages) -> str:
     assert main(argv) == 2, argv
@@ -101,7 +98,10 @@ def test_a_checkpoint_without_training_state_cannot_be_resumed(
     digits_run, tmp_path, capsys, missing
 ):
     path = _checkpoint(digits_run, tmp_path, lambda s: s.pop(missing))
-    run = ["pretrain", "--preset", "quickstart", *SMALL, "--out", str(tmp_path / "r")]
+    # refused before any work: the run's own settings (a 1-block quickstart) never train
+    run = ["pretrain", "--preset", "quickstart", "--epochs", "1", "--set", "data.subset=64",
+           "--set", "probe.after_pretrain=false", "--set", "model.depth=1", "--device", "cpu",
+           "--out", str(tmp_path / "r")]  # fmt: skip
     _fails(capsys, [*run, "--resume", path], "cannot be resumed")
 
 

@@ -1,19 +1,24 @@
-"""Several processes under torchrun (gloo on CPU) take the same steps as one process."""
+"""Several processes under torchrun (gloo on CPU) take the same steps as one process, and
+one failing rank ends them all."""
 
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
-from test_run_folder import TINY_RUN
 
 from dsmae.checkpoint import load_checkpoint
 from dsmae.cli import main
 from dsmae.distributed import Process, local_share, wrap
 from dsmae.metrics import read_metrics
 
-RUN = [*TINY_RUN, "--set", "model.depth=2", "--epochs", "2"]
+
+@pytest.fixture
+def run_args(tiny_run) -> list[str]:
+    """The tiny run (2 epochs of 4 steps) with 2 encoder blocks."""
+    return tiny_run.args("--set", "model.depth=2")
 
 
 def _torchrun(*args: str) -> None:
@@ -35,8 +40,10 @@ def _assert_close_weights(a, b) -> None:
 
 
 @pytest.mark.parametrize("ema_every", ["epoch", "step"])
-def test_two_ranks_with_half_batches_match_one_process_with_the_full_batch(tmp_path, ema_every):
-    run = [*RUN, "--set", f"train.ema_every={ema_every}"]
+def test_two_ranks_with_half_batches_match_one_process_with_the_full_batch(
+    tmp_path, ema_every, run_args
+):
+    run = [*run_args, "--set", f"train.ema_every={ema_every}"]
     assert main([*run, "--out", str(tmp_path / "one")]) == 0
     # 2 ranks x 16 images, in micro-batches of 8: accumulation without extra all-reduces
     _torchrun(*run, "--micro-batch", "8", "--out", str(tmp_path / "two"))
@@ -51,13 +58,13 @@ def test_two_ranks_with_half_batches_match_one_process_with_the_full_batch(tmp_p
     assert sorted(p.name for p in (tmp_path / "two").glob("*.yaml")) == ["config.yaml"]
 
 
-def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path):
-    assert main([*RUN, "--out", str(tmp_path / "straight")]) == 0
+def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path, run_args):
+    assert main([*run_args, "--out", str(tmp_path / "straight")]) == 0
     out = tmp_path / "moved"
-    assert main([*RUN, "--set", "train.checkpoint_every=1", "--out", str(out)]) == 0
+    assert main([*run_args, "--set", "train.checkpoint_every=1", "--out", str(out)]) == 0
     (out / "last.pt").unlink()  # keep only the checkpoint after epoch 1 (step 4 of 8)
     assert [p.name for p in out.glob("*.pt")] == ["checkpoint-00000004.pt"]
-    _torchrun(*RUN, "--set", "train.checkpoint_every=1", "--out", str(out), "--resume", "auto")
+    _torchrun(*run_args, "--set", "train.checkpoint_every=1", "--out", str(out), "--resume", "auto")
     assert load_checkpoint(out / "last.pt")["step"] == 8
     _assert_close_weights(tmp_path / "straight" / "last.pt", out / "last.pt")
 
@@ -71,3 +78,27 @@ def test_local_share_splits_a_global_batch():
 def test_wrap_is_the_model_itself_in_one_process():
     model = torch.nn.Linear(2, 2)
     assert wrap(model, Process(), torch.device("cpu")) is model
+
+
+def test_one_failing_rank_ends_every_rank_quickly(tmp_path, tiny_run, fault_driver):
+    driver = fault_driver(
+        """
+        import dsmae.engine
+        real_step, calls = dsmae.engine.train_step, []
+        def failing_step(*args, **kwargs):
+            calls.append(1)
+            if os.environ["RANK"] == "1" and len(calls) == 3:
+                raise RuntimeError("rank 1 fails on purpose")
+            return real_step(*args, **kwargs)
+        dsmae.engine.train_step = failing_step
+        """,
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = tiny_run.args("--epochs", "3", checkpoints=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", driver, *run, "--out", str(tmp_path / "run")]  # fmt: skip
+    started = time.monotonic()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert time.monotonic() - started < 120
+    assert "rank 1 fails on purpose" in done.stderr

@@ -1,21 +1,32 @@
+"""The pre-training loop (``dsmae.engine``): what a run writes, its schedules, teacher,
+resumption and monitors, and what a fault costs: non-finite steps are skipped, counted and
+stop a diverging run; a full disk and an unwritable folder are messages."""
+
+import errno
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dsmae
+from dsmae import engine
 from dsmae.checkpoint import load_checkpoint
-from dsmae.config import build_config
-from dsmae.engine import build_optimizer, pretrain, train_step
+from dsmae.cli import main
+from dsmae.config import Config, build_config, model_config
+from dsmae.engine import build_optimizer, pretrain, step_unless_non_finite, train_step
+from dsmae.metrics import read_metrics
 from dsmae.models import DSMAE
 from dsmae.schedules import lr_at, momentum_at
 
 
-def _tiny_run(tmp_path, **overrides):
-    base = {f"model.{k}": v for k, v in TINY.items()}
+def _config(tiny: dict, tmp_path: Path, **overrides) -> Config:
+    """The tiny ViT pre-trained on 256 real digits upscaled to 16x16, batch 64 -> 4 steps an
+    epoch, for 2 epochs (warm-up 1), a metrics line every step, on the CPU, into
+    ``tmp_path/run``; ``overrides`` (dotted keys) on top."""
+    base = {f"model.{k}": v for k, v in tiny.items()}
     base.update(
         {
             "model.in_chans": 1,
@@ -33,9 +44,9 @@ def _tiny_run(tmp_path, **overrides):
     return build_config(overrides=base)
 
 
-def test_gradient_accumulation_equals_the_full_batch():
+def test_gradient_accumulation_equals_the_full_batch(tiny):
     # all patches corrupted with zero noise: the forward pass is deterministic
-    options = dict(noise_ratio=1.0, noise_std=0.0, **TINY)
+    options = dict(noise_ratio=1.0, noise_std=0.0, **tiny)
     images = torch.randn(8, 3, 16, 16)
     params = []
     losses = []
@@ -49,8 +60,8 @@ def test_gradient_accumulation_equals_the_full_batch():
     assert torch.allclose(params[0], params[1], atol=1e-5)
 
 
-def test_weight_decay_only_on_weight_matrices():
-    model = dsmae.build("mae", **TINY)
+def test_weight_decay_only_on_weight_matrices(tiny):
+    model = dsmae.build("mae", **tiny)
     optimizer = build_optimizer(model, build_config().train, torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     decay = {g["weight_decay"]: [names[id(p)] for p in g["params"]] for g in optimizer.param_groups}
@@ -63,8 +74,8 @@ def test_weight_decay_only_on_weight_matrices():
     assert "encoder.pos_embed" not in trained  # fixed sin-cos
 
 
-def test_pretrain_writes_checkpoint_metrics_config_and_figure(tmp_path):
-    cfg = _tiny_run(tmp_path, **{"train.checkpoint_every": 1})
+def test_pretrain_writes_checkpoint_metrics_config_and_figure(tmp_path, tiny):
+    cfg = _config(tiny, tmp_path, **{"train.checkpoint_every": 1})
     result = pretrain(cfg)
     out = result.out
     assert result.checkpoint == out / "last.pt"
@@ -86,16 +97,16 @@ def test_pretrain_writes_checkpoint_metrics_config_and_figure(tmp_path):
         assert r["momentum"] == pytest.approx(momentum_at(r["epoch"], 2))
 
 
-def test_per_step_teacher_momentum_follows_the_steps(tmp_path):
-    pretrain(_tiny_run(tmp_path, **{"train.ema_every": "step"}))
+def test_per_step_teacher_momentum_follows_the_steps(tmp_path, tiny):
+    pretrain(_config(tiny, tmp_path, **{"train.ema_every": "step"}))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["momentum"] for r in records] == pytest.approx(
         [momentum_at(r["step"] - 1, 8) for r in records]
     )
 
 
-def test_teacher_updated_once_per_epoch_in_epoch_mode(tmp_path):
-    cfg = _tiny_run(tmp_path, **{"train.ema_every": "epoch", "train.epochs": 1})
+def test_teacher_updated_once_per_epoch_in_epoch_mode(tmp_path, tiny):
+    cfg = _config(tiny, tmp_path, **{"train.ema_every": "epoch", "train.epochs": 1})
     pretrain(cfg)
     state = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
     torch.manual_seed(cfg.train.seed)
@@ -106,9 +117,9 @@ def test_teacher_updated_once_per_epoch_in_epoch_mode(tmp_path):
         assert torch.allclose(state[f"teacher.{name}"], expected, atol=1e-6), name
 
 
-def test_batch_larger_than_the_data_is_refused(tmp_path):
+def test_batch_larger_than_the_data_is_refused(tmp_path, tiny):
     with pytest.raises(dsmae.ConfigError, match=r"train\.batch_size"):
-        pretrain(_tiny_run(tmp_path, **{"train.batch_size": 512}))
+        pretrain(_config(tiny, tmp_path, **{"train.batch_size": 512}))
 
 
 def _weights(path):
@@ -128,12 +139,13 @@ def _assert_identical(a, b):
 
 
 @pytest.mark.parametrize("ema_every", ["epoch", "step"])
-def test_resume_from_the_middle_of_an_epoch_is_exact(tmp_path, ema_every):
-    straight = _tiny_run(tmp_path / "a", **{"train.epochs": 3, "train.ema_every": ema_every})
+def test_resume_from_the_middle_of_an_epoch_is_exact(tmp_path, ema_every, tiny):
+    straight = _config(tiny, tmp_path / "a", **{"train.epochs": 3, "train.ema_every": ema_every})
     pretrain(straight)
     # the same run, checkpointing after every step; then go back to step 6 of 12 (the
     # middle of epoch 2: with the per-epoch rhythm the teacher has moved once)
-    broken = _tiny_run(
+    broken = _config(
+        tiny,
         tmp_path / "b",
         **{"train.epochs": 3, "train.checkpoint_minutes": 1e-9, "train.keep_checkpoints": 0,
            "train.ema_every": ema_every},
@@ -149,10 +161,12 @@ def test_resume_from_the_middle_of_an_epoch_is_exact(tmp_path, ema_every):
 
 
 @pytest.mark.parametrize("ema_every", ["epoch", "step"])
-def test_micro_batches_take_the_same_steps_as_whole_batches(tmp_path, ema_every):
-    whole = _tiny_run(tmp_path / "whole", **{"train.ema_every": ema_every})
+def test_micro_batches_take_the_same_steps_as_whole_batches(tmp_path, ema_every, tiny):
+    whole = _config(tiny, tmp_path / "whole", **{"train.ema_every": ema_every})
     pretrain(whole)
-    micro = _tiny_run(tmp_path / "micro", **{"train.ema_every": ema_every, "train.micro_batch": 16})
+    micro = _config(
+        tiny, tmp_path / "micro", **{"train.ema_every": ema_every, "train.micro_batch": 16}
+    )
     pretrain(micro)
     a, b = (load_checkpoint(Path(c.out) / "last.pt")["model"] for c in (whole, micro))
     for name, tensor in a.items():  # float tolerance: the sums run in another order
@@ -161,8 +175,9 @@ def test_micro_batches_take_the_same_steps_as_whole_batches(tmp_path, ema_every)
                for n in a if n.startswith("teacher."))  # fmt: skip
 
 
-def test_only_the_newest_checkpoints_are_kept(tmp_path):
-    cfg = _tiny_run(
+def test_only_the_newest_checkpoints_are_kept(tmp_path, tiny):
+    cfg = _config(
+        tiny,
         tmp_path,
         **{
             "train.epochs": 4,
@@ -176,8 +191,8 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert names == ["checkpoint-00000008.pt", "checkpoint-00000012.pt"]
 
 
-def test_monitors_knn_images_and_flops_are_logged(tmp_path):
-    cfg = _tiny_run(tmp_path, **{"monitor.knn_every": 1, "monitor.images_every": 1})
+def test_monitors_knn_images_and_flops_are_logged(tmp_path, tiny):
+    cfg = _config(tiny, tmp_path, **{"monitor.knn_every": 1, "monitor.images_every": 1})
     pretrain(cfg)
     records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").open()]
     knn = [r for r in records if "knn_top1" in r]
@@ -192,16 +207,153 @@ def test_monitors_knn_images_and_flops_are_logged(tmp_path):
     )
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_gives_the_same_gradients(tiny):
     images = torch.randn(4, 3, 16, 16)
     grads = []
     for method in ("dsmae", "mae"):
         for checkpointing in (False, True):
             torch.manual_seed(0)
-            model = dsmae.build(method, **TINY)
+            model = dsmae.build(method, **tiny)
             model.encoder.set_grad_checkpointing(checkpointing)
             out = model(images, generator=torch.Generator().manual_seed(0))
             out.loss.backward()
             grads.append(model.encoder.blocks[0].mlp.fc1.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
     assert torch.allclose(grads[2], grads[3], atol=1e-6)
+
+
+# ------------------------------------------------------------------ faults
+
+
+@pytest.fixture
+def run_args(tiny_run) -> list[str]:
+    """The tiny run for 3 epochs with a checkpoint after each: checkpoint-00000004.pt,
+    checkpoint-00000008.pt, last.pt (step 12)."""
+    return tiny_run.args("--epochs", "3", checkpoints=True)
+
+
+def _digits_model(tiny: dict) -> DSMAE:
+    """The tiny run's model: the tiny ViT on 8x8 grey images, one block."""
+    return DSMAE(model_config(**{**tiny, "img_size": 8, "in_chans": 1, "depth": 1}))
+
+
+def _nan_noise_at(monkeypatch, bad_steps) -> None:
+    """Make the noise of the given optimizer steps (0-based) NaN: a NaN loss and gradient."""
+    real = engine.draw_step
+
+    def draw_step(model, cfg, step, device):
+        corruption = real(model, cfg, step, device)
+        if step in bad_steps:
+            corruption.eps = torch.full_like(corruption.eps, math.nan)
+        return corruption
+
+    monkeypatch.setattr(engine, "draw_step", draw_step)
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch, caplog, run_args):
+    _nan_noise_at(monkeypatch, {2, 5})
+    out = tmp_path / "run"
+    assert main([*run_args, "--out", str(out)]) == 0
+    lines = read_metrics(out / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in lines] == [0, 0, 1, 1, 1, 2] + [2] * 6
+    assert math.isnan(lines[2]["loss"]) and math.isfinite(lines[3]["loss"])
+    assert "step 3 skipped: non-finite gradient" in caplog.text
+    weights = load_checkpoint(out / "last.pt")["model"]
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys, run_args):
+    _nan_noise_at(monkeypatch, set(range(5, 12)))  # from step 6 on
+    out = tmp_path / "run"
+    assert main([*run_args, "--out", str(out), "--set", "train.max_bad_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert "stopped at step 8: 3 steps in a row had a non-finite loss or gradient" in err
+    assert f"last good checkpoint is {out / 'checkpoint-00000004.pt'}" in err
+    assert "Traceback" not in err
+    assert not (out / "last.pt").exists()
+    assert load_checkpoint(out / "checkpoint-00000004.pt")["step"] == 4
+
+
+def test_gradient_clipping_bounds_the_applied_gradient(tiny):
+    model = _digits_model(tiny)
+    cfg = build_config(overrides={"train.device": "cpu"})
+    optimizer = build_optimizer(model, cfg.train, torch.device("cpu"))
+    images = torch.randn(4, 1, 8, 8)
+    out = train_step(model, optimizer, images, generator=torch.Generator().manual_seed(0),
+                     grad_clip=1e-3)  # fmt: skip
+    assert out["grad_norm"] > 1e-3 and bool(out["finite"])
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= 1e-3 * 1.0001
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_a_non_finite_step_changes_no_weight(amp, tiny):
+    model = _digits_model(tiny)
+    cfg = build_config(overrides={"train.device": "cpu"})
+    optimizer = build_optimizer(model, cfg.train, torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mask, eps = model.sample_corruption(4, torch.Generator().manual_seed(0))
+    out = train_step(model, optimizer, torch.randn(4, 1, 8, 8), mask=mask,
+                     eps=torch.full_like(eps, math.inf), amp=amp)  # fmt: skip
+    assert not bool(out["finite"])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the fused kernel skipped the step on the device: moments and step count still zero
+    assert optimizer.defaults["fused"] and optimizer.state
+    for state in optimizer.state.values():
+        assert int(state["step"]) == 0
+        assert not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+
+
+def test_a_non_fused_optimizer_skips_a_non_finite_step_too():
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, foreach=False)
+    weight.grad = torch.ones(3)
+    step_unless_non_finite(optimizer, torch.tensor(False))
+    assert torch.equal(weight.detach(), torch.ones(3)) and not optimizer.state
+    step_unless_non_finite(optimizer, torch.tensor(True))
+    assert (weight.detach() < 1).all()
+
+
+def test_a_skipped_step_leaves_the_teacher_as_it_is(tiny):
+    model = _digits_model(tiny)
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    teacher = [p.clone() for p in model.teacher.parameters()]
+    model.update_teacher(0.9, apply=torch.tensor(False))
+    assert all(torch.equal(a, b) for a, b in zip(teacher, model.teacher.parameters()))
+    model.update_teacher(0.9, apply=torch.tensor(True))
+    for before, after, student in zip(
+        teacher, model.teacher.parameters(), model.encoder.parameters()
+    ):
+        torch.testing.assert_close(after, 0.9 * before + 0.1 * student)
+
+
+def test_a_full_disk_while_saving_is_a_clear_error(tmp_path, monkeypatch, capsys, run_args):
+    import dsmae.checkpoint
+
+    real, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(dsmae.checkpoint.torch, "save", save)
+    out = tmp_path / "run"
+    assert main([*run_args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "could not write checkpoint" in err and "No space left on device" in err
+    assert f"last good checkpoint is {out / 'checkpoint-00000004.pt'}" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in out.glob("*.pt*")) == ["checkpoint-00000004.pt"]
+    assert load_checkpoint(out / "checkpoint-00000004.pt")["step"] == 4
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, capsys, run_args):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main([*run_args, "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"out='{blocker / 'run'}' is not a writable folder" in err

@@ -76,14 +76,12 @@ def test_curve_of_a_sweep(tmp_path):
     assert draw_curve("lambda", rows, tmp_path / "lambda.png").stat().st_size > 1000
 
 
-def test_a_reduced_table3_runs_and_resumes(cifar_folder, tmp_path, capsys, caplog):
+def test_a_reduced_table3_runs_and_resumes(cifar_folder, tmp_path, capsys, caplog, tiny_run):
     command = [
         "experiment", "table3", "--datasets", "cifar10", "--archs", "vit_tiny",
         "--epochs", "1", "--subset", "64", "--probe-epochs", "2",
         "--data", f"cifar10={cifar_folder}", "--results", str(tmp_path / "results"),
-        "--set", "model.depth=1", "--set", "model.embed_dim=32", "--set", "model.num_heads=2",
-        "--set", "model.decoder_depth=1", "--set", "model.regressor_depth=1",
-        "--set", "model.patch_size=8", "--set", "train.batch_size=32",
+        *tiny_run.model_args, "--set", "model.patch_size=8", "--set", "train.batch_size=32",
         "--set", "monitor.knn_every=0", "--set", "monitor.images_every=0", "--device", "cpu",
     ]  # fmt: skip
     assert main(command) == 0

@@ -3,16 +3,14 @@ stages run alone), against a hand count."""
 
 import pytest
 import torch
-from conftest import TINY as UNIT
 
-from dsmae.config import model_config
 from dsmae.flops import PARTS, count_step_flops, counted_flops, part_steps, train_flops_per_image
-from dsmae.models import PretrainModel, build_model
 
-# 8x8 one-channel images, patch 2 -> N = 16 patch tokens (T = 17 with [CLS]); one block of
-# width D = 32, 2 heads, MLP 4D; decoder (width 32) and regressor one block each; noise
-# ratio 0.75 -> K = 12 corrupted tokens (mae: 12 masked, V = 4 visible).
-TINY = {**UNIT, "img_size": 8, "patch_size": 2, "in_chans": 1, "depth": 1, "noise_ratio": 0.75}
+# The counted model (the fixture counted_tiny): 8x8 one-channel images, patch 2 -> N = 16
+# patch tokens (T = 17 with [CLS]); one block of width D = 32, 2 heads, MLP 4D; decoder
+# (width 32) and regressor one block each; noise ratio 0.75 -> K = 12 corrupted tokens
+# (mae: 12 masked, V = 4 visible). Its DSMAE total, counted_tiny.dsmae_flops, is the sum of
+# HAND_DSMAE below.
 
 # What FlopCounterMode counts (matmul-like ops only; norms, GELU, softmax, losses: 0):
 # - a Linear d_in -> d_out on t tokens: 2 * t * d_in * d_out forward; its backward is 2x
@@ -46,12 +44,12 @@ HAND_DSMAE = {
     + 3.5 * HEAD_ATTN_FWD,  # 1_032_192
     "regressor_fwd_bwd": 3 * HEAD_LINEAR_FWD + 3.5 * HEAD_ATTN_FWD,  # 949_248
 }
-HAND_DSMAE_TOTAL = 3_831_360
 
 
 def hand_count(method: str) -> dict[str, float]:
-    """The same hand count for any method of TINY (mae: the encoder sees [CLS] + V = 4
-    visible tokens; the decoder embeds those 5 and runs its block and head on 1 + N = 17)."""
+    """The same hand count for any method of the counted model (mae: the encoder sees
+    [CLS] + V = 4 visible tokens; the decoder embeds those 5 and runs its block and head on
+    1 + N = 17)."""
     if method == "mae":
         enc_t, dec_in, dec_t = 1 + (N - K), 1 + (N - K), 1 + N
     else:
@@ -75,27 +73,22 @@ def hand_count(method: str) -> dict[str, float]:
     }
 
 
-def tiny_model(method: str) -> PretrainModel:
-    torch.manual_seed(0)
-    return build_model(model_config(method, **TINY)).train()
-
-
-def test_hand_count_written_out():
+def test_hand_count_written_out(counted_tiny):
     assert hand_count("dsmae") == HAND_DSMAE
-    assert sum(HAND_DSMAE.values()) == HAND_DSMAE_TOTAL
+    assert sum(HAND_DSMAE.values()) == counted_tiny.dsmae_flops
 
 
-def test_dsmae_flops_equal_the_hand_count():
-    model = tiny_model("dsmae")
+def test_dsmae_flops_equal_the_hand_count(counted_tiny):
+    model = counted_tiny.build("dsmae")
     flops = count_step_flops(model, torch.randn(2, 1, 8, 8))  # per image
-    assert flops["total"] == HAND_DSMAE_TOTAL
+    assert flops["total"] == counted_tiny.dsmae_flops
     assert {k: flops[k] for k in PARTS} == HAND_DSMAE
     assert all(p.grad is None for p in model.parameters())  # gradients cleared
 
 
 @pytest.mark.parametrize("method", ["dsmae", "dsmae-ly", "dsmae-lz", "mae"])
-def test_every_method_per_part(method):
-    flops = count_step_flops(tiny_model(method), torch.randn(3, 1, 8, 8))
+def test_every_method_per_part(method, counted_tiny):
+    flops = count_step_flops(counted_tiny.build(method), torch.randn(3, 1, 8, 8))
     expected = hand_count(method)
     assert {k: flops[k] for k in PARTS} == expected
     assert flops["total"] == sum(expected.values())
@@ -105,24 +98,24 @@ def test_every_method_per_part(method):
         assert flops["decoder_fwd_bwd"] == 0
 
 
-def test_flops_per_image_do_not_depend_on_the_batch():
-    model = tiny_model("dsmae")
+def test_flops_per_image_do_not_depend_on_the_batch(counted_tiny):
+    model = counted_tiny.build("dsmae")
     one = count_step_flops(model, torch.randn(1, 1, 8, 8))
     five = count_step_flops(model, torch.randn(5, 1, 8, 8))
     assert one == five
 
 
 @pytest.mark.parametrize("method", ["dsmae", "dsmae-ly", "dsmae-lz", "mae"])
-def test_train_flops_per_image_count_the_whole_step(method):
-    model = tiny_model(method)
+def test_train_flops_per_image_count_the_whole_step(method, counted_tiny):
+    model = counted_tiny.build(method)
     assert train_flops_per_image(model, torch.randn(2, 1, 8, 8)) == sum(hand_count(method).values())
     assert all(p.grad is None for p in model.parameters())  # gradients cleared
 
 
 @pytest.mark.parametrize("method", ["dsmae", "mae"])
-def test_the_parts_are_the_models_stages(method, monkeypatch):
+def test_the_parts_are_the_models_stages(method, monkeypatch, counted_tiny):
     """Each part runs the model's own stage: a stage that does more shows in its part."""
-    model = tiny_model(method)
+    model = counted_tiny.build(method)
     images = torch.randn(2, 1, 8, 8)
     mask, _ = model.sample_corruption(2, torch.Generator().manual_seed(0))
     before = {name: counted_flops(run) for name, run in part_steps(model, images, mask).items()}
@@ -138,8 +131,8 @@ def test_the_parts_are_the_models_stages(method, monkeypatch):
     )
 
 
-def test_a_given_noise_changes_nothing_counted():
-    model = tiny_model("dsmae")
+def test_a_given_noise_changes_nothing_counted(counted_tiny):
+    model = counted_tiny.build("dsmae")
     images = torch.randn(2, 1, 8, 8)
     mask, eps = model.sample_corruption(2, torch.Generator().manual_seed(3))
     given = count_step_flops(model, images, mask=mask, eps=eps)

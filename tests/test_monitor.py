@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -20,9 +19,9 @@ from dsmae.monitor import HEALTH_IMAGES, Monitor
 HEALTH = ("health_feature_std", "health_effective_rank")
 
 
-def _config(tmp_path: Path, source: str = "digits", **overrides):
+def _config(tiny: dict, tmp_path: Path, source: str = "digits", **overrides):
     """The unit tests' tiny ViT (16 tokens of width 32) on grey-scale images."""
-    base = {f"model.{k}": v for k, v in TINY.items()}
+    base = {f"model.{k}": v for k, v in tiny.items()}
     base.update(
         {
             "model.in_chans": 1,
@@ -73,8 +72,8 @@ def test_a_tiny_run_logs_health_with_the_knn_lines(request, fixture):
     assert {f"pretrain/{k}" for k in HEALTH} <= set(board.Tags()["scalars"])
 
 
-def test_health_of_a_model_whose_student_is_its_teacher(tmp_path):
-    cfg = _config(tmp_path)
+def test_health_of_a_model_whose_student_is_its_teacher(tmp_path, tiny):
+    cfg = _config(tiny, tmp_path)
     torch.manual_seed(0)
     model = DSMAE(cfg.model).train()  # a new model's teacher is a copy of its student
     monitor = Monitor(cfg, torch.device("cpu"))
@@ -92,9 +91,9 @@ def test_health_of_a_model_whose_student_is_its_teacher(tmp_path):
     assert monitor.health(model)["health_teacher_cosine"] < 0.99
 
 
-def test_health_reads_a_fixed_sample_loaded_once(tmp_path, monkeypatch):
+def test_health_reads_a_fixed_sample_loaded_once(tmp_path, monkeypatch, tiny):
     asked = _count_loads(monkeypatch)
-    cfg = _config(tmp_path, **{"monitor.images_every": 1})
+    cfg = _config(tiny, tmp_path, **{"monitor.images_every": 1})
     monitor = Monitor(cfg, torch.device("cpu"))
     model = DSMAE(cfg.model)
     with MetricsLog(tmp_path / "metrics") as metrics:
@@ -111,7 +110,7 @@ def test_health_reads_a_fixed_sample_loaded_once(tmp_path, monkeypatch):
     assert records[0]["health_effective_rank"] == pytest.approx(records[2]["health_effective_rank"])
 
 
-def test_health_runs_without_a_knn_split_and_on_small_data(tmp_path, monkeypatch, caplog):
+def test_health_runs_without_a_knn_split_and_on_small_data(tmp_path, monkeypatch, caplog, tiny):
     folder = tmp_path / "images"  # no train/ and test/: the whole folder, no test split
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -119,7 +118,7 @@ def test_health_runs_without_a_knn_split_and_on_small_data(tmp_path, monkeypatch
         pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
         Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
     asked = _count_loads(monkeypatch)
-    cfg = _config(tmp_path, str(folder), **{"model.method": "mae", "monitor.images_every": 1})
+    cfg = _config(tiny, tmp_path, str(folder), **{"model.method": "mae", "monitor.images_every": 1})
     monitor = Monitor(cfg, torch.device("cpu"))
     model = build_model(cfg.model)
     with (
@@ -139,10 +138,10 @@ def test_health_runs_without_a_knn_split_and_on_small_data(tmp_path, monkeypatch
     assert "epoch 2: feature std" in caplog.text and "effective rank" in caplog.text
 
 
-def test_no_health_off_the_knn_rhythm(tmp_path, monkeypatch):
+def test_no_health_off_the_knn_rhythm(tmp_path, monkeypatch, tiny):
     asked = _count_loads(monkeypatch)
     for every, epoch in ((0, 1), (2, 1)):
-        cfg = _config(tmp_path, **{"monitor.knn_every": every})
+        cfg = _config(tiny, tmp_path, **{"monitor.knn_every": every})
         with MetricsLog(tmp_path / f"metrics-{every}") as metrics:
             Monitor(cfg, torch.device("cpu")).after_epoch(
                 DSMAE(cfg.model), epoch, 1, 1.0, 2.0, metrics

@@ -9,14 +9,17 @@ import time
 
 import pytest
 import torch
-from test_run_folder import TINY_RUN
 
 from dsmae.checkpoint import load_checkpoint
 from dsmae.cli import main
 from dsmae.preemption import PREEMPTED_EXIT, StopSignals
 
-RUN = [*TINY_RUN, "--set", "model.depth=1", "--set", "train.checkpoint_every=0", "--epochs", "25",
-       "--set", "monitor.knn_every=0", "--set", "monitor.images_every=0"]  # fmt: skip
+
+@pytest.fixture
+def run_args(tiny_run) -> list[str]:
+    """The tiny run for 25 epochs (100 steps): no periodic checkpoint, no monitor."""
+    quiet = ["--set", "monitor.knn_every=0", "--set", "monitor.images_every=0"]
+    return tiny_run.args("--set", "train.checkpoint_every=0", "--epochs", "25", *quiet)
 
 
 def _stopped_by(sig: signal.Signals, argv: list[str], out, threads: int) -> tuple[int, str]:
@@ -36,9 +39,9 @@ def _stopped_by(sig: signal.Signals, argv: list[str], out, threads: int) -> tupl
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
-def test_a_signal_stops_the_run_with_a_checkpoint_that_resumes_exactly(tmp_path, sig):
+def test_a_signal_stops_the_run_with_a_checkpoint_that_resumes_exactly(tmp_path, sig, run_args):
     out = tmp_path / "stopped"
-    argv = [sys.executable, "-m", "dsmae", *RUN, "--out", str(out)]
+    argv = [sys.executable, "-m", "dsmae", *run_args, "--out", str(out)]
     code, err = _stopped_by(sig, argv, out, torch.get_num_threads())
     assert code == PREEMPTED_EXIT, err[-2000:]
     found = re.search(rf"stopped by {sig.name} at step (\d+); the checkpoint is (\S+);", err)
@@ -47,8 +50,8 @@ def test_a_signal_stops_the_run_with_a_checkpoint_that_resumes_exactly(tmp_path,
     assert 3 <= step < 100 and load_checkpoint(checkpoint)["step"] == step
     assert checkpoint.endswith(f"checkpoint-{step:08d}.pt")
 
-    assert main([*RUN, "--out", str(tmp_path / "stopped"), "--resume", "auto"]) == 0
-    assert main([*RUN, "--out", str(tmp_path / "straight")]) == 0
+    assert main([*run_args, "--out", str(tmp_path / "stopped"), "--resume", "auto"]) == 0
+    assert main([*run_args, "--out", str(tmp_path / "straight")]) == 0
     a = load_checkpoint(tmp_path / "stopped" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
     assert all(torch.equal(t, b[name]) for name, t in a.items())
@@ -67,10 +70,10 @@ def test_stop_signals_are_recorded_and_handlers_restored():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_under_torchrun_every_rank_stops_at_the_same_step(tmp_path):
+def test_under_torchrun_every_rank_stops_at_the_same_step(tmp_path, run_args):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "dsmae", *RUN, "--out", str(out)]  # fmt: skip
+            "-m", "dsmae", *run_args, "--out", str(out)]  # fmt: skip
     _, err = _stopped_by(signal.SIGTERM, argv, out, 1)  # torchrun passes it on to its workers
     steps = {int(s) for s in re.findall(r"stopped by SIGTERM at step (\d+)", err)}
     assert len(steps) == 1, err[-3000:]  # one step, whichever rank reported it

@@ -1,11 +1,17 @@
-"""Which checkpoint a run resumes from, and which settings may change when it does."""
+"""Which checkpoint a run resumes from (the newest readable one: a kill while a checkpoint
+is written costs nothing), and which settings may change when it does."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
-from conftest import tiny_digits_run
+import torch
 
+from dsmae import resume
 from dsmae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dsmae.cli import main
 from dsmae.config import ConfigError, build_config, config_from_dict
 from dsmae.engine import pretrain
 from dsmae.resume import (
@@ -98,10 +104,78 @@ def test_a_checkpoint_without_training_state_is_refused(tmp_path):
         resume_point(cfg, tmp_path, "auto", force=False)
 
 
-def test_resume_with_other_settings_is_refused_unless_forced(tmp_path):
+def test_resume_with_other_settings_is_refused_unless_forced(tmp_path, tiny_digits_run):
     run = tiny_digits_run(tmp_path / "run")
     cfg = config_from_dict(load_checkpoint(run / "last.pt")["config"])
     changed = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lam=0.5))
     with pytest.raises(ConfigError, match=r"model\.lam: 0\.6 -> 0\.5"):
         pretrain(changed, resume="auto")
     pretrain(changed, resume="auto", force=True)  # nothing left to do, but allowed
+
+
+def _same_weights(a, b) -> None:
+    wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    for name, tensor in wa.items():
+        assert torch.equal(tensor, wb[name]), name
+
+
+def test_killed_while_writing_a_checkpoint_resumes_from_the_one_before(
+    tmp_path, tiny_run, fault_driver
+):
+    run = tiny_run.args("--epochs", "3", checkpoints=True)
+    assert main([*run, "--out", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "killed"
+    # the second checkpoint write dies half-way: some bytes on disk, then SIGKILL
+    driver = fault_driver(
+        """
+        real_save, calls = torch.save, []
+        def dying_save(obj, f, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                f.write(b"PK half a checkpoint")
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(obj, f, *args, **kwargs)
+        torch.save = dying_save
+        """,
+    )
+    # the child computes with as many threads as this process, for bit-identical sums
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    done = subprocess.run(
+        [sys.executable, driver, *run, "--out", str(out)], env=env, capture_output=True
+    )
+    assert done.returncode == -9
+    names = sorted(p.name for p in out.iterdir() if p.suffix in (".pt", ".tmp"))
+    assert names == [".checkpoint-00000008.pt.tmp", "checkpoint-00000004.pt"]
+    assert load_checkpoint(out / "checkpoint-00000004.pt")["step"] == 4
+
+    assert main([*run, "--out", str(out), "--resume", "auto"]) == 0
+    _same_weights(tmp_path / "straight" / "last.pt", out / "last.pt")
+
+
+def test_an_unreadable_newest_checkpoint_is_skipped(tmp_path, caplog, tiny_run):
+    out = tmp_path / "run"
+    run = tiny_run.args("--epochs", "3", checkpoints=True)
+    assert main([*run, "--out", str(out)]) == 0
+    (out / "last.pt").unlink()
+    newest = out / "checkpoint-00000008.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a copy that was cut short
+    assert resume.find_resume_checkpoint(out) == out / "checkpoint-00000004.pt"
+    assert "skipping an unreadable checkpoint" in caplog.text and newest.name in caplog.text
+
+
+def test_resume_picks_the_newest_readable_checkpoint(tmp_path):
+    def write(name, step):
+        save_checkpoint(tmp_path / name, {"config": {}, "model": {}, "step": step})
+
+    write("checkpoint-00000004.pt", 4)
+    write("last.pt", 8)
+    assert resume.find_resume_checkpoint(tmp_path) == tmp_path / "last.pt"
+    write("checkpoint-00000008.pt", 8)  # same step: last.pt wins
+    assert resume.find_resume_checkpoint(tmp_path) == tmp_path / "last.pt"
+    write("checkpoint-00000012.pt", 12)  # a resumed, longer run went past last.pt
+    assert resume.find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint-00000012.pt"
+    (tmp_path / "checkpoint-00000012.pt").write_bytes(b"cut")
+    assert resume.find_resume_checkpoint(tmp_path) == tmp_path / "last.pt"
+    (tmp_path / "last.pt").write_bytes(b"cut")
+    assert resume.find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint-00000008.pt"

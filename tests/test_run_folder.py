@@ -17,32 +17,27 @@ from dsmae.run_folder import (
     run_id_of,
 )
 
-# quickstart (real digits, 8x8) shrunk: 128 images, batch 32 -> 4 steps an epoch; a ViT of
-# width 32 with one decoder and one regressor block, its depth left to each test file
-TINY_RUN = [
-    "pretrain", "--preset", "quickstart", "--patch-size", "4", "--batch-size", "32",
-    "--set", "data.subset=128", "--set", "model.embed_dim=32", "--set", "model.num_heads=2",
-    "--set", "model.decoder_depth=1", "--set", "model.regressor_depth=1",
-    "--set", "train.log_every=1", "--set", "probe.after_pretrain=false", "--device", "cpu",
-]  # fmt: skip
-RUN = [*TINY_RUN, "--set", "model.depth=1", "--set", "train.checkpoint_every=1",
-       "--set", "train.keep_checkpoints=0"]  # fmt: skip
+
+@pytest.fixture
+def run_args(tiny_run) -> list[str]:
+    """The tiny run (4 steps an epoch) with a checkpoint after every epoch, none pruned."""
+    return tiny_run.args(checkpoints=True)
 
 
-def test_a_second_writer_is_refused_naming_the_holder(tmp_path, capsys):
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path, capsys, run_args):
     out = tmp_path / "run"
     held = lock_folder(out)
     try:
         holder = f"in use by another dsmae run .process {os.getpid()}"
         with pytest.raises(RunFolderError, match=holder):
             lock_folder(out)
-        assert main([*RUN, "--epochs", "1", "--out", str(out)]) == 2
+        assert main([*run_args, "--epochs", "1", "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert f"{out} is in use by another dsmae run (process {os.getpid()})" in err
         assert "Traceback" not in err
     finally:
         held.close()
-    assert main([*RUN, "--epochs", "1", "--out", str(out)]) == 0  # released: it runs
+    assert main([*run_args, "--epochs", "1", "--out", str(out)]) == 0  # released: it runs
 
 
 def test_a_stale_lock_is_taken_over(tmp_path, caplog):
@@ -55,17 +50,17 @@ def test_a_stale_lock_is_taken_over(tmp_path, caplog):
     assert "stale lock" in caplog.text and "999999" in caplog.text
 
 
-def test_a_fresh_run_into_another_runs_folder_is_refused(tmp_path, capsys):
+def test_a_fresh_run_into_another_runs_folder_is_refused(tmp_path, capsys, run_args):
     out = tmp_path / "run"
-    assert main([*RUN, "--epochs", "2", "--out", str(out)]) == 0
+    assert main([*run_args, "--epochs", "2", "--out", str(out)]) == 0
     first = run_id_of(out)
     assert first and checkpoint_run_id(out / "last.pt") == first
-    assert main([*RUN, "--epochs", "2", "--out", str(out)]) == 2
+    assert main([*run_args, "--epochs", "2", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"{out} holds another run (checkpoint-00000004.pt, last.pt)" in err
     assert "--resume auto" in err and "--overwrite" in err and "Traceback" not in err
 
-    assert main([*RUN, "--epochs", "1", "--out", str(out), "--overwrite"]) == 0
+    assert main([*run_args, "--epochs", "1", "--out", str(out), "--overwrite"]) == 0
     second = run_id_of(out)
     assert second != first and checkpoint_run_id(out / "last.pt") == second
     # the old run's metrics made way for the new run's; its checkpoints are not touched
@@ -73,11 +68,11 @@ def test_a_fresh_run_into_another_runs_folder_is_refused(tmp_path, capsys):
     assert checkpoint_run_id(out / "checkpoint-00000004.pt") == first
 
 
-def test_pruning_and_resume_only_see_their_own_run(tmp_path):
+def test_pruning_and_resume_only_see_their_own_run(tmp_path, run_args):
     out = tmp_path / "run"
-    assert main([*RUN, "--epochs", "4", "--out", str(out)]) == 0  # checkpoints 4, 8, 12
+    assert main([*run_args, "--epochs", "4", "--out", str(out)]) == 0  # checkpoints 4, 8, 12
     old = run_id_of(out)
-    newer = [*RUN, "--epochs", "3", "--set", "train.keep_checkpoints=1", "--overwrite"]
+    newer = [*run_args, "--epochs", "3", "--set", "train.keep_checkpoints=1", "--overwrite"]
     assert main([*newer, "--out", str(out)]) == 0  # writes 4, 8 (keeps 1) and last.pt
     new = run_id_of(out)
     names = sorted(p.name for p in out.glob("checkpoint-*.pt"))
@@ -89,15 +84,15 @@ def test_pruning_and_resume_only_see_their_own_run(tmp_path):
     assert resume.find_resume_checkpoint(out) == out / "checkpoint-00000008.pt"
 
 
-def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
+def test_metrics_are_cut_back_to_the_resumed_step(tmp_path, run_args):
     out = tmp_path / "run"
-    assert main([*RUN, "--epochs", "3", "--out", str(out)]) == 0
+    assert main([*run_args, "--epochs", "3", "--out", str(out)]) == 0
     # as if killed after step 10: the checkpoint after 8 and lines up to 10 survive
     for name in ("last.pt", "checkpoint-00000012.pt"):
         (out / name).unlink(missing_ok=True)
     lines = [json.dumps(r) for r in read_metrics(out / "metrics.jsonl") if r["step"] <= 10]
     (out / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 11, "lo')  # cut short
-    assert main([*RUN, "--epochs", "3", "--out", str(out), "--resume", "auto"]) == 0
+    assert main([*run_args, "--epochs", "3", "--out", str(out), "--resume", "auto"]) == 0
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
     assert steps == list(range(1, 13))  # each step once, in order
 

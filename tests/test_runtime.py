@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import platform
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from dsmae.config import ConfigError
 from dsmae.runtime import (
     autocast,
     generator,
+    keep_freed_memory,
     progress,
     resolve_device,
     synchronize,
@@ -113,3 +115,11 @@ def test_progress_takes_another_unit_and_can_be_disabled(monkeypatch):
         bar.update(10)
     assert "10.0/10.0" in terminal.getvalue() and "step/s" in terminal.getvalue()
     assert progress(10, "probe", disable=True).disable
+
+
+def test_keep_freed_memory_applies_on_glibc():
+    applied = keep_freed_memory()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied
+    else:
+        assert not applied

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 from PIL import Image
 
 import dsmae
@@ -32,8 +31,8 @@ def test_grid_layout():
     assert img.size == (2 * 26 + 6, 2 * 8 + 6)
 
 
-def test_denoise_figure_shows_noisy_denoised_original(tmp_path):
-    model = dsmae.build("dsmae", **TINY)
+def test_denoise_figure_shows_noisy_denoised_original(tmp_path, tiny):
+    model = dsmae.build("dsmae", **tiny)
     images = torch.randn(4, 3, 16, 16)
     path = save_denoise_figure(
         model, images, tmp_path / "fig.png", [0.5] * 3, [0.25] * 3, torch.Generator().manual_seed(0)
@@ -41,14 +40,14 @@ def test_denoise_figure_shows_noisy_denoised_original(tmp_path):
     assert Image.open(path).size[0] > Image.open(path).size[1]
     assert (
         save_denoise_figure(
-            dsmae.build("dsmae-lz", **TINY), images, tmp_path / "x.png", [0.5] * 3, [0.25] * 3
+            dsmae.build("dsmae-lz", **tiny), images, tmp_path / "x.png", [0.5] * 3, [0.25] * 3
         )
         is None
     )
 
 
-def test_denoised_keeps_clean_patches_and_predicts_the_others():
-    model = dsmae.build("dsmae", norm_pix_loss=False, **TINY)
+def test_denoised_keeps_clean_patches_and_predicts_the_others(tiny):
+    model = dsmae.build("dsmae", norm_pix_loss=False, **tiny)
     images = torch.randn(2, 3, 16, 16)
     noisy, restored, mask = denoise(model, images, torch.Generator().manual_seed(0))
     out = model.eval().reconstruct(images, generator=torch.Generator().manual_seed(0))

@@ -3,6 +3,7 @@ real, small, full file system, and for the errors libraries wrap around the OS's
 
 import errno
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -11,11 +12,6 @@ import textwrap
 import pytest
 
 from dsmae.writes import WriteError, atomic_write_text, os_error_behind, written
-
-RUN = (
-    "pretrain --preset quickstart --epochs 2 --batch-size 32 --set data.subset=128 "
-    "--set train.checkpoint_every=1 --set probe.after_pretrain=false --device cpu"
-)
 
 
 def test_the_os_error_behind_a_library_error_is_found():
@@ -77,11 +73,15 @@ def _in_a_small_file_system(script: str, size: str = "3m") -> subprocess.Complet
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="tmpfs and mount namespaces are Linux's")
-def test_a_real_full_disk_is_a_message_and_leaves_no_temporary_file():
+def test_a_real_full_disk_is_a_message_and_leaves_no_temporary_file(tiny_run):
+    # the tiny run with the preset's own model, whose checkpoints do not fit on 3 MB, and
+    # the preset's metrics line every 5 steps; a checkpoint after every epoch
+    own = ["--set", "train.log_every=5", "--set", "train.checkpoint_every=1"]
+    run = shlex.join(tiny_run.args(*own, preset_model=True))
     done = _in_a_small_file_system(f"""
-        "$PYTHON" -m dsmae {RUN} --out "$MNT/run"; echo "first: $?"
+        "$PYTHON" -m dsmae {run} --out "$MNT/run"; echo "first: $?"
         ls -a "$MNT/run"; echo "free: $(df -k "$MNT" | tail -1)"
-        "$PYTHON" -m dsmae {RUN} --out "$MNT/run" --resume auto; echo "again: $?"
+        "$PYTHON" -m dsmae {run} --out "$MNT/run" --resume auto; echo "again: $?"
     """)
     out = done.stdout + done.stderr
     assert "first: 2" in out and "again: 2" in out, out[-3000:]

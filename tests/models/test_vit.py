@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from conftest import TINY
 from timm.models.vision_transformer import VisionTransformer
 
 from dsmae.config import model_config
@@ -19,9 +18,9 @@ from dsmae.models.vit import (
 )
 
 
-def _encoder(**options) -> VisionTransformer:
+def _encoder(tiny: dict) -> VisionTransformer:
     torch.manual_seed(0)
-    return create_encoder(model_config("dsmae", **{**TINY, **options}))
+    return create_encoder(model_config("dsmae", **tiny))
 
 
 def _no_private_pos_embed(encoder: VisionTransformer) -> None:
@@ -42,8 +41,8 @@ def test_sincos_positions_by_hand():
     assert emb.abs().max() <= 1 and len({tuple(r.tolist()) for r in emb[0, 1:]}) == 16
 
 
-def test_encoder_is_a_timm_vit_with_frozen_sincos_positions():
-    encoder = _encoder()
+def test_encoder_is_a_timm_vit_with_frozen_sincos_positions(tiny):
+    encoder = _encoder(tiny)
     assert isinstance(encoder, VisionTransformer) and encoder.num_classes == 0
     assert not encoder.pos_embed.requires_grad
     assert torch.equal(encoder.pos_embed, sincos_pos_embed(4, 32, cls_token=True))
@@ -70,8 +69,8 @@ def test_transformer_blocks_keep_the_shape():
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_encode_visible_with_every_patch_is_forward_features_bit_for_bit(train):
-    encoder = _encoder().train(train)
+def test_encode_visible_with_every_patch_is_forward_features_bit_for_bit(train, tiny):
+    encoder = _encoder(tiny).train(train)
     _no_private_pos_embed(encoder)
     images = torch.randn(3, 3, 16, 16)
     every = torch.arange(16).expand(3, -1)
@@ -81,8 +80,8 @@ def test_encode_visible_with_every_patch_is_forward_features_bit_for_bit(train):
     assert torch.equal(patch_tokens(encoder, images), tokens[:, 1:])
 
 
-def test_encode_visible_feeds_the_blocks_exactly_the_kept_tokens():
-    encoder = _encoder()
+def test_encode_visible_feeds_the_blocks_exactly_the_kept_tokens(tiny):
+    encoder = _encoder(tiny)
     images = torch.randn(2, 3, 16, 16)
     keep = torch.tensor([[0, 5, 15], [2, 3, 9]])
     seen = []
@@ -97,8 +96,8 @@ def test_encode_visible_feeds_the_blocks_exactly_the_kept_tokens():
         assert torch.equal(kept[b, 1:], full[b, 1 + keep[b]])
 
 
-def test_encode_visible_under_grad_checkpointing_is_the_same():
-    encoder = _encoder()
+def test_encode_visible_under_grad_checkpointing_is_the_same(tiny):
+    encoder = _encoder(tiny)
     images = torch.randn(2, 3, 16, 16)
     keep = torch.tensor([[1, 4, 6, 7], [0, 8, 12, 13]])
     plain = encode_visible(encoder, images, keep)
