@@ -135,6 +135,7 @@ def test_a_checkpoint_is_read_once_with_its_config(digits_run):
     assert checkpoint.path == path and checkpoint.state["step"] == load_checkpoint(path)["step"]
     assert checkpoint.config == checkpoint_config(checkpoint.state, path)
     assert checkpoint.config.model.embed_dim == 32
+    assert "optimizer" in load_checkpoint(path) and "optimizer" not in checkpoint.state  # let go
 
 
 def test_random_init_ignores_the_weights_but_keeps_the_architecture(digits_run):
