@@ -28,7 +28,7 @@ RESUMABLE = {
     "train.compile_scope", "train.grad_checkpointing", "train.data_on_device",
     "train.checkpoint_every", "train.checkpoint_minutes", "train.keep_checkpoints",
     "train.log_every", "train.max_bad_steps", "train.dist_timeout_minutes", "monitor", "probe",
-    "finetune",
+    "finetune", "log",
 }  # fmt: skip
 
 

@@ -37,6 +37,7 @@ ARCHS: dict[str, tuple[int, int, int]] = {
 DEFAULT_NOISE_RATIO = {"dsmae": 0.9, "dsmae-ly": 0.9, "dsmae-lz": 0.9, "mae": 0.75}
 POOLS = ("avg", "cls")  # the features read from an encoder: mean of the patch tokens, [CLS]
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+WANDB_FORBIDDEN = "/\\#?%:"  # characters a W&B project name cannot hold
 
 
 class ConfigError(ValueError):
@@ -343,11 +344,43 @@ class FinetuneConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where metrics go beside ``metrics.jsonl`` and TensorBoard (:mod:`dsmae.loggers`):
+    Weights & Biases and MLflow, optional extras that get the same scalars, images and
+    resolved config."""
+
+    wandb: bool = False  # a W&B run (WANDB_MODE=offline: local files only, `wandb sync` later)
+    wandb_project: str = "dsmae"
+    wandb_entity: str | None = None  # user or team; None: the W&B login's default
+    mlflow: str | None = None  # tracking URI (http://host:5000, file:./mlruns); None: off
+    mlflow_experiment: str = "dsmae"
+
+    def validate(self) -> None:
+        """Refuse impossible logging settings."""
+        project = self.wandb_project
+        _require(
+            bool(project.strip()) and not set(project) & set(WANDB_FORBIDDEN),
+            "log.wandb_project",
+            f"must be a name without any of {WANDB_FORBIDDEN}, got {project!r}",
+        )
+        _require(
+            self.mlflow is None or bool(self.mlflow.strip()),
+            "log.mlflow",
+            f"must be a tracking URI such as http://host:5000 or file:./mlruns (null: off), "
+            f"got {self.mlflow!r}",
+        )
+        _require(
+            bool(self.mlflow_experiment.strip()), "log.mlflow_experiment", "must name an experiment"
+        )
+
+
+@dataclass
 class Config:
     """Everything one run needs; ``out`` is its output folder.
 
     The keys and sections marked :data:`RESUMABLE` (``monitor``, ``probe``, ``finetune``,
-    ``out``, ...) may differ between a run and its resumption; every other key must match."""
+    ``log``, ``out``, ...) may differ between a run and its resumption; every other key
+    must match."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -355,6 +388,7 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig, metadata=RESUMABLE)
     probe: ProbeConfig = field(default_factory=ProbeConfig, metadata=RESUMABLE)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata=RESUMABLE)
+    log: LogConfig = field(default_factory=LogConfig, metadata=RESUMABLE)
     out: str = resumable("runs/dsmae")
 
     def to_dict(self) -> dict[str, Any]:
@@ -670,3 +704,4 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     cfg.monitor.validate()
     cfg.probe.validate()
     cfg.finetune.validate(world_size)
+    cfg.log.validate()

@@ -592,7 +592,7 @@ class _Report:
         cfg, main = run.cfg, run.proc.is_main
         self.monitor = Monitor(cfg, run.device) if main else None
         purge = run.step + 1 if run.resumed else None  # TensorBoard hides the steps taken again
-        self.metrics = MetricsLog(run.out, purge_step=purge) if main else None
+        self.metrics = MetricsLog(run.out, purge_step=purge, config=cfg) if main else None
         self.started = started
         self.since = (time.perf_counter(), run.step)  # (time, step) of the last metrics line
         self.once = {"setup_s": self.since[0] - started}  # written with the first metrics line

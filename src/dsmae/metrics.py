@@ -1,4 +1,5 @@
-"""Run metrics: one JSON object per line (``metrics.jsonl``) and TensorBoard scalars."""
+"""Run metrics: one JSON object per line (``metrics.jsonl``), TensorBoard scalars and
+images, and the same for the experiment trackers of the ``log`` section (:mod:`dsmae.loggers`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
+from dsmae.config import Config
+from dsmae.loggers import close_trackers, open_trackers
 from dsmae.writes import written
 
 log = logging.getLogger(__name__)
@@ -19,50 +22,79 @@ log = logging.getLogger(__name__)
 class MetricsLog:
     """Appends metric records to ``<folder>/metrics.jsonl`` and mirrors numbers to TensorBoard.
 
-    Each record has a ``step`` key; its other numeric values become TensorBoard scalars
-    under ``<prefix>/<key>``. A failed write (a full disk, TensorBoard's writer included)
-    raises :class:`~dsmae.writes.WriteError` naming the file.
+    Each record has a ``step`` key; its other finite numeric values become TensorBoard
+    scalars under ``<prefix>/<key>``. The trackers that ``config.log`` turns on (W&B,
+    MLflow: :mod:`dsmae.loggers`) get the same scalars and images, and the config. A failed
+    write (a full disk, TensorBoard's writer included) raises
+    :class:`~dsmae.writes.WriteError` naming the file.
 
     Args:
         purge_step: a resumed run's first step: TensorBoard hides what an earlier,
-            interrupted process logged from there on.
+            interrupted process logged from there on, and the trackers continue the runs
+            of the folder's ``loggers.json``.
+        config: the run's resolved config, for the trackers of its ``log`` section; None:
+            no trackers.
+
+    Raises:
+        ConfigError: a tracker's package is missing, or its run cannot start.
     """
 
     def __init__(
-        self, folder: str | Path, prefix: str = "pretrain", purge_step: int | None = None
+        self,
+        folder: str | Path,
+        prefix: str = "pretrain",
+        purge_step: int | None = None,
+        config: Config | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.prefix = prefix
         self._path = self.folder / "metrics.jsonl"
         with written("metrics", self._path):
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self._path, "a", buffering=1)  # noqa: SIM115
+        resumed = purge_step is not None
+        self._trackers = [] if config is None else open_trackers(config, self.folder, resumed)
         board = self.folder / "tensorboard"
-        with written("TensorBoard logs", board):
-            self._tb = SummaryWriter(log_dir=str(board), purge_step=purge_step)
+        try:
+            with written("metrics", self._path):
+                self._jsonl = open(self._path, "a", buffering=1)  # noqa: SIM115
+            with written("TensorBoard logs", board):
+                self._tb = SummaryWriter(log_dir=str(board), purge_step=purge_step)
+        except BaseException:
+            close_trackers(self._trackers)
+            raise
 
     def write(self, record: dict[str, Any]) -> None:
         with written("metrics", self._path):
             self._jsonl.write(json.dumps(record) + "\n")
         step = int(record["step"])
+        scalars = {
+            f"{self.prefix}/{key}": value
+            for key, value in record.items()
+            if key != "step" and isinstance(value, int | float) and math.isfinite(value)
+        }
         with written("TensorBoard logs", self.folder / "tensorboard"):
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float) and math.isfinite(value):
-                    self._tb.add_scalar(f"{self.prefix}/{key}", value, step)
+            for tag, value in scalars.items():
+                self._tb.add_scalar(tag, value, step)
+        for tracker in self._trackers:
+            tracker.scalars(scalars, step)
 
     def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
-        """An (H, W, C) uint8 image to TensorBoard under ``<prefix>/<tag>``."""
+        """An (H, W, C) uint8 image to TensorBoard and the trackers under ``<prefix>/<tag>``."""
+        name = f"{self.prefix}/{tag}"
         with written("TensorBoard logs", self.folder / "tensorboard"):
-            self._tb.add_image(f"{self.prefix}/{tag}", image, step, dataformats="HWC")
+            self._tb.add_image(name, image, step, dataformats="HWC")
+        for tracker in self._trackers:
+            tracker.image(name, image, step)
 
     def close(self) -> None:
-        """Flush and close both (a second call does nothing)."""
+        """Flush and close the files and end the trackers' runs (a second call does nothing)."""
         if self._jsonl.closed:
             return
         with written("metrics", self._path):
             self._jsonl.close()
         with written("TensorBoard logs", self.folder / "tensorboard"):
             self._tb.close()
+        close_trackers(self._trackers)
 
     def __enter__(self) -> MetricsLog:
         return self

@@ -457,7 +457,7 @@ def _train(run: _FinetuneRun, test: ImageTensors, out: str | Path | None) -> lis
     f, proc = run.cfg.finetune, run.proc
     steps_per_epoch = len(run.batches)
     schedule = (f.epochs * steps_per_epoch, f.warmup_epochs * steps_per_epoch)
-    metrics = MetricsLog(out, prefix="finetune") if out and proc.is_main else None
+    metrics = MetricsLog(out, prefix="finetune", config=run.cfg) if out and proc.is_main else None
     history: list[float] = []
     step = 0
     with progress(schedule[0] * f.batch_size, "finetune", disable=not proc.is_main) as bar:

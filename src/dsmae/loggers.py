@@ -1,0 +1,241 @@
+"""Experiment trackers beside TensorBoard: Weights & Biases and MLflow.
+
+The ``log`` config section turns them on (``log.wandb=true``, ``log.mlflow=URI``), and
+:class:`~dsmae.metrics.MetricsLog` hands each of them what it gives TensorBoard: every
+finite scalar under the same ``<prefix>/<key>`` tag at the same step, and every image. The
+resolved config goes once, when a tracker opens its run: W&B's run config; MLflow params
+(dotted keys, ``model.depth``) and a ``config.yaml`` artifact. Both are optional extras,
+imported only when turned on; a missing one is a :class:`~dsmae.config.ConfigError`
+naming its pip command.
+
+The trackers' run ids are kept in ``<run folder>/loggers.json``, so a resumed pre-training
+continues the same W&B and MLflow runs. The steps a killed process logged after its last
+checkpoint are logged again by the resumed one: ``metrics.jsonl`` and TensorBoard drop the
+first copies; W&B keeps its steps increasing and ignores the repeats (the first copies
+stay); MLflow keeps both. Its params keep their first values (MLflow never changes a
+param); ``config.yaml`` is replaced by the resumed run's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
+
+import numpy as np
+
+from dsmae.config import Config, ConfigError
+from dsmae.writes import WriteError, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+IDS_FILE = "loggers.json"  # tracker name -> the id of its run, in the run folder
+MLFLOW_PARAMS_PER_BATCH = 100  # MLflow's limit of params in one log_batch
+
+
+class Tracker(Protocol):
+    """A run of an experiment tracker that mirrors TensorBoard."""
+
+    name: str  # its key in ``loggers.json`` and in the ``log`` section
+    run_id: str
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        """Log ``values`` (tag -> finite number) at ``step``."""
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """Log an (H, W, C) uint8 image under ``tag`` at ``step``."""
+
+    def close(self) -> None:
+        """End the run (everything logged is flushed)."""
+
+
+def open_trackers(cfg: Config, folder: Path, resume: bool) -> list[Tracker]:
+    """The trackers ``cfg.log`` turns on, each with its run started and ``cfg`` logged;
+    with ``resume``, the runs named in ``folder/loggers.json`` continue where it has them.
+    The ids of their runs are written there.
+
+    Raises:
+        ConfigError: a tracker's package is missing (the message names the pip command),
+            or its run cannot start (no W&B login, an MLflow store that refuses it).
+    """
+    # both imported before either run starts, so a missing one leaves no run behind
+    wandb = _imported("wandb", "log.wandb") if cfg.log.wandb else None
+    if cfg.log.mlflow is not None:
+        _imported("mlflow", "log.mlflow")
+    ids = _read_ids(folder) if resume else {}
+    trackers: list[Tracker] = []
+    try:
+        if wandb is not None:
+            trackers.append(WandbTracker(wandb, cfg, folder, ids.get("wandb")))
+        if cfg.log.mlflow is not None:
+            trackers.append(MlflowTracker(cfg, folder, ids.get("mlflow")))
+        _write_ids(folder, {**ids, **{t.name: t.run_id for t in trackers}})
+    except BaseException:
+        close_trackers(trackers)
+        raise
+    return trackers
+
+
+def close_trackers(trackers: list[Tracker]) -> None:
+    """End every tracker's run."""
+    for tracker in trackers:
+        tracker.close()
+
+
+def _imported(module: str, key: str) -> ModuleType:
+    """``import module``, or a :class:`ConfigError` naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module:
+            raise  # the package is there but broken: its own error says how
+        extra = key.removeprefix("log.")
+        raise ConfigError(
+            f'{key} needs the {module} package: pip install "dsmae[{extra}]"'
+        ) from None
+
+
+def _read_ids(folder: Path) -> dict[str, str]:
+    """The tracker run ids of ``folder`` (none where ``loggers.json`` is absent or unreadable)."""
+    try:
+        ids = json.loads((folder / IDS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in ids.items() if isinstance(v, str)} if isinstance(ids, dict) else {}
+
+
+def _write_ids(folder: Path, ids: dict[str, str]) -> None:
+    """Keep ``ids`` in ``folder/loggers.json``; none: the file goes (a fresh run never
+    continues the trackers' runs of another run that used the folder before)."""
+    path = folder / IDS_FILE
+    if ids:
+        atomic_write_text(path, json.dumps(ids, sort_keys=True) + "\n", "tracker run ids")
+    else:
+        path.unlink(missing_ok=True)
+
+
+def flat_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config mapping as dotted keys: ``{"model": {"depth": 4}}`` ->
+    ``{"model.depth": 4}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class WandbTracker:
+    """A Weights & Biases run: scalars and images through ``run.log`` at their step, the
+    config as the run's config, the run folder's name as the run's. Its local files go to
+    ``$WANDB_DIR/wandb`` or else the run folder's ``wandb/``. Owns its run: a W&B run of
+    the caller's stays as it is (``reinit="create_new"``)."""
+
+    name = "wandb"
+
+    def __init__(self, wandb: ModuleType, cfg: Config, folder: Path, run_id: str | None) -> None:
+        self._image = wandb.Image
+        try:
+            self._run = wandb.init(
+                project=cfg.log.wandb_project,
+                entity=cfg.log.wandb_entity,
+                name=folder.resolve().name,
+                id=run_id,
+                resume="allow" if run_id else None,
+                dir=os.environ.get("WANDB_DIR") or str(folder),
+                config=cfg.to_dict(),
+                reinit="create_new",
+            )
+        except wandb.Error as err:
+            raise ConfigError(f"log.wandb: cannot start a W&B run: {err}") from None
+        self.run_id: str = self._run.id
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        self._run.log(dict(values), step=step)
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        self._run.log({tag: self._image(image)}, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class MlflowTracker:
+    """An MLflow run at ``log.mlflow`` in experiment ``log.mlflow_experiment``: scalars by
+    ``log_batch`` at their step, images by ``log_image`` with their step (the MLflow UI's
+    image slider), the config as params and the ``config.yaml`` artifact. A failed call is
+    a :class:`~dsmae.writes.WriteError` naming the tracking URI."""
+
+    name = "mlflow"
+
+    def __init__(self, cfg: Config, folder: Path, run_id: str | None) -> None:
+        from mlflow.entities import Metric, Param
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        self._metric, self._param, self._error = Metric, Param, MlflowException
+        self.uri = str(cfg.log.mlflow)
+        try:
+            self._client = MlflowClient(self.uri)
+            self.run_id = self._start(cfg.log.mlflow_experiment, folder.resolve().name, run_id)
+            self._log_config(cfg)
+        except MlflowException as err:
+            raise ConfigError(
+                f"log.mlflow={self.uri!r}: cannot start an MLflow run: {err.message}"
+            ) from None
+
+    def _start(self, experiment: str, run_name: str, run_id: str | None) -> str:
+        """Continue run ``run_id`` where the store has it, else start one in ``experiment``
+        (created if needed); returns its id."""
+        if run_id is not None:
+            try:
+                self._client.update_run(run_id, status="RUNNING")
+                return run_id
+            except self._error as err:
+                log.warning("MLflow run %s cannot continue (%s): starting a new one", run_id, err)
+        found = self._client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
+        return self._client.create_run(experiment_id, run_name=run_name).info.run_id
+
+    def _log_config(self, cfg: Config) -> None:
+        """The config as params (dotted keys; a continued run gets only the keys it lacks)
+        and as the artifact ``config.yaml`` (replaced)."""
+        logged = self._client.get_run(self.run_id).data.params
+        flat = flat_config(cfg.to_dict())
+        params = [self._param(key, str(value)) for key, value in flat.items() if key not in logged]
+        for start in range(0, len(params), MLFLOW_PARAMS_PER_BATCH):
+            batch = params[start : start + MLFLOW_PARAMS_PER_BATCH]
+            self._client.log_batch(self.run_id, params=batch)
+        self._client.log_text(self.run_id, cfg.to_yaml(), "config.yaml")
+
+    @contextlib.contextmanager
+    def _written(self) -> Iterator[None]:
+        """A failed MLflow call (a server gone, a full disk) as a :class:`WriteError`."""
+        try:
+            yield
+        except (self._error, OSError) as err:
+            raise WriteError(
+                f"could not log to MLflow at {self.uri} (run {self.run_id}): {err}"
+            ) from err
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        metrics = [self._metric(tag, float(v), now, step) for tag, v in values.items()]
+        with self._written():
+            self._client.log_batch(self.run_id, metrics=metrics)
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        with self._written():
+            self._client.log_image(self.run_id, image, key=tag, step=step)
+
+    def close(self) -> None:
+        with self._written():
+            self._client.set_terminated(self.run_id)
