@@ -318,6 +318,41 @@ def test_export_command(digits_run, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_export_command_with_onnx_and_the_cls_token(digits_run, tmp_path, capsys):
+    out = tmp_path / "exported"
+    command = ["export", "--checkpoint", str(digits_run / "last.pt"), "--out", str(out)]
+    assert main([*command, "--onnx", "--pool", "cls"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == f"encoder written to {out}: model.safetensors, config.json, encoder.onnx"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "encoder.onnx", "model.safetensors"
+    ]  # fmt: skip
+    assert json.loads((out / "config.json").read_text())["global_pool"] == "token"
+
+
+@pytest.mark.parametrize(
+    "hub", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+    ids=["offline", "unreachable"],
+)  # fmt: skip
+def test_export_push_without_the_hub_is_one_line_and_exit_2(digits_run, tmp_path, hub):
+    import os
+
+    out = tmp_path / "exported"
+    command = [sys.executable, "-m", "dsmae", "export", "--checkpoint", str(digits_run / "last.pt"),
+               "--out", str(out), "--push-to-hub", "someone/digits"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf"), **hub)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"dsmae export: error: could not push {out} to the Hugging Face Hub repo someone/digits"
+    )
+    assert done.stdout.startswith(f"encoder written to {out}")  # the export is kept
+    assert (out / "model.safetensors").is_file()
+
+
 def test_features_command(digits_run, cifar_folder, tmp_path, capsys):
     import numpy as np
 

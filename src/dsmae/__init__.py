@@ -5,6 +5,7 @@
 >>> out = model(images, generator=torch.Generator().manual_seed(0))
 >>> out.loss.backward(); model.update_teacher(dsmae.momentum_at(step, total_steps))
 >>> encoder = dsmae.load_encoder("runs/dsmae/last.pt")  # or an export folder: a timm ViT
+>>> feats = dsmae.extract_features("runs/dsmae/last.pt", "photos/")  # (N, D), as in training
 
 The names below are imported on first use (PEP 562), so that ``import dsmae`` (and the
 ``dsmae`` command's ``--help``) does not wait for torch and timm.
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from dsmae.config import ARCHS, METHODS, Config, ConfigError, ModelConfig
     from dsmae.export import export_encoder, load_encoder
+    from dsmae.features import extract_features
     from dsmae.models import DSMAE, MAE, PretrainModel, PretrainOutput
     from dsmae.schedules import momentum_at
 
@@ -32,6 +34,7 @@ _LAZY = {
     "ModelConfig": "dsmae.config",
     "export_encoder": "dsmae.export",
     "load_encoder": "dsmae.export",
+    "extract_features": "dsmae.features",
     "DSMAE": "dsmae.models",
     "MAE": "dsmae.models",
     "PretrainModel": "dsmae.models",
@@ -86,6 +89,7 @@ __all__ = [
     "__version__",
     "build",
     "export_encoder",
+    "extract_features",
     "load_encoder",
     "momentum_at",
 ]

@@ -276,14 +276,28 @@ def _add_knn(sub: Any) -> None:
 def _add_export(sub: Any) -> None:
     p = sub.add_parser(
         "export",
-        help="write the encoder for timm: model.safetensors + config.json",
-        parents=[_parent(CHECKPOINT_FLAG)],
+        help="write the encoder in timm's Hub layout (model.safetensors + config.json), "
+        "optionally as ONNX too, and push it to the Hugging Face Hub",
+        parents=[_parent(CHECKPOINT_FLAG, POOL_FLAG)],
     )
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--teacher", action="store_true", help="export the EMA teacher instead")
     p.add_argument(
         "--overwrite", action="store_true", help="replace the files of a non-empty --out folder"
     )
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write encoder.onnx: normalised images -> pooled features, any batch size "
+        '(needs pip install "dsmae[onnx]")',
+    )
+    p.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="then upload the export to this Hugging Face Hub model repo (USER/NAME; created "
+        'if need be): timm.create_model("hf-hub:USER/NAME", pretrained=True) loads it',
+    )
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
     p.set_defaults(run=_run_export)
 
 
@@ -466,15 +480,26 @@ def _run_experiment(args: argparse.Namespace) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> None:
-    from dsmae.export import export_encoder
+    from dsmae.export import CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE, export_encoder, push_to_hub
 
-    out = export_encoder(args.checkpoint, args.out, teacher=args.teacher, overwrite=args.overwrite)
-    print(f"encoder written to {out}: model.safetensors, config.json")
+    out = export_encoder(
+        args.checkpoint,
+        args.out,
+        teacher=args.teacher,
+        pool=args.pool or "avg",
+        onnx=args.onnx,
+        overwrite=args.overwrite,
+    )
+    files = [WEIGHTS_FILE, CONFIG_FILE, *([ONNX_FILE] if args.onnx else [])]
+    print(f"encoder written to {out}: {', '.join(files)}")
+    if args.push_to_hub:
+        url = push_to_hub(out, args.push_to_hub, private=args.private)
+        print(f'pushed to {url}: timm.create_model("hf-hub:{args.push_to_hub}", pretrained=True)')
 
 
 def _run_features(args: argparse.Namespace) -> None:
     from dsmae.checkpoint import Checkpoint
-    from dsmae.evaluation.frozen import folder_features
+    from dsmae.features import folder_features
 
     feats, names = folder_features(
         Checkpoint.read(args.checkpoint),

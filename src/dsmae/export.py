@@ -1,38 +1,52 @@
-"""Taking the encoder away: export a checkpoint's encoder for timm, and load it back.
+"""Taking the encoder away: export a checkpoint's encoder in timm's Hugging Face Hub
+layout (and as ONNX), push it to the Hub, and load it back.
 
-An export is a folder of two files, tensors and JSON only (nothing that runs code when
-read):
+An export is a folder laid out as ``timm.models.save_for_hf`` lays out a model, tensors
+and JSON only (nothing that runs code when read):
 
 ``model.safetensors``
     the encoder's state dict, with timm's ``VisionTransformer`` key names;
 ``config.json``
-    ``architecture`` (the timm model name), ``model_args`` (what to pass to
-    ``timm.create_model`` besides it), ``mean``/``std`` (the normalisation the encoder
-    was trained with), and where the weights came from (method, step, student/teacher).
+    ``architecture`` (a timm model name), ``num_classes`` (0: no classifier, the model
+    returns features) and ``num_features``; ``global_pool``: "avg" (the mean of the patch
+    tokens, what every DSMAE loss trains, SPEC section 6) or "token" ([CLS]);
+    ``model_args`` (what ``timm.create_model`` builds the encoder with besides the name);
+    ``pretrained_cfg``: the input the encoder was trained on (``input_size`` (C, H, W),
+    ``mean``, ``std``; a bilinear resize of the whole image: ``crop_pct`` 1); and, under
+    ``dsmae`` (a key timm ignores), where the weights came from;
+``encoder.onnx`` (asked for)
+    (B, C, H, W) normalised images -> (B, D) pooled features, any B, ONNX opset
+    :data:`ONNX_OPSET`.
 
-It loads with timm alone, offline::
+timm loads it alone, offline, and builds its input pipeline from it::
 
-    cfg = json.load(open(f"{DIR}/config.json"))
-    model = timm.create_model(
-        cfg["architecture"], pretrained=True, num_classes=10,
-        pretrained_cfg_overlay=dict(file=f"{DIR}/model.safetensors"), **cfg["model_args"],
-    )
+    model = timm.create_model("local-dir:EXPORT_DIR", pretrained=True)   # (B, C, H, W) -> (B, D)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+
+and from the Hub once pushed (:func:`push_to_hub`): ``"hf-hub:USER/REPO"``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
+import logging
+import shutil
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import Any
 
 import timm
+import torch
 from safetensors.torch import load_file, save
 from timm.models.vision_transformer import VisionTransformer
 
 from dsmae.checkpoint import Checkpoint, load_weights
 from dsmae.config import Config, ConfigError, ModelConfig
-from dsmae.writes import atomic_write_bytes, atomic_write_text, written
+from dsmae.writes import WriteError, atomic_write_bytes, atomic_write_text, written
 
 # our architectures as timm names (their depth, width and heads; see config.ARCHS)
 TIMM_NAMES = {
@@ -40,12 +54,23 @@ TIMM_NAMES = {
     "vit_small": "vit_small_patch16_224",
     "vit_base": "vit_base_patch16_224",
 }
-WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+TIMM_POOLS = {"avg": "avg", "cls": "token"}  # our pool -> timm's global_pool
+WEIGHTS_FILE, CONFIG_FILE, ONNX_FILE = "model.safetensors", "config.json", "encoder.onnx"
+ONNX_OPSET = 18
+ONNX_INSTALL = 'pip install "dsmae[onnx]"'
 
 
-def timm_model_args(m: ModelConfig) -> dict[str, Any]:
+class HubError(WriteError):
+    """An export could not be pushed to the Hugging Face Hub: unreachable, offline mode,
+    no or a refused token, a malformed repo id. The message says what to do."""
+
+
+def timm_model_args(m: ModelConfig, pool: str = "avg") -> dict[str, Any]:
     """The ``timm.create_model`` keyword arguments that rebuild the encoder of ``m``
-    (resolved) from its timm architecture name."""
+    (resolved) from its timm architecture name, its forward pooling the features as
+    ``pool`` says: "avg" (the mean of the patch tokens) or "cls" ([CLS]), both after the
+    final norm (``fc_norm=False``: timm's "avg" would otherwise replace that norm with a
+    new, untrained one)."""
     return {
         "img_size": m.img_size,
         "patch_size": m.patch_size,
@@ -55,8 +80,34 @@ def timm_model_args(m: ModelConfig) -> dict[str, Any]:
         "num_heads": m.num_heads,
         "mlp_ratio": m.mlp_ratio,
         "qkv_bias": True,
-        "global_pool": "token",
+        "global_pool": TIMM_POOLS[pool],
+        "fc_norm": False,
     }
+
+
+def timm_pretrained_cfg(
+    in_chans: int, img_size: int, mean: list[float], std: list[float]
+) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` of an encoder trained on (in_chans, img_size, img_size)
+    images normalised with ``mean`` and ``std``: what ``timm.data.resolve_data_config``
+    reads. Our images are resized whole (shorter side, bilinear), so no crop margin."""
+    return {
+        "input_size": [in_chans, img_size, img_size],
+        "fixed_input_size": True,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "mean": list(mean),
+        "std": list(std),
+        "num_classes": 0,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    }
+
+
+def config_pretrained_cfg(cfg: Config) -> dict[str, Any]:
+    """:func:`timm_pretrained_cfg` of a checkpoint's config."""
+    return timm_pretrained_cfg(cfg.model.in_chans, cfg.model.img_size, cfg.data.mean, cfg.data.std)
 
 
 def encoder_from_checkpoint(
@@ -79,19 +130,30 @@ def export_encoder(
     out: str | Path,
     *,
     teacher: bool = False,
+    pool: str = "avg",
+    onnx: bool = False,
     overwrite: bool = False,
 ) -> Path:
     """Write the encoder of ``checkpoint`` (a file, or one already read) to
-    ``out/model.safetensors`` and ``out/config.json`` (see the module docstring), each
-    atomically. Returns ``out``.
+    ``out/model.safetensors`` and ``out/config.json`` (see the module docstring), and
+    with ``onnx`` to ``out/encoder.onnx``, each atomically. Returns ``out``.
+
+    Args:
+        teacher: export the EMA teacher instead of the student.
+        pool: the features the exported model returns: "avg" (the mean of the patch
+            tokens) or "cls" ([CLS]).
 
     Raises:
         ConfigError: ``out`` is a file, or a folder that is not empty (unless
-            ``overwrite``).
+            ``overwrite``); ``onnx`` without the onnx packages.
         CheckpointError: see :meth:`Checkpoint.read` and :meth:`Checkpoint.encoder`.
         WriteError: a file could not be written (e.g. a full disk); nothing half-written
             is left.
     """
+    if pool not in TIMM_POOLS:
+        raise ConfigError(f"pool must be one of {', '.join(TIMM_POOLS)}, not {pool!r}")
+    if onnx:
+        require_onnx("--onnx")
     out = Path(out)
     _check_export_folder(out, overwrite)
     if not isinstance(checkpoint, Checkpoint):
@@ -101,8 +163,14 @@ def export_encoder(
         out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     atomic_write_bytes(out / WEIGHTS_FILE, save(weights, metadata={"format": "pt"}), "export")
-    config = export_config(checkpoint, teacher)
+    config = export_config(checkpoint, teacher, pool)
     atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n", "export")
+    if onnx:
+        encoder.reset_classifier(0, TIMM_POOLS[pool])  # forward: the pooled features
+        export_onnx(encoder, out / ONNX_FILE)
+    else:  # an encoder.onnx of an export overwritten here would no longer match
+        with written("export", out / ONNX_FILE):
+            (out / ONNX_FILE).unlink(missing_ok=True)
     return out
 
 
@@ -117,34 +185,210 @@ def _check_export_folder(out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(
             f"--out {out} is not empty; pick another folder, or pass --overwrite to replace "
-            "its model.safetensors and config.json"
+            "its model.safetensors, config.json and encoder.onnx"
         )
 
 
-def export_config(checkpoint: Checkpoint, teacher: bool) -> dict[str, Any]:
-    """The ``config.json`` of an export of ``checkpoint``'s student (or ``teacher``)."""
+def export_config(checkpoint: Checkpoint, teacher: bool, pool: str = "avg") -> dict[str, Any]:
+    """The ``config.json`` of an export of ``checkpoint``'s student (or ``teacher``),
+    pooling as ``pool`` says ("avg" or "cls"): timm's keys, and ours under ``dsmae``."""
     cfg = checkpoint.config
     return {
         "architecture": TIMM_NAMES[cfg.model.arch],
-        "model_args": timm_model_args(cfg.model),
-        "mean": cfg.data.mean,
-        "std": cfg.data.std,
-        "method": cfg.model.method,
-        "weights": "teacher" if teacher else "student",
-        "step": int(checkpoint.state["step"]),
-        "checkpoint": Path(checkpoint.path).name,
-        "dsmae_version": version("dsmae"),
+        "num_classes": 0,
+        "num_features": cfg.model.embed_dim,
+        "global_pool": TIMM_POOLS[pool],
+        "model_args": timm_model_args(cfg.model, pool),
+        "pretrained_cfg": config_pretrained_cfg(cfg),
+        "dsmae": {
+            "method": cfg.model.method,
+            "weights": "teacher" if teacher else "student",
+            "step": int(checkpoint.state["step"]),
+            "checkpoint": Path(checkpoint.path).name,
+            "version": version("dsmae"),
+        },
     }
+
+
+# ------------------------------------------------------------------ ONNX
+
+
+def require_onnx(what: str) -> None:
+    """Raise unless ONNX can be written here: torch's exporter (``dynamo=True``, torch
+    2.5 on) and the packages it needs, ``onnx`` and ``onnxscript``.
+
+    Raises:
+        ConfigError: naming ``what`` and how to install what is missing.
+    """
+    if torch.__version__ < "2.5":
+        raise ConfigError(f"{what} needs torch 2.5 or later (this is {torch.__version__})")
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"{what} needs the {' and '.join(missing)} package(s): {ONNX_INSTALL}")
+
+
+def export_onnx(model: torch.nn.Module, path: Path) -> Path:
+    """Write ``model`` (the input size of a timm ViT; its forward (B, C, H, W) normalised
+    images -> (B, D) features) to ``path`` as ONNX: opset :data:`ONNX_OPSET`, input
+    "images" with a dynamic batch axis, output "features". Written atomically.
+
+    Raises:
+        WriteError: the file could not be written.
+    """
+    channels, (height, width) = model.patch_embed.proj.in_channels, model.patch_embed.img_size
+    example = torch.zeros(2, channels, height, width)  # 2, not 1: a batch of 1 is specialised
+    with _quiet("onnxscript", "onnx_ir"):  # their INFO lines: each graph rewrite
+        program = torch.onnx.export(
+            model.eval(),
+            (example,),
+            dynamo=True,
+            opset_version=ONNX_OPSET,
+            input_names=["images"],
+            output_names=["features"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            verbose=False,
+        )
+    return atomic_write_bytes(path, program.model_proto.SerializeToString(), "ONNX model")
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """Only warnings and errors from ``loggers`` (and theirs) during the body."""
+    levels = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+# ------------------------------------------------------------------ the Hub
+
+
+def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> str:
+    """Upload an export folder to the Hugging Face Hub model repo ``repo_id``, created
+    if it does not exist, as timm's ``push_to_hf_hub`` does: one commit of the export's
+    files, with a model card (README.md) when the repo has none. Then
+    ``timm.create_model("hf-hub:" + repo_id, pretrained=True)`` loads it anywhere.
+
+    Returns:
+        the repo's URL.
+
+    Raises:
+        FileNotFoundError: ``folder`` is no export.
+        ConfigError: it is one of dsmae 0.1, which timm's ``hf-hub:`` cannot load.
+        HubError: the Hub cannot be reached or refuses the upload (one line: why, and
+            what to do).
+    """
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    config = read_export_config(folder)
+    if "pretrained_cfg" not in config:
+        raise ConfigError(
+            f"{folder} is an export of dsmae 0.1, which timm cannot load from the Hub: export "
+            "its checkpoint again"
+        )
+    try:
+        api = HfApi(library_name="dsmae", library_version=version("dsmae"))
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        has_card = api.file_exists(repo.repo_id, "README.md")
+        with TemporaryDirectory(prefix="dsmae-push-") as staging:
+            for name in (WEIGHTS_FILE, CONFIG_FILE, ONNX_FILE):
+                if (folder / name).is_file():
+                    shutil.copy2(folder / name, Path(staging) / name)
+            if not has_card:
+                card = model_card(repo.repo_id, config)
+                (Path(staging) / "README.md").write_text(card, encoding="utf-8")
+            api.upload_folder(
+                repo_id=repo.repo_id,
+                folder_path=staging,
+                commit_message=f"Add a {config['dsmae']['method']} encoder (dsmae export)",
+            )
+    except _hub_errors() as err:
+        raise HubError(
+            f"could not push {folder} to the Hugging Face Hub repo {repo_id}: "
+            f"{_first_line(err).rstrip('.')}. The export is written; once the Hub can be "
+            "reached and you are logged in (`hf auth login`, or HF_TOKEN), run this command "
+            "again with --overwrite"
+        ) from None
+    return str(repo)
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What a push fails with that is no bug: the HTTP library's errors (HfHubHTTPError's
+    other base: requests', httpx' or httpx2's own, by huggingface_hub version; its
+    connection errors derive from it too), OSErrors (offline mode, no token, a refused
+    connection) and a malformed repo id."""
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    return (OSError, HFValidationError, *HfHubHTTPError.__bases__)
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (the Hub's run on), or its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def model_card(repo_id: str, config: dict[str, Any]) -> str:
+    """The README.md of a pushed export: the Hub's metadata and how to load it."""
+    ours, inputs = config["dsmae"], config["pretrained_cfg"]["input_size"]
+    mode = "L" if inputs[0] == 1 else "RGB"
+    pooled = "the mean of the patch tokens" if config["global_pool"] == "avg" else "[CLS]"
+    return f"""---
+library_name: timm
+pipeline_tag: image-feature-extraction
+tags:
+- image-feature-extraction
+- timm
+- dsmae
+---
+# {repo_id.split("/")[-1]}
+
+A ViT encoder pre-trained with {ours["method"]} (dsmae {ours["version"]}; the {ours["weights"]}
+at step {ours["step"]}). Input: {inputs[0]} x {inputs[1]} x {inputs[2]}; output:
+{config["num_features"]} features, {pooled}.
+
+```python
+import timm, torch
+from PIL import Image
+
+model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()
+transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+with torch.no_grad():
+    features = model(transform(Image.open("image.jpg").convert("{mode}")).unsqueeze(0))
+```
+"""
+
+
+# ------------------------------------------------------------------ loading
+
+
+def read_export_config(folder: Path) -> dict[str, Any]:
+    """The ``config.json`` of an export folder.
+
+    Raises:
+        FileNotFoundError: there is none: not an export.
+    """
+    config_file = folder / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}: not a dsmae export")
+    return json.loads(config_file.read_text())
 
 
 def load_encoder(path: str | Path, num_classes: int = 0, **timm_kwargs: Any) -> VisionTransformer:
     """A timm ``VisionTransformer`` with the weights of an export folder (the model from
     ``timm.create_model``, the weights loaded strictly: a ``config.json`` that does not
     describe the stored weights is an error naming the missing and unexpected ones) or of
-    a ``dsmae pretrain`` checkpoint file.
+    a ``dsmae pretrain`` checkpoint file. Its ``pretrained_cfg`` holds the input it was
+    trained on, for ``timm.data.resolve_data_config(model=...)``.
 
     Args:
-        path: a folder written by :func:`export_encoder`, or a checkpoint.
+        path: a folder written by :func:`export_encoder` (also one of dsmae 0.1's, a
+            ``config.json`` without ``pretrained_cfg``), or a checkpoint.
         num_classes: size of a new (randomly initialised) classifier; 0: none, the model
             returns pooled features.
         timm_kwargs: further ``timm.create_model`` arguments (export folders only), e.g.
@@ -152,14 +396,12 @@ def load_encoder(path: str | Path, num_classes: int = 0, **timm_kwargs: Any) -> 
     """
     path = Path(path)
     if path.is_dir():
-        config_file = path / CONFIG_FILE
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a dsmae export")
-        config = json.loads(config_file.read_text())
+        config = read_export_config(path)
         model = timm.create_model(
             config["architecture"],
             pretrained=False,
             num_classes=num_classes,
+            pretrained_cfg=config.get("pretrained_cfg") or _first_pretrained_cfg(config),
             **{**config["model_args"], **timm_kwargs},
         )
         weights = load_file(str(path / WEIGHTS_FILE))
@@ -167,7 +409,16 @@ def load_encoder(path: str | Path, num_classes: int = 0, **timm_kwargs: Any) -> 
             weights.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
         load_weights(model, weights, f"{path} (export)")
         return model
-    encoder, _ = encoder_from_checkpoint(path)
+    checkpoint = Checkpoint.read(path)
+    encoder = checkpoint.encoder()
+    encoder.pretrained_cfg = config_pretrained_cfg(checkpoint.config)
     if num_classes:
         encoder.reset_classifier(num_classes)
     return encoder
+
+
+def _first_pretrained_cfg(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``pretrained_cfg`` of an export of dsmae 0.1, from its ``mean``, ``std`` and
+    ``model_args``."""
+    args = config["model_args"]
+    return timm_pretrained_cfg(args["in_chans"], args["img_size"], config["mean"], config["std"])

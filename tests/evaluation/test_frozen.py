@@ -1,13 +1,12 @@
-"""Frozen-encoder features: of labelled splits (linear probe, k-NN) and of image folders."""
+"""Frozen-encoder features of labelled splits (linear probe, k-NN). Of image folders:
+tests/test_features.py."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dsmae.checkpoint import Checkpoint
 from dsmae.data.sources import ImageTensors
-from dsmae.evaluation.frozen import extract_features, folder_features, frozen_features
+from dsmae.evaluation.frozen import extract_features, frozen_features
 from dsmae.evaluation.results import LabelledSplits
 
 
@@ -47,18 +46,3 @@ def test_frozen_features_of_both_splits_with_their_labels(checkpoint):
     one = extract_features(checkpoint.encoder(), splits.test.images, size=m.img_size,
                            mean=d.mean, std=d.std, pool="cls")  # fmt: skip
     torch.testing.assert_close(feats.test, one)
-
-
-def test_folder_features_writes_rows_and_their_files_in_order(checkpoint, tmp_path):
-    folder = tmp_path / "photos"
-    (folder / "sub").mkdir(parents=True)
-    for i, name in enumerate(("b.png", "a.png", "sub/c.png")):
-        pixels = np.full((12, 10, 3), 60 * i, dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / name)
-    out, names = folder_features(checkpoint, folder, tmp_path / "f.npy", device="cpu")
-    assert names == tmp_path / "f.files.txt"
-    assert names.read_text().splitlines() == ["a.png", "b.png", "sub/c.png"]
-    feats = np.load(out)
-    assert feats.shape == (3, 32) and feats.dtype == np.float32
-    teacher = folder_features(checkpoint, folder, tmp_path / "t.npy", teacher=True, device="cpu")
-    assert not np.allclose(np.load(teacher[0]), feats)  # the EMA teacher's own weights
