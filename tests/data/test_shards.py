@@ -25,8 +25,8 @@ from dsmae.checkpoint import load_checkpoint, save_checkpoint
 from dsmae.cli import main
 from dsmae.config import ConfigError, build_config
 from dsmae.data.shard_writer import write_shards
-from dsmae.data.shards import ShardStream, buffer_shuffle, open_stream, shard_urls
-from dsmae.data.sources import DataError, is_shard_source, load_images
+from dsmae.data.shards import ShardStream, buffer_shuffle, decode_image, open_stream, shard_urls
+from dsmae.data.sources import DataError, decode_files, is_shard_source, load_images
 from dsmae.engine import pretrain
 from dsmae.preemption import PREEMPTED_EXIT
 
@@ -152,6 +152,12 @@ def test_dsmae_shards_keeps_every_image_once_with_its_bytes_and_label(
     # written in a seeded random order: the first shard mixes the classes
     first = [int(s["cls"]) for (url, _), s in samples.items() if url.endswith("000000.tar")]
     assert len(set(first)) >= 8
+    # streamed images are decoded, resized and centre-cropped exactly as the folder's
+    paths = {p.read_bytes(): p for p in (cifar_folder / "train").glob("*/*.jpg")}
+    jpegs = [sample["jpg"] for sample in list(samples.values())[:8]]
+    folder, _ = decode_files([paths[jpeg] for jpeg in jpegs], channels=3, size=24)
+    streamed = torch.stack([torch.from_numpy(decode_image(jpeg, "RGB", 24)) for jpeg in jpegs])
+    assert torch.equal(streamed, folder)
 
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert main(["shards", str(cifar_folder), str(out), "--shard-size", "64"]) == 2

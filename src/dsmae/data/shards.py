@@ -131,7 +131,7 @@ def decode_image(data: bytes, mode: str, size: int) -> np.ndarray:
     """
     with Image.open(io.BytesIO(data)) as raw:
         img = _to_8bit(raw).convert(mode)
-    arr = np.asarray(_resize_centre_crop(img, size), dtype=np.uint8)
+    arr = np.array(_resize_centre_crop(img, size), dtype=np.uint8)  # writable
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
