@@ -209,6 +209,21 @@ def test_a_bad_image_is_named_and_can_be_skipped(tmp_path, cifar_folder, capsys,
     assert (tmp_path / "run" / "last.pt").is_file()
 
 
+def test_shards_refuses_what_it_cannot_write_in_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    out = str(tmp_path / "out")
+    for args, message in [
+        ([str(tmp_path / "none"), out, "--shard-size", "8"], "none is not a folder"),
+        ([str(tmp_path / "empty"), out, "--shard-size", "8"], "No images found in"),
+        ([str(tmp_path), out, "--shard-size", "0"], "--shard-size must be >= 1, got 0"),
+    ]:
+        assert main(["shards", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("dsmae shards: error: ") and message in err
+        assert err.count("\n") == 1
+    assert not Path(out).exists() or not any(Path(out).iterdir())
+
+
 def test_a_linear_probe_needs_class_folders(tmp_path, cifar_folder, capsys, small):
     import shutil
 
@@ -401,7 +416,7 @@ def test_plot_command(digits_run, capsys):
     assert "curves.png" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", [[], ["pretrain"]])
+@pytest.mark.parametrize("command", [[], ["pretrain"], ["shards"]])
 def test_help_imports_neither_torch_nor_timm(command):
     """``dsmae --help`` answers without waiting for torch: nothing imports it before the
     arguments are parsed (read from the interpreter's own import log)."""

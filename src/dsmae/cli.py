@@ -1,5 +1,5 @@
 """The dsmae command: pre-train (pretrain), evaluate (linprobe, knn), look (denoise, plot),
-take the encoder away (export, features) and measure (bench).
+take the encoder away (export, features), measure (bench) and write shards (shards).
 
 Common options are flags; any other config value is reachable with --set
 section.key=value or a YAML file (--config), on top of a --preset.
@@ -335,6 +335,26 @@ def _add_plot(sub: Any) -> None:
     p.set_defaults(run=_run_plot)
 
 
+def _add_shards(sub: Any) -> None:
+    p = sub.add_parser(
+        "shards",
+        help="write an image folder as WebDataset shards, to stream with --data",
+        parents=[_parent(_seed_flag(0))],
+    )
+    p.add_argument(
+        "folder",
+        metavar="FOLDER",
+        help="the images --data FOLDER pre-trains on (train/ where it has one); class "
+        "sub-folders give labels",
+    )
+    p.add_argument("out", metavar="OUT", help="folder for shard-000000.tar, shard-000001.tar, ...")
+    p.add_argument("--shard-size", type=int, required=True, metavar="N", help="images per shard")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the shards an OUT folder holds already"
+    )
+    p.set_defaults(run=_run_shards)
+
+
 def _add_bench(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
@@ -532,6 +552,20 @@ def _run_plot(args: argparse.Namespace) -> None:
     print(f"curves: {plot_run(args.run_dir, args.out)}")
 
 
+def _run_shards(args: argparse.Namespace) -> None:
+    from dsmae.data.shard_writer import write_shards
+
+    written = write_shards(
+        args.folder, args.out, args.shard_size, seed=args.seed, overwrite=args.overwrite
+    )
+    labels = f"{len(written.classes)} classes" if written.classes else "unlabelled"
+    print(f"{written.images} images ({labels}) in {written.shards} shard(s): {written.pattern}")
+    print(
+        f"pre-train on them with: --data '{written.pattern}' "
+        f"--set data.samples_per_epoch={written.images}"
+    )
+
+
 def _run_bench(args: argparse.Namespace) -> None:
     from dsmae.bench import format_report, run_bench, to_json
 
@@ -559,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_pretrain, _add_linprobe, _add_finetune, _add_knn, _add_experiment,
-                _add_denoise, _add_plot, _add_export, _add_features, _add_bench):  # fmt: skip
+                _add_denoise, _add_plot, _add_export, _add_features, _add_bench,
+                _add_shards):  # fmt: skip
         add(sub)
     return parser
 

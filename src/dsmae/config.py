@@ -142,7 +142,7 @@ class ModelConfig:
 class DataConfig:
     """Where images come from and how they are augmented for pre-training."""
 
-    source: str = "cifar10"  # digits | cifar10 | cifar100 | stl10 | path to a folder
+    source: str = "cifar10"  # digits | cifar10 | cifar100 | stl10 | a folder | WebDataset shards
     root: str = resumable("~/.cache/dsmae/datasets")  # torchvision data sets live here
     download: bool = resumable(False)
     subset: int | None = None  # pre-train on a fixed random sample of N images
@@ -150,7 +150,11 @@ class DataConfig:
     hflip: bool = True
     mean: list[float] | None = None  # None: measured on the pre-training images
     std: list[float] | None = None
-    skip_bad_images: bool = False  # skip (and count) unreadable files of a folder
+    skip_bad_images: bool = False  # skip (and count) unreadable files of a folder or shards
+    # a stream of WebDataset shards (dsmae.data.shards): the images of one epoch
+    samples_per_epoch: int | None = None
+    shuffle_buffer: int = 10_000  # a stream: samples each of its readers mixes at a time
+    workers: int = 4  # a stream: reader processes per training process (0: in it)
 
     def validate(self, in_chans: int) -> None:
         """Refuse impossible data settings for images of ``in_chans`` channels."""
@@ -170,6 +174,40 @@ class DataConfig:
             "data.download",
             f"data.source={self.source!r} is a folder; there is nothing to download",
         )
+        self._validate_stream()
+
+    def _validate_stream(self) -> None:
+        """Refuse impossible stream settings, and for a source of WebDataset shards the
+        settings a stream cannot honour (``samples_per_epoch`` is ignored by the other
+        sources, whose epoch is all their images: checkpoints of a stream carry it into
+        evaluations on a folder)."""
+        from dsmae.data.sources import is_shard_source  # imports torch: kept out of `--help`
+
+        buffer, workers, per_epoch = self.shuffle_buffer, self.workers, self.samples_per_epoch
+        _require(
+            buffer >= 1, "data.shuffle_buffer", f"must be >= 1 (1: no shuffling), got {buffer}"
+        )
+        _require(workers >= 0, "data.workers", f"must be >= 0 (0: none), got {workers}")
+        _require(
+            per_epoch is None or per_epoch >= 1,
+            "data.samples_per_epoch",
+            f"must be >= 1, got {per_epoch}",
+        )
+        if not is_shard_source(self.source):
+            return
+        stream = f"data.source={self.source!r} names WebDataset shards, a stream"
+        _require(
+            per_epoch is not None,
+            "data.samples_per_epoch",
+            f"{stream} of unknown length: set the images of one epoch, e.g. --set "
+            "data.samples_per_epoch=50000 (dsmae shards prints the number it wrote)",
+        )
+        _require(
+            self.subset is None,
+            "data.subset",
+            f"{stream}; set data.samples_per_epoch instead, the images of one epoch",
+        )
+        _require(not self.download, "data.download", f"{stream}; there is nothing to download")
 
 
 @dataclass

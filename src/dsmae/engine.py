@@ -6,7 +6,9 @@ under ``torchrun``.
 Every random choice of a step (crop boxes, flips, noise mask, noise) is drawn for the
 GLOBAL batch from a generator seeded by ``(seed, step)``, and the data order of an
 epoch depends only on ``(seed, epoch)``. So a run resumed from any step, or run on
-another number of processes with the same global batch, takes the same steps.
+another number of processes with the same global batch, takes the same steps. A stream
+of WebDataset shards (:mod:`dsmae.data.shards`) replaces only where the uint8 images of a
+step come from; its own resume guarantee is stated there.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,15 @@ from dsmae.checkpoint import load_weights, save_checkpoint
 from dsmae.config import Config, ConfigError, TrainConfig, fill_data_stats
 from dsmae.data.augment import crop_boxes, random_flips
 from dsmae.data.pipeline import augmented_batch, channel_stats, epoch_order, eval_batch, load_split
+from dsmae.data.shards import (
+    PREVIEW_IMAGES,
+    STATS_IMAGES,
+    STATS_SHARDS,
+    ShardStream,
+    open_stream,
+    stream_layout,
+)
+from dsmae.data.sources import is_shard_source
 from dsmae.flops import train_flops_per_image
 from dsmae.metrics import MetricsLog
 from dsmae.models import PretrainModel, build_model
@@ -224,7 +236,20 @@ def load_batch(
     """The batch ``images[idx]`` ((N, C, H, W) uint8, any device), cropped and flipped as
     ``corruption`` says, resized to ``size`` and normalised by ``mean``/``std`` ((C,)):
     (B, C, size, size) float32 on the device of ``corruption``."""
-    uint8 = images[idx].to(corruption.boxes.device, non_blocking=True)
+    return augment_batch(images[idx], corruption, size, mean, std)
+
+
+def augment_batch(
+    uint8: torch.Tensor,
+    corruption: Corruption,
+    size: int,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> torch.Tensor:
+    """``uint8`` ((B, C, H, W), any device) moved to the device of ``corruption``, cropped
+    and flipped as it says, resized to ``size`` and normalised by ``mean``/``std`` ((C,)):
+    (B, C, size, size) float32."""
+    uint8 = uint8.to(corruption.boxes.device, non_blocking=True)
     return augmented_batch(uint8, size, corruption.boxes, corruption.flips, mean, std)
 
 
@@ -289,7 +314,7 @@ class _Run:
     cfg: Config
     proc: distributed.Process
     device: torch.device
-    images: torch.Tensor  # (N, C, H, W) uint8, the pre-training split
+    images: torch.Tensor  # (N, C, H, W) uint8, the pre-training split (a stream: a few of it)
     model: PretrainModel
     forward: torch.nn.Module  # the model as trained: DDP-wrapped and/or compiled
     optimizer: torch.optim.Optimizer
@@ -297,6 +322,7 @@ class _Run:
     compiled: bool
     run_id: str  # this run's, recorded in its checkpoints ("" on ranks that write nothing)
     start: dataclasses.InitVar[ResumePoint]  # sets resumed, step and last_checkpoint
+    stream: ShardStream | None = None  # where the images come from, for a source of shards
     lock: Any = None  # the open lock file of the output folder (rank 0)
     last: dict[str, Any] = dataclasses.field(default_factory=dict)  # last metrics line
     last_save: float = dataclasses.field(default_factory=time.monotonic)
@@ -322,8 +348,14 @@ class _Run:
         return Path(self.cfg.out)
 
     @property
+    def epoch_images(self) -> int:
+        """The images of one epoch: the data set's, or ``data.samples_per_epoch`` of a stream."""
+        per_epoch = self.cfg.data.samples_per_epoch
+        return len(self.images) if self.stream is None or per_epoch is None else per_epoch
+
+    @property
     def steps_per_epoch(self) -> int:
-        return len(self.images) // self.cfg.train.batch_size
+        return self.epoch_images // self.cfg.train.batch_size
 
     @property
     def total_steps(self) -> int:
@@ -362,6 +394,7 @@ def _build_run(
     wrapped, ``config.yaml`` written."""
     out = Path(cfg.out)
     start = resume_point(cfg, out, resume, force)
+    _check_stream_resume(start, proc, force)
     if start.state is not None:
         log.info("resuming from %s at step %d", start.path, start.step)
     elif resume is not None:
@@ -371,7 +404,7 @@ def _build_run(
         run_id = start_run(out, overwrite, run_id)
         if start.state is not None:
             cut_metrics(out, start.step)
-    images, cfg = _pretraining_images(start.cfg)
+    stream, images, cfg = _pretraining_data(start.cfg, proc, device)
     model, optimizer = _model_and_optimizer(cfg, device, start)
     sample = eval_batch(images[:2], cfg.model.img_size, cfg.data.mean, cfg.data.std).to(device)
     flops = train_flops_per_image(model, sample)
@@ -384,8 +417,76 @@ def _build_run(
         atomic_write_text(out / "config.yaml", cfg.to_yaml(), "config")
     run_id = run_id or ""
     return _Run(
-        cfg, proc, device, images, model, forward, optimizer, flops, compiled, run_id, start
+        cfg, proc, device, images, model, forward, optimizer, flops, compiled, run_id, start, stream
     )
+
+
+def _pretraining_data(
+    cfg: Config, proc: distributed.Process, device: torch.device
+) -> tuple[ShardStream | None, torch.Tensor, Config]:
+    """Where the pre-training images come from: the data set in memory (no stream), or this
+    process's stream of shards and a few of its images (for the FLOP count and the
+    figure); and ``cfg`` with the normalisation measured where it is unset."""
+    if not is_shard_source(cfg.data.source):
+        if cfg.data.samples_per_epoch is not None:
+            log.warning("data.samples_per_epoch ignored: an epoch is all of %s", cfg.data.source)
+        return None, *_pretraining_images(cfg)
+    stream = open_stream(cfg, proc.rank, proc.world_size, pin_memory=device.type == "cuda")
+    if cfg.data.mean is not None and cfg.data.std is not None:
+        return stream, stream.sample_images(PREVIEW_IMAGES), cfg
+    sample = stream.sample_images(STATS_IMAGES, STATS_SHARDS)
+    cfg = resolve_data_stats(cfg, sample)
+    log.info(
+        "data.mean %s and data.std %s measured on %d images, the first of %d shards spread "
+        "over the list (set both to skip this)",
+        [round(v, 4) for v in cfg.data.mean],
+        [round(v, 4) for v in cfg.data.std],
+        len(sample),
+        min(STATS_SHARDS, len(stream.urls)),
+    )
+    return stream, sample[:PREVIEW_IMAGES], cfg
+
+
+def _check_stream_resume(start: ResumePoint, proc: distributed.Process, force: bool) -> None:
+    """A stream resumed in the middle of an epoch continues exactly when its shards are
+    dealt as in the checkpoint's run (:mod:`dsmae.data.shards`); dealt otherwise (another
+    number of processes), the rest of that epoch could repeat or leave out any of its
+    images, so that is refused unless ``force``.
+
+    Raises:
+        ConfigError: naming both layouts and what to do.
+    """
+    cfg = start.cfg
+    if start.state is None or not is_shard_source(cfg.data.source):
+        return
+    steps_per_epoch = max(1, (cfg.data.samples_per_epoch or 0) // cfg.train.batch_size)
+    epoch, in_epoch = divmod(start.step, steps_per_epoch)
+    saved, now = start.state.get("stream"), stream_layout(proc.world_size, cfg.data.workers)
+    if in_epoch == 0 or saved == now:
+        if in_epoch:
+            log.info("the stream of epoch %d continues exactly at its step %d", epoch, in_epoch)
+        return
+    where = f"step {in_epoch} of epoch {epoch} of a stream dealt over {_layout(saved)}"
+    if not force:
+        raise ConfigError(
+            f"{start.path} stopped at {where}; continuing it over {_layout(now)} could repeat "
+            "or leave out any images of that epoch: resume with as many processes and the "
+            "same data.workers, or add --force"
+        )
+    log.warning(
+        "%s stopped at %s; its rest is dealt anew over %s (--force): it may repeat or leave "
+        "out images of that epoch",
+        start.path,
+        where,
+        _layout(now),
+    )
+
+
+def _layout(layout: dict[str, int] | None) -> str:
+    """How a stream is dealt, in words."""
+    if layout is None:
+        return "an unknown layout"
+    return f"{layout['processes']} process(es) with data.workers={layout['workers']}"
 
 
 def _pretraining_images(cfg: Config) -> tuple[torch.Tensor, Config]:
@@ -488,39 +589,51 @@ def _train(run: _Run, started: float, signals: StopSignals) -> PretrainResult:
     _log_start(run)
     report = _Report(run, started)
     run.health.checked_step = run.step
-    order = None
-    with report.bar:
-        while run.step < run.total_steps:
-            step = run.step
-            epoch, in_epoch = divmod(step, run.steps_per_epoch)
-            if order is None or in_epoch == 0:
-                order = epoch_order(len(run.images), run.cfg.train.seed, epoch)
-                order = order.to(run.images.device)
-            lr = _set_lr(run, step)
-            losses, finite = _take_step(run, step, order)
-            momentum = _update_teacher(run, step, epoch, finite)
-            run.step = step + 1
-            report.stepped(run, step)
-            if run.step % run.cfg.train.log_every == 0 or run.step == run.total_steps:
-                losses = report.metrics_line(run, epoch, lr, momentum, losses)
-            _end_epoch_or_save(run, epoch, in_epoch, losses, report)
-            stop = _stop_requested(run, signals)  # after the epoch's teacher update
-            if stop is not None:
-                _stop(run, stop, report.metrics)
+    batches: Generator[torch.Tensor, None, None] | None = None
+    try:
+        with report.bar:
+            while run.step < run.total_steps:
+                step = run.step
+                epoch, in_epoch = divmod(step, run.steps_per_epoch)
+                if batches is None or in_epoch == 0:
+                    _close(batches)
+                    batches = _epoch_batches(run, epoch, in_epoch)
+                lr = _set_lr(run, step)
+                losses, finite = _take_step(run, step, next(batches))
+                momentum = _update_teacher(run, step, epoch, finite)
+                run.step = step + 1
+                report.stepped(run, step)
+                if run.step % run.cfg.train.log_every == 0 or run.step == run.total_steps:
+                    losses = report.metrics_line(run, epoch, lr, momentum, losses)
+                _end_epoch_or_save(run, epoch, in_epoch, losses, report)
+                stop = _stop_requested(run, signals)  # after the epoch's teacher update
+                if stop is not None:
+                    _stop(run, stop, report.metrics)
+    finally:
+        _close(batches)  # a stream's readers end here, however the loop ends
     return _finish(run, started, report.metrics)
+
+
+def _close(batches: Generator[torch.Tensor, None, None] | None) -> None:
+    """Close an epoch's batches (None: none yet)."""
+    if batches is not None:
+        batches.close()
 
 
 def _log_start(run: _Run) -> None:
     """The line that opens a run: model, data, processes, steps."""
     cfg, t = run.cfg, run.cfg.train
+    data = f"{len(run.images)} images"
+    if run.stream is not None:
+        data = run.stream.describe(run.epoch_images)
     log.info(
-        "pre-training %s (%s, %.1fM encoder parameters, %.2f GFLOP per image) on %d images, "
+        "pre-training %s (%s, %.1fM encoder parameters, %.2f GFLOP per image) on %s, "
         "%d process(es) on %s, steps %d to %d of %d images%s",
         cfg.model.method,
         cfg.model.arch,
         sum(p.numel() for p in run.model.encoder.parameters()) / 1e6,
         run.flops_per_image / 1e9,
-        len(run.images),
+        data,
         run.proc.world_size,
         run.device,
         run.step,
@@ -541,13 +654,13 @@ def _set_lr(run: _Run, step: int) -> float:
 
 
 def _take_step(
-    run: _Run, step: int, order: torch.Tensor
+    run: _Run, step: int, uint8: torch.Tensor
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Optimizer step ``step`` on its batch of the epoch's ``order``: its losses (and
-    ``grad_norm``) and whether the optimizer stepped (a 0-d bool, counted in
-    ``run.health``), on the device."""
+    """Optimizer step ``step`` on this process's images of it (``uint8``, from
+    :func:`_epoch_batches`): its losses (and ``grad_norm``) and whether the optimizer
+    stepped (a 0-d bool, counted in ``run.health``), on the device."""
     t = run.cfg.train
-    images, corruption = _batch(run, step, order)
+    images, corruption = _batch(run, step, uint8)
     mask, eps = corruption.mask, corruption.eps
     options = {"micro_batch": t.micro_batch, "amp": run.amp, "grad_clip": t.grad_clip}
     losses = train_step(run.forward, run.optimizer, images, mask=mask, eps=eps, **options)
@@ -556,19 +669,47 @@ def _take_step(
     return losses, finite
 
 
-def _batch(run: _Run, step: int, order: torch.Tensor) -> tuple[torch.Tensor, Corruption]:
-    """This process's share of the global batch of ``step``, augmented, and its corruption.
+def _epoch_batches(run: _Run, epoch: int, start: int) -> Generator[torch.Tensor, None, None]:
+    """This process's uint8 images ((b / W, C, H, W): its share of the global batch) of
+    each step of ``epoch`` from its step ``start`` on: read from the stream, or gathered
+    from the data set in memory by the epoch's order."""
+    stop = run.steps_per_epoch
+    if run.stream is not None:
+        return _streamed(run.stream, epoch, start, stop)
+    return _gathered(run, epoch, start, stop)
 
-    ``order`` (the epoch's permutation) lives where the images do, so with the data set
-    on the GPU the gather, the augmentation and the draws never wait for the device.
+
+def _streamed(
+    stream: ShardStream, epoch: int, start: int, stop: int
+) -> Generator[torch.Tensor, None, None]:
+    """The steps ``start`` to ``stop - 1`` of ``epoch`` from the stream; closing this
+    ends the epoch's readers."""
+    with contextlib.closing(stream.epoch(epoch, start, stop)) as batches:
+        for batch in batches:
+            yield batch.images
+
+
+def _gathered(run: _Run, epoch: int, start: int, stop: int) -> Generator[torch.Tensor, None, None]:
+    """The steps ``start`` to ``stop - 1`` of ``epoch`` in memory: this process's rows of
+    each global batch of the epoch's order.
+
+    The order lives where the images do, so with the data set on the GPU the gather, the
+    augmentation and the draws never wait for the device.
     """
-    cfg, proc = run.cfg, run.proc
-    b = cfg.train.batch_size
-    start = (step % run.steps_per_epoch) * b
-    mine = distributed.local_share(b, proc)
-    idx = order[start : start + b][mine]
+    order = epoch_order(len(run.images), run.cfg.train.seed, epoch).to(run.images.device)
+    b = run.cfg.train.batch_size
+    mine = distributed.local_share(b, run.proc)
+    for step in range(start, stop):
+        yield run.images[order[step * b : (step + 1) * b][mine]]
+
+
+def _batch(run: _Run, step: int, uint8: torch.Tensor) -> tuple[torch.Tensor, Corruption]:
+    """This process's share of the global batch of ``step`` (``uint8``), augmented on the
+    device, and its corruption (drawn for the global batch, then sliced)."""
+    cfg = run.cfg
+    mine = distributed.local_share(cfg.train.batch_size, run.proc)
     corruption = draw_step(run.model, cfg, step, run.device)[mine]
-    images = load_batch(run.images, idx, corruption, cfg.model.img_size, run.mean, run.std)
+    images = augment_batch(uint8, corruption, cfg.model.img_size, run.mean, run.std)
     return images, corruption
 
 
@@ -697,6 +838,8 @@ def _save(run: _Run, path: Path) -> Path:
         "epoch": run.step // run.steps_per_epoch,
         "run_id": run.run_id,
     }
+    if run.stream is not None:
+        state["stream"] = run.stream.layout
     try:
         save_checkpoint(path, state)
     except WriteError as err:

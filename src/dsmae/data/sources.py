@@ -48,12 +48,17 @@ Channels
     digits, 3 -> 1 uses the ITU-R 601-2 luma weights (0.299, 0.587, 0.114) with the same
     rounding as PIL's ``convert("L")`` (so a folder and a named data set give identical grey
     pixels), and 1 -> 3 repeats the channel.
+
+WebDataset shards
+    A ``source`` that names tar files (:func:`is_shard_source`) is streamed for pre-training
+    by :mod:`dsmae.data.shards` and never loaded whole: :func:`load_images` refuses it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
@@ -72,6 +77,7 @@ __all__ = [
     "ImageTensors",
     "decode_files",
     "find_image_files",
+    "is_shard_source",
     "load_images",
 ]
 
@@ -101,6 +107,10 @@ _TORCHVISION_FOLDERS = {
 
 # PIL's fixed-point ITU-R 601-2 luma weights (sum 65536): L = (R*299 + G*587 + B*114) / 1000.
 _LUMA_FIXED = (19595, 38470, 7471)
+# WebDataset shards: a brace range (shard-{000000..000099}), a tar file, a shell pipe
+_BRACE_RANGE = re.compile(r"\{[^{}]*\.\.[^{}]*\}")
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
 _LUMA_CHUNK = 4096  # images per chunk when converting to grey (bounds temporary memory)
 _DECODE_CHUNK = 32  # files per thread-pool task
 
@@ -173,6 +183,8 @@ def load_images(
         ValueError: bad ``split``, ``channels`` or ``size``.
     """
     _check_arguments(split, channels, size)
+    if is_shard_source(source):
+        raise _stream_only(source, split)
     if source == "digits":
         data = _load_digits(split)
     elif source in _TORCHVISION_NAMES:
@@ -197,6 +209,29 @@ def _check_arguments(split: str, channels: int, size: int | None) -> None:
         raise ValueError(f"channels must be 1 or 3; got {channels!r}")
     if size is not None and size < 1:
         raise ValueError(f"size must be a positive int or None; got {size!r}")
+
+
+def is_shard_source(source: str) -> bool:
+    """Whether ``source`` names WebDataset shards, to be streamed, rather than a named data
+    set or a folder: a brace range (``shards/train-{000000..000099}.tar``), a ``.tar``
+    (``.tar.gz``, ``.tgz``) path or URL (``https://host/train-000000.tar?sig=...``), several
+    of them joined by ``::``, or a ``pipe:`` command (``pipe:aws s3 cp s3://b/x.tar -``), as
+    WebDataset reads them. An existing folder is a folder, whatever its name."""
+    if source in DATASETS or os.path.isdir(os.path.expanduser(source)):
+        return False
+    if source.startswith("pipe:") or _BRACE_RANGE.search(source):
+        return True
+    parts = source.split("::")
+    return all(part.split("?")[0].lower().endswith(_TAR_SUFFIXES) for part in parts)
+
+
+def _stream_only(source: str, split: str) -> DataError:
+    """The error for loading a ``split`` of WebDataset shards into memory."""
+    return DataError(
+        f"{source!r} names WebDataset shards, which are streamed for pre-training only and "
+        f"never loaded whole. The {split} split (linear probe, k-NN, fine-tuning, the k-NN "
+        "monitor) needs a named data set or an image folder: pass it with --data."
+    )
 
 
 def _unknown_source(source: str) -> DataError:
