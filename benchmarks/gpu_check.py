@@ -231,7 +231,7 @@ def stage_pretrain(results: Path, args: argparse.Namespace, method: str) -> None
         ]
     if args.shrink:
         argv += [a for key, value in TINY_MODEL.items() for a in ("--set", f"{key}={value}")]
-        argv += ["--img-size", "16", "--patch-size", "4"]
+        argv += ["--img-size", "16", "--patch-size", "4", "--set", "train.log_every=2"]
     print("$", shlex.join(argv[2:]), flush=True)
     started = time.monotonic()
     done = subprocess.run(argv, check=False)
@@ -271,7 +271,8 @@ def _training_figures(out: Path) -> dict[str, Any]:
     lines = [r for r in read_metrics(path) if "loss" in r]
     if not lines:
         return {}
-    rates = sorted(r["img_per_s"] for r in lines[1:] if "img_per_s" in r) or [0.0]
+    timed = [r["img_per_s"] for r in lines if "img_per_s" in r]
+    rates = sorted(timed[1:] or timed) or [0.0]  # one line only: its rate, warm-up and all
     compile_s = next((r["compile_s"] for r in lines if "compile_s" in r), 0.0)
     setup_s = next((r["setup_s"] for r in lines if "setup_s" in r), 0.0)
     last = lines[-1]

@@ -26,10 +26,10 @@ from dsmae.checkpoint import Checkpoint
 from dsmae.config import POOLS, Config, ConfigError
 from dsmae.data.sources import (
     DataError,
-    _resize_centre_crop,
-    _to_8bit,
     decode_files,
     find_image_files,
+    resize_centre_crop,
+    to_8bit,
 )
 from dsmae.evaluation import frozen
 from dsmae.export import load_encoder
@@ -224,7 +224,7 @@ def _checked_tensor(images: torch.Tensor, channels: int) -> torch.Tensor:
 def _pil_pixels(image: Image.Image, seen: Preprocessing) -> torch.Tensor:
     """A PIL image (any mode) as a file of it is decoded: (C, size, size) uint8."""
     mode = "L" if seen.channels == 1 else "RGB"
-    pixels = np.array(_resize_centre_crop(_to_8bit(image).convert(mode), seen.size))
+    pixels = np.array(resize_centre_crop(to_8bit(image).convert(mode), seen.size))
     return torch.from_numpy(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
 
 

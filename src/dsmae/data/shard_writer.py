@@ -18,11 +18,11 @@ from tqdm import tqdm
 from dsmae.config import ConfigError
 from dsmae.data.sources import (
     DataError,
-    _class_names,
-    _class_of,
-    _find_images,
-    _no_images,
-    _split_folders,
+    find_images,
+    folder_class,
+    folder_classes,
+    no_images,
+    split_folders,
 )
 from dsmae.writes import atomic_write_bytes, written
 
@@ -68,10 +68,10 @@ def write_shards(
     folder, out = Path(folder).expanduser(), Path(out).expanduser()
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder")
-    split, all_splits = _split_folders(folder, "pretrain")
-    paths = _find_images(split)
+    split, all_splits = split_folders(folder, "pretrain")
+    paths = find_images(split)
     if not paths:
-        raise _no_images(split)
+        raise no_images(split)
     labels, classes = _labels(paths, split, all_splits)
     _check_out(out, overwrite)
     order = np.random.default_rng(seed).permutation(len(paths))
@@ -95,10 +95,10 @@ def _labels(
 ) -> tuple[list[int | None], tuple[str, ...]]:
     """The label of each image (None for all when some image sits outside a class
     sub-folder of ``split``) and the class names, as image folders number them."""
-    class_of = [_class_of(p, split) for p in paths]
+    class_of = [folder_class(p, split) for p in paths]
     if None in class_of:
         return [None] * len(paths), ()
-    classes = _class_names(all_splits)
+    classes = folder_classes(all_splits)
     index = {c: i for i, c in enumerate(classes)}
     return [index[c] for c in class_of if c is not None], classes
 

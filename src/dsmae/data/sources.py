@@ -242,7 +242,7 @@ def _unknown_source(source: str) -> DataError:
     )
 
 
-def _no_images(folder: Path) -> DataError:
+def no_images(folder: Path) -> DataError:
     """The error for a folder without image files."""
     return DataError(
         f"No images found in {folder} (looked recursively for "
@@ -384,7 +384,7 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _find_images(folder: Path) -> list[Path]:
+def find_images(folder: Path) -> list[Path]:
     """All image files under ``folder`` (recursive, following links once), sorted.
 
     Only regular files count (after resolving links): a FIFO, socket or device named like
@@ -415,13 +415,13 @@ def _find_images(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def _class_of(path: Path, folder: Path) -> str | None:
+def folder_class(path: Path, folder: Path) -> str | None:
     """Name of the first-level sub-folder of ``folder`` holding ``path``; None if at top."""
     parts = path.relative_to(folder).parts
     return parts[0] if len(parts) > 1 else None
 
 
-def _split_folders(folder: Path, split: str) -> tuple[Path, list[Path]]:
+def split_folders(folder: Path, split: str) -> tuple[Path, list[Path]]:
     """The folder to read for ``split`` and the folders of all splits (for class names)."""
     train = folder / "train"
     held_out = next((folder / n for n in ("test", "val") if (folder / n).is_dir()), None)
@@ -444,17 +444,17 @@ def _split_folders(folder: Path, split: str) -> tuple[Path, list[Path]]:
     return folder, [folder]
 
 
-def _class_names(split_dirs: Sequence[Path]) -> tuple[str, ...]:
+def folder_classes(split_dirs: Sequence[Path]) -> tuple[str, ...]:
     """Sorted union of class folder names over the class-structured split folders."""
     names: set[str] = set()
     for d in split_dirs:
-        classes = [_class_of(p, d) for p in _find_images(d)]
+        classes = [folder_class(p, d) for p in find_images(d)]
         if classes and None not in classes:
             names.update(c for c in classes if c is not None)
     return tuple(sorted(names))
 
 
-def _resize_centre_crop(img: Image.Image, size: int) -> Image.Image:
+def resize_centre_crop(img: Image.Image, size: int) -> Image.Image:
     """Shorter side -> ``size`` (bilinear, antialiased), then the centre ``size x size``.
 
     Same arithmetic as torchvision's ``Resize(size)`` + ``CenterCrop(size)`` on PIL images.
@@ -470,7 +470,7 @@ def _resize_centre_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
+def to_8bit(img: Image.Image) -> Image.Image:
     """High-bit-depth grey (16-bit ``I;16*``, 32-bit ``I``, float ``F``) -> 8-bit ``L``,
     scaled to the full range (PIL's own ``convert`` would clip everything above 255).
 
@@ -497,11 +497,11 @@ def _decode(path: Path, mode: str, size: int | None) -> np.ndarray:
         raise DataError(f"Cannot read image {path}: it is not a regular file. Remove it.")
     try:
         with Image.open(path) as raw:
-            img = _to_8bit(raw).convert(mode)
+            img = to_8bit(raw).convert(mode)
     except Exception as err:  # PIL raises many types for bad files
         raise DataError(f"Cannot read image {path}: {err}. Remove or replace this file.") from None
     if size is not None:
-        img = _resize_centre_crop(img, size)
+        img = resize_centre_crop(img, size)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
@@ -550,17 +550,17 @@ def _load_folder(
     """Decode one split of a folder: images (N, channels, H, W) uint8, labels (N,) int64.
 
     With ``skip_bad``, unreadable files are left out, counted and named in a warning."""
-    split_dir, all_splits = _split_folders(folder, split)
-    paths = _find_images(split_dir)
+    split_dir, all_splits = split_folders(folder, split)
+    paths = find_images(split_dir)
     if not paths:
-        raise _no_images(split_dir)
+        raise no_images(split_dir)
 
-    class_of = [_class_of(p, split_dir) for p in paths]
+    class_of = [folder_class(p, split_dir) for p in paths]
     if None in class_of:
         classes: tuple[str, ...] = ()
         labels = torch.full((len(paths),), -1, dtype=torch.int64)
     else:
-        classes = _class_names(all_splits)
+        classes = folder_classes(all_splits)
         index = {c: i for i, c in enumerate(classes)}
         labels = torch.tensor([index[c] for c in class_of if c is not None], dtype=torch.int64)
     logger.info(
@@ -673,7 +673,7 @@ def find_image_files(folder: str | Path) -> list[Path]:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder")
-    paths = _find_images(folder)
+    paths = find_images(folder)
     if not paths:
-        raise _no_images(folder)
+        raise no_images(folder)
     return paths
