@@ -743,3 +743,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     cfg.probe.validate()
     cfg.finetune.validate(world_size)
     cfg.log.validate()
+    if cfg.probe.after_pretrain:
+        from dsmae.data.sources import is_shard_source  # imports torch: kept out of `--help`
+
+        _require(
+            not is_shard_source(cfg.data.source),
+            "probe.after_pretrain",
+            f"data.source={cfg.data.source!r} is a stream of WebDataset shards, without the "
+            "labelled test split a probe needs: set probe.after_pretrain=false and probe the "
+            "checkpoint with dsmae linprobe --data (a data set or a labelled folder)",
+        )
