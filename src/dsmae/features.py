@@ -28,8 +28,7 @@ from dsmae.data.sources import (
     DataError,
     decode_files,
     find_image_files,
-    resize_centre_crop,
-    to_8bit,
+    image_array,
 )
 from dsmae.evaluation import frozen
 from dsmae.export import load_encoder
@@ -224,8 +223,7 @@ def _checked_tensor(images: torch.Tensor, channels: int) -> torch.Tensor:
 def _pil_pixels(image: Image.Image, seen: Preprocessing) -> torch.Tensor:
     """A PIL image (any mode) as a file of it is decoded: (C, size, size) uint8."""
     mode = "L" if seen.channels == 1 else "RGB"
-    pixels = np.array(resize_centre_crop(to_8bit(image).convert(mode), seen.size))
-    return torch.from_numpy(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
+    return torch.from_numpy(image_array(image, mode, seen.size))
 
 
 def _described(items: list[Any]) -> str:

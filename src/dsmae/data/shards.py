@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dsmae.config import Config, ConfigError
 from dsmae.data.pipeline import epoch_order
-from dsmae.data.sources import IMAGE_EXTENSIONS, DataError, resize_centre_crop, to_8bit
+from dsmae.data.sources import IMAGE_EXTENSIONS, DataError, image_array
 from dsmae.preemption import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
@@ -130,9 +130,7 @@ def decode_image(data: bytes, mode: str, size: int) -> np.ndarray:
         Exception: whatever PIL raises for a file it cannot read.
     """
     with Image.open(io.BytesIO(data)) as raw:
-        img = to_8bit(raw).convert(mode)
-    arr = np.array(resize_centre_crop(img, size), dtype=np.uint8)  # writable
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        return image_array(raw, mode, size)
 
 
 def stream_layout(world_size: int, workers: int) -> dict[str, int]:

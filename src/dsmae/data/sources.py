@@ -490,20 +490,27 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
 
 
+def image_array(img: Image.Image, mode: str, size: int | None) -> np.ndarray:
+    """A PIL image in any mode (grey, palette, RGBA, CMYK, 16-bit; alpha is dropped) as
+    image folders, shards and ``extract_features`` hold it: converted to ``mode`` ("L" or
+    "RGB"), its shorter side resized to ``size`` and the centre cropped (``size`` None:
+    as it is). Returns a writable (C, H, W) uint8 array."""
+    img = to_8bit(img).convert(mode)
+    if size is not None:
+        img = resize_centre_crop(img, size)
+    arr = np.array(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
 def _decode(path: Path, mode: str, size: int | None) -> np.ndarray:
-    """One file -> (C, H, W) uint8 array, whatever its mode (grey, palette, RGBA, CMYK,
-    16-bit; alpha is dropped)."""
+    """One file -> (C, H, W) uint8 array (:func:`image_array`)."""
     if not path.is_file():  # a FIFO or device would block or fail its reader
         raise DataError(f"Cannot read image {path}: it is not a regular file. Remove it.")
     try:
         with Image.open(path) as raw:
-            img = to_8bit(raw).convert(mode)
+            return image_array(raw, mode, size)
     except Exception as err:  # PIL raises many types for bad files
         raise DataError(f"Cannot read image {path}: {err}. Remove or replace this file.") from None
-    if size is not None:
-        img = resize_centre_crop(img, size)
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
 def _decode_chunk(
