@@ -551,7 +551,11 @@ def check_writable(out: Path) -> None:
 
 
 def pretrain(
-    cfg: Config, resume: str | None = None, force: bool = False, overwrite: bool = False
+    cfg: Config,
+    resume: str | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    until_epoch: int | None = None,
 ) -> PretrainResult:
     """Pre-train ``cfg.model`` on ``cfg.data``.
 
@@ -569,30 +573,36 @@ def pretrain(
         resume: a checkpoint path, or "auto" for the newest one of ``cfg.out``'s run.
         force: resume even if the checkpoint was made with other settings.
         overwrite: start a fresh run in a folder that holds another run.
+        until_epoch: stop after this epoch, with its checkpoint (the result's), as a
+            preemption would: the schedules stay those of ``train.epochs``, and ``resume``
+            continues the run. None: run all ``train.epochs``.
 
     Raises:
         Preempted: stopped by a signal, after writing a checkpoint.
     """
     started = time.perf_counter()
+    if until_epoch is not None and not 1 <= until_epoch <= cfg.train.epochs:
+        raise ConfigError(f"until_epoch must be in [1, train.epochs={cfg.train.epochs}]")
     run = _setup(cfg, resume, force, overwrite)
     try:
         with StopSignals() as signals:
-            return _train(run, started, signals)
+            return _train(run, started, signals, until_epoch or cfg.train.epochs)
     finally:
         if run.lock is not None:
             run.lock.close()
         distributed.teardown()
 
 
-def _train(run: _Run, started: float, signals: StopSignals) -> PretrainResult:
-    """The steps from ``run.step`` to the end of the run, then its last checkpoint."""
+def _train(run: _Run, started: float, signals: StopSignals, until_epoch: int) -> PretrainResult:
+    """The steps from ``run.step`` to the end of epoch ``until_epoch``, then its
+    checkpoint (the run's last one, ``last.pt``, after the run's last epoch)."""
     _log_start(run)
     report = _Report(run, started)
     run.health.checked_step = run.step
     batches: Generator[torch.Tensor, None, None] | None = None
     try:
         with report.bar:
-            while run.step < run.total_steps:
+            while run.step < run.steps_per_epoch * until_epoch:
                 step = run.step
                 epoch, in_epoch = divmod(step, run.steps_per_epoch)
                 if batches is None or in_epoch == 0:
@@ -611,6 +621,8 @@ def _train(run: _Run, started: float, signals: StopSignals) -> PretrainResult:
                     _stop(run, stop, report.metrics)
     finally:
         _close(batches)  # a stream's readers end here, however the loop ends
+    if run.step < run.total_steps:
+        return _pause(run, started, report.metrics)
     return _finish(run, started, report.metrics)
 
 
@@ -873,6 +885,19 @@ def _stop(run: _Run, signal_name: str, metrics: MetricsLog | None) -> None:
     error = Preempted(signal_name, run.step, str(path))
     log.warning("%s", error)
     raise error
+
+
+def _pause(run: _Run, started: float, metrics: MetricsLog | None) -> PretrainResult:
+    """Stop before the run's end with the checkpoint of this step (the epoch's own, if it
+    was due); ``--resume`` continues from it."""
+    checkpoint = run.out / f"checkpoint-{run.step:08d}.pt"
+    if run.last_checkpoint != checkpoint:
+        _save(run, checkpoint)
+    if metrics is not None:
+        metrics.close()
+    distributed.barrier(run.proc)
+    log.info("stopped after step %d of %d, as asked: %s", run.step, run.total_steps, checkpoint)
+    return PretrainResult(run.out, checkpoint, run.cfg, run.last, time.perf_counter() - started)
 
 
 def _finish(run: _Run, started: float, metrics: MetricsLog | None) -> PretrainResult:
