@@ -27,7 +27,8 @@ recipe (BatchNorm + linear, SGD, 90 epochs, the last epoch's top-1), and k-NN (k
 T = 0.07). The encoder at random initialisation is the baseline.
 
 Outputs in ``--out``: ``results.json`` (every number), ``results.md`` (the table), and the
-figure ``gap_curves.png`` (``--figure`` also copies it, e.g. to ``benchmarks/figures/``).
+figure ``gap_curves.png``; ``--figure`` and ``--json`` also copy the figure and the JSON
+(e.g. to ``benchmarks/figures/`` and ``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -158,8 +158,9 @@ class Study:
         return self.out / "runs" / f"{variant}-seed{seed}"
 
     def tasks(self) -> list[Task]:
-        """Every task, the longest pre-trainings first (so that two workers end together),
-        then the evaluations, the random-init baseline first."""
+        """Every task: the full-length pre-trainings first, then those of the other seeds,
+        then the evaluations, the random-init baseline first. A worker takes the first
+        that is ready (an evaluation waits for its pre-training)."""
         trains = [Task("train", v, 0, self.epochs) for v in VARIANTS]
         trains += [
             Task("train", v, s, self.spread_epoch) for s in range(1, self.seeds) for v in VARIANTS
@@ -371,6 +372,7 @@ def collect(study: Study) -> dict[str, Any]:
     evals = {}
     for path in sorted((study.out / "done").glob("eval-*.json")):
         record = json.loads(path.read_text())
+        record["checkpoint"] = os.path.relpath(record["checkpoint"], study.out)
         evals[(record["variant"], record["seed"], path.stem.rsplit("epoch", 1)[1])] = record
     curves: dict[str, list[dict[str, Any]]] = {}
     spread: dict[str, dict[str, Any]] = {}
@@ -441,18 +443,23 @@ def figure(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharey="row")
+    variants = list(report["curves"])
     for row, (key, label) in enumerate((("linprobe", "linear probe"), ("knn", "k-NN"))):
         for col, x_key in enumerate(("epoch", "pretrain_s")):
             ax = axes[row, col]
-            for variant, curve in report["curves"].items():
+            for i, (variant, curve) in enumerate(report["curves"].items()):
                 xs = [p[x_key] / (60 if col else 1) for p in curve]
                 line = ax.plot(xs, [p[key] for p in curve], marker="o", label=variant)[0]
                 s = report["spread"].get(variant)
-                if col == 0 and s is not None:
+                if col == 0 and s is not None:  # side by side, not on top of each other
+                    nudge = 2 ** (0.04 * (i - (len(variants) - 1) / 2))
                     ax.errorbar(
-                        report["spread_epoch"], s[key]["mean"], yerr=s[key]["std"],
-                        color=line.get_color(), capsize=4, fmt="_",
+                        report["spread_epoch"] * nudge, s[key]["mean"], yerr=s[key]["std"],
+                        color=line.get_color(), capsize=3, fmt="_",
                     )  # fmt: skip
+            if col == 0:
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(report["checkpoints"], [str(e) for e in report["checkpoints"]])
             if report["random_init"] is not None:
                 ax.axhline(report["random_init"][key], color="grey", ls="--", label="random init")
             ax.set_xlabel("epochs" if col == 0 else "pre-training wall time (min)")
@@ -462,22 +469,25 @@ def figure(report: dict[str, Any], path: Path) -> None:
     subset = report["subset"] or "all"
     fig.suptitle(
         f"Does the gap close? setting {report['setting']}, {subset} pre-training images, "
-        f"{report['epochs']}-epoch schedules; error bars: {report['seeds']} seeds"
+        f"{report['epochs']}-epoch schedules; error bars: mean ± std of {report['seeds']} seeds"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def report(study: Study, copy_figure: Path | None) -> None:
+def report(study: Study, copies: dict[str, Path | None]) -> None:
+    """Write ``results.json``, ``results.md`` and ``gap_curves.png`` into the study's
+    folder, copy the figure and the JSON where ``copies`` says, and print the table."""
     data = collect(study)
     (study.out / "results.json").write_text(json.dumps(data, indent=2) + "\n")
     table = markdown(data)
     (study.out / "results.md").write_text(table + "\n")
     figure(data, study.out / "gap_curves.png")
-    if copy_figure is not None:
-        copy_figure.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(study.out / "gap_curves.png", copy_figure)
+    for name, target in (("gap_curves.png", copies["figure"]), ("results.json", copies["json"])):
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(study.out / name, target)
     print(table)
 
 
@@ -485,15 +495,12 @@ def report(study: Study, copy_figure: Path | None) -> None:
 # the command
 
 
-def extract(archive: Path, cache: Path) -> Path:
+def _extracted(archive: Path, cache: Path) -> Path:
     """The image folder of the CIFAR-10 archive, extracted once into ``cache``."""
-    folder = cache / "cifar10"
-    if not (folder / "test").is_dir():
-        log.info("extracting %s into %s", archive, cache)
-        cache.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(cache, filter="data")
-    return folder
+    sys.path.insert(0, str(HERE))
+    from equal_budget import extract  # a sibling script
+
+    return extract(archive, cache)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -512,6 +519,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--figure", type=Path, help="also copy the figure here")
+    parser.add_argument("--json", type=Path, help="also copy results.json here")
     return parser.parse_args(argv)
 
 
@@ -524,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.checkpoints[-1] != args.epochs or args.spread_epoch not in args.checkpoints:
         raise SystemExit("--checkpoints must end at --epochs and hold --spread-epoch")
     study = Study(
-        args.out, args.data or extract(args.archive, args.cache), args.setting, args.epochs,
+        args.out, args.data or _extracted(args.archive, args.cache), args.setting, args.epochs,
         tuple(args.checkpoints), args.spread_epoch, args.seeds,
     )  # fmt: skip
     for folder in ("claims", "done", "runs"):
@@ -542,7 +550,7 @@ def main(argv: list[str] | None = None) -> None:
         codes = [w.wait() for w in workers]
         if any(codes):
             raise SystemExit(f"a worker failed (exit codes {codes}): see {study.out}/worker-*.log")
-    report(study, args.figure)
+    report(study, {"figure": args.figure, "json": args.json})
 
 
 def _passed_on(args: argparse.Namespace, study: Study) -> list[str]:

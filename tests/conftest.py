@@ -5,6 +5,10 @@ CIFAR-10 images, a local file server and a driver script that injects a fault.""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import tarfile
 import textwrap
 from collections import defaultdict
@@ -231,6 +235,38 @@ def serve(monkeypatch: pytest.MonkeyPatch):
     from torchvision_fakes import serve_files
 
     yield from serve_files(monkeypatch)
+
+
+def _in_a_small_file_system(script: str, size: str = "3m") -> subprocess.CompletedProcess:
+    """Run ``script`` (sh) with a fresh tmpfs of ``size`` mounted at $MNT, in a private
+    mount namespace (as root; else as a user namespace's root): a real full disk (or,
+    remounted ``ro``, a read-only one), gone when the script ends. Skips where neither is
+    allowed."""
+    if sys.platform != "linux":
+        pytest.skip("tmpfs and mount namespaces are Linux's")
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a private tmpfs")
+    ns = ["unshare", "--mount", "--propagation", "private"]
+    if os.geteuid() != 0:
+        ns = ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"]
+    setup = f'MNT=$(mktemp -d) && mount -t tmpfs -o size={size} tmpfs "$MNT" || exit 97\n'
+    done = subprocess.run(
+        [*ns, "sh", "-c", setup + textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    if done.returncode == 97 or "unshare failed" in done.stderr:
+        pytest.skip(f"a tmpfs cannot be mounted here: {done.stderr.strip()[-200:]}")
+    return done
+
+
+@pytest.fixture
+def small_file_system() -> Callable[..., subprocess.CompletedProcess]:
+    """``small_file_system(script, size="3m")``: run the sh ``script`` with a private tmpfs
+    at $MNT (and $PYTHON this interpreter); skips where none can be mounted."""
+    return _in_a_small_file_system
 
 
 @pytest.fixture

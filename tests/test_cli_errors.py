@@ -215,3 +215,66 @@ def test_ctrl_c_outside_training_is_one_line(monkeypatch, capsys, digits_run):
     monkeypatch.setattr(dsmae.evaluation.knn, "knn_eval", interrupted)
     assert main(["knn", "--checkpoint", str(digits_run / "last.pt")]) == 130
     assert capsys.readouterr().err.strip() == "dsmae knn: interrupted"
+
+
+@pytest.mark.parametrize(
+    "command,args,message",
+    [
+        ("linprobe", ["--epochs", "0"], "probe.epochs: must be >= 1, got 0 (set by --epochs)"),
+        ("linprobe", ["--epochs", "-3"], "probe.epochs: must be >= 1, got -3 (set by --epochs)"),
+        ("linprobe", ["--batch-size", "0"], "probe.batch_size: must be >= 1, got 0 (set by"),
+        ("knn", ["--k", "0"], "monitor.knn_k: must be >= 1, got 0 (set by --k)"),
+        ("knn", ["--k", "-5"], "monitor.knn_k: must be >= 1, got -5 (set by --k)"),
+        ("knn", ["--temperature", "0"], "knn_temperature: must be positive (set by --temp"),
+        ("knn", ["--temperature", "-1"], "knn_temperature: must be positive (set by --temp"),
+        ("features", ["--batch-size", "0"], "batch_size must be a positive integer, got 0 ("),
+        ("features", ["--batch-size", "-2"], "must be a positive integer, got -2 (set by --b"),
+        ("finetune", ["--set", "finetune.base_lr=-1"], "finetune.base_lr: must be positive"),
+        ("finetune", ["--epochs", "0"], "finetune.epochs: must be >= 1, got 0 (set by --epochs)"),
+    ],
+)
+def test_impossible_flags_are_one_line_naming_the_flag(
+    digits_run, cifar_folder, tmp_path, capsys, command, args, message
+):
+    argv = [command, "--checkpoint", str(digits_run / "last.pt"), "--device", "cpu", *args]
+    if command == "features":
+        argv += ["--data", str(cifar_folder / "test"), "--out", str(tmp_path / "f.npy")]
+    err = _fails(capsys, argv, message)
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "f.npy").exists()
+
+
+def test_plot_wants_a_figure_file_name(digits_run, tmp_path, capsys):
+    err = _fails(capsys, ["plot", str(digits_run), "--out", str(tmp_path / "x.pt")],
+                 "--out", "x.pt", ".png", ".pdf")  # fmt: skip
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.pt").exists()
+
+
+def test_denoise_never_writes_over_an_input(digits_run, cifar_folder, tmp_path, capsys):
+    image = tmp_path / "a.png"
+    image.write_bytes(sorted((cifar_folder / "test").rglob("*.jpg"))[0].read_bytes())
+    before = image.read_bytes()  # a JPEG named .png: denoise reads files by their content
+    argv = ["denoise", "--checkpoint", str(digits_run / "last.pt"), str(image)]
+    _fails(capsys, [*argv, "--out", str(image)], f"--out {image} is an input of this command")
+    assert image.read_bytes() == before
+
+
+def test_export_checks_the_hub_repo_id_before_any_work(digits_run, tmp_path, capsys):
+    out = tmp_path / "exported"
+    argv = ["export", "--checkpoint", str(digits_run / "last.pt"), "--out", str(out)]
+    _fails(capsys, [*argv, "--push-to-hub", ""], "--push-to-hub needs a Hub model repo id")
+    _fails(capsys, [*argv, "--push-to-hub", "not a/valid/repo id!!"],
+           "--push-to-hub 'not a/valid/repo id!!' is not a Hub model repo id")  # fmt: skip
+    _fails(capsys, [*argv, "--private"], "--private makes the repo of --push-to-hub private")
+    assert not out.exists()  # refused before the export
+
+
+def test_shards_prints_a_data_flag_the_shell_takes_as_it_is(cifar_folder, tmp_path, capsys):
+    import shlex
+
+    out = tmp_path / "it's"
+    assert main(["shards", str(cifar_folder / "test"), str(out), "--shard-size", "60"]) == 0
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if "--data" in line)
+    words = shlex.split(line.split(": ", 1)[1])  # as a shell splits the suggested flags
+    assert words[:2] == ["--data", f"{out}/shard-{{000000..000001}}.tar"], words

@@ -149,3 +149,75 @@ def test_a_probe_after_pretraining_on_shards_is_refused_before_any_work():
     with pytest.raises(ConfigError, match=r"probe\.after_pretrain: .* stream of WebDataset shards"):
         build_config(overrides={**shards, "probe.after_pretrain": True})
     assert not build_config(overrides=shards).probe.after_pretrain  # the default is fine
+
+
+# ----------------------------------------------------------------- resolved values follow
+
+
+def _saved(tmp_path, cfg: Config) -> str:
+    """``cfg`` saved as a run saves it (``config.yaml``: every value resolved)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    return str(path)
+
+
+def test_a_saved_configs_lr_follows_a_new_batch_and_base_lr(tmp_path):
+    saved = _saved(tmp_path, build_config("quickstart"))  # batch 64, base_lr 3e-3 -> lr 7.5e-4
+    cfg = build_config(files=[saved], overrides={"train.batch_size": 128, "train.base_lr": 0.01})
+    assert cfg.train.lr == 0.01 * 128 / 256 and cfg.train.micro_batch == 128
+    assert build_config(files=[saved], overrides={"train.batch_size": 32}).train.lr == (
+        3e-3 * 32 / 256
+    )
+    unchanged = build_config(files=[saved])
+    assert unchanged == build_config("quickstart")  # a saved config gives back its run's
+
+
+def test_a_base_lr_that_would_change_nothing_is_refused_with_the_reason(tmp_path):
+    own_lr = _saved(tmp_path, build_config("quickstart", overrides={"train.lr": 0.002}))
+    with pytest.raises(ConfigError, match=r"train\.base_lr: changing it does nothing while "
+                       r"train\.lr=0\.002 is set") as refused:  # fmt: skip
+        build_config(files=[own_lr], overrides={"train.base_lr": 0.01})
+    assert refused.value.key == "train.base_lr"
+    # the user's own lr stays with a new batch; and can be derived again on request
+    assert build_config(files=[own_lr], overrides={"train.batch_size": 32}).train.lr == 0.002
+    again = build_config(files=[own_lr], overrides={"train.base_lr": 0.01, "train.lr": None})
+    assert again.train.lr == 0.01 * 64 / 256
+
+
+def test_the_model_a_saved_config_derives_follows_a_new_arch_and_method(tmp_path):
+    saved = _saved(tmp_path, build_config())  # vit_tiny, dsmae
+    small = build_config(files=[saved], overrides={"model.arch": "vit_small"})
+    m = small.model
+    assert (m.depth, m.embed_dim, m.num_heads, m.decoder_dim, m.decoder_heads) == (
+        12, 384, 6, 384, 6,
+    )  # fmt: skip
+    assert build_config(files=[saved], overrides={"model.method": "mae"}).model.noise_ratio == 0.75
+    custom = _saved(tmp_path, build_config(overrides={"model.decoder_dim": 96}))  # the user's
+    assert (
+        build_config(files=[custom], overrides={"model.arch": "vit_small"}).model.decoder_dim == 96
+    )
+
+
+def test_the_measured_normalisation_is_measured_again_on_new_data(tmp_path):
+    saved = _saved(tmp_path, build_config("quickstart", overrides={"data.mean": [0.3],
+                                                                   "data.std": [0.4]}))  # fmt: skip
+    assert build_config(files=[saved]).data.mean == [0.3]
+    for change in ({"data.subset": 100}, {"data.source": str(tmp_path)}):
+        moved = build_config(files=[saved], overrides=change)
+        assert (moved.data.mean, moved.data.std) == (None, None)  # measured when the run starts
+    kept = build_config(files=[saved], overrides={"data.subset": 100, "data.mean": [0.5]})
+    assert (kept.data.mean, kept.data.std) == ([0.5], None)
+
+
+def test_a_checkpoints_finetune_lr_follows_its_base_lr_and_batch():
+    from dsmae.config import override_config
+
+    cfg = build_config("quickstart")  # as a checkpoint holds it: finetune.lr resolved
+    assert cfg.finetune.lr == 1e-3 * 128 / 256
+    changed = override_config(cfg, (), {"finetune.base_lr": 0.5})
+    assert (changed.finetune.base_lr, changed.finetune.lr) == (0.5, 0.5 * 128 / 256)
+    assert override_config(cfg, (), {"finetune.batch_size": 64}).finetune.lr == 1e-3 * 64 / 256
+    assert override_config(cfg, (), {"data.source": "cifar10"}).data.mean == cfg.data.mean
+    for key in ("finetune.base_lr", "train.base_lr", "probe.base_lr"):
+        with pytest.raises(ConfigError, match=rf"{key}: must be positive, got -0.5"):
+            override_config(cfg, (), {key: -0.5})

@@ -102,3 +102,28 @@ def test_one_failing_rank_ends_every_rank_quickly(tmp_path, tiny_run, fault_driv
     assert done.returncode != 0
     assert time.monotonic() - started < 120
     assert "rank 1 fails on purpose" in done.stderr
+
+
+def test_under_a_time_budget_every_rank_takes_the_same_epochs(tmp_path, run_args, fault_driver):
+    # rank 1 times its steps 100 times slower than rank 0: alone, rank 0 would choose all
+    # 50 epochs and rank 1 a few; they must agree (the fewest), or the run could not end
+    driver = fault_driver(
+        """
+        import dsmae.engine
+        real_time_steps = dsmae.engine._time_steps
+        def rank_timed_steps(run):
+            steps, _ = real_time_steps(run)
+            return steps, 0.001 if os.environ["RANK"] == "0" else 0.1
+        dsmae.engine._time_steps = rank_timed_steps
+        """,
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    run = [*run_args, "--epochs", "50", "--time-budget", "8s", "--out", str(out)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", driver, *run]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    epochs = load_checkpoint(out / "last.pt")["config"]["train"]["epochs"]
+    assert 1 <= epochs < 50  # rank 1's choice: 4 steps of 0.1 s an epoch in what is left
+    assert read_metrics(out / "metrics.jsonl")[-1]["step"] == 4 * epochs

@@ -210,6 +210,43 @@ def test_load_encoder_reads_the_first_export_layout(digits_run, tmp_path):
     assert dsmae.load_encoder(tmp_path, num_classes=3).head.out_features == 3
 
 
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"model_args": {"embed_dim": 65536, "depth": 64}}, "describes an encoder of about"),
+        ({"architecture": "resnet50"}, "architecture 'resnet50' is not a ViT that dsmae"),
+        ({"model_args": {"depth": "12"}}, "model_args.depth must be a positive number"),
+        ({"model_args": None}, "no model_args mapping"),
+    ],
+    ids=["huge", "not-a-vit", "a-string", "no-args"],
+)
+def test_load_encoder_refuses_an_export_it_cannot_build_before_building_it(
+    digits_run, tmp_path, change, message
+):
+    import time
+
+    out = export_encoder(digits_run / "last.pt", tmp_path / "e")
+    config = json.loads((out / "config.json").read_text())
+    for key, value in change.items():
+        if isinstance(value, dict):
+            config[key].update(value)
+        else:
+            config[key] = value
+    (out / "config.json").write_text(json.dumps(config))
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        dsmae.load_encoder(out)  # a 51 GB model would take minutes and all the memory
+    assert time.monotonic() - started < 5
+
+
+def test_load_encoder_of_a_checkpoint_pools_as_its_export(digits_run):
+    encoder = dsmae.load_encoder(digits_run / "last.pt").eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(encoder(x), pooled_features(encoder, x, "avg"))  # as the export
+    assert dsmae.load_encoder(digits_run / "last.pt", num_classes=4).global_pool == "avg"
+
+
 def test_load_encoder_records_the_input_of_a_checkpoint(digits_run):
     encoder = dsmae.load_encoder(digits_run / "last.pt")
     config = timm.data.resolve_data_config(model=encoder)

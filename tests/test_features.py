@@ -4,6 +4,7 @@ an encoder, each image made what the encoder saw in pre-training; and ``dsmae fe
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -176,3 +177,56 @@ def test_folder_features_skips_unreadable_images_and_lists_the_others(checkpoint
     assert names.read_text().splitlines() == sorted(f.name for f in good)
     expected = dsmae.extract_features(checkpoint, sorted(folder / f.name for f in good))
     assert np.array_equal(np.load(out), expected.numpy())
+
+
+def test_batch_sizes_and_images_that_cannot_be_are_refused_by_name(checkpoint, digits):
+    for batch_size in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="batch_size must be a positive integer") as bad:
+            dsmae.extract_features(checkpoint, digits[:2], batch_size=batch_size)
+        assert bad.value.key == "batch_size"
+    with pytest.raises(DataError, match="holds no pixels: no images"):
+        dsmae.extract_features(checkpoint, torch.zeros(0, 1, 8, 8))
+    nan = torch.zeros(2, 1, 8, 8)
+    nan[1, 0, 3, 3] = float("nan")  # once, these features were those of a black image
+    with pytest.raises(DataError, match="holds NaN"):
+        dsmae.extract_features(checkpoint, nan)
+
+
+def test_an_exports_own_pooling_is_the_default(checkpoint, digits, tmp_path, caplog):
+    by_cls = export_encoder(checkpoint, tmp_path / "cls", pool="cls")
+    expected = dsmae.extract_features(checkpoint, digits, pool="cls")
+    torch.testing.assert_close(dsmae.extract_features(by_cls, digits), expected)
+    model = timm.create_model(f"local-dir:{by_cls}", pretrained=True).eval()
+    x = normalize(to_unit_float(digits), checkpoint.config.data.mean, checkpoint.config.data.std)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)  # what timm gives
+    assert "differs from the encoder's own" not in caplog.text
+    avg = dsmae.extract_features(by_cls, digits, pool="avg")  # asked for: given, with a word
+    torch.testing.assert_close(avg, dsmae.extract_features(checkpoint, digits, pool="avg"))
+    assert "pool='avg' differs from the encoder's own 'cls'" in caplog.text
+
+
+def test_features_never_replace_an_input_nor_an_existing_file_unasked(digits_run, tmp_path, capsys):
+    from dsmae.cli import main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.full((8, 8), 90, dtype=np.uint8)).save(folder / "a.png")
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes((digits_run / "last.pt").read_bytes())
+    argv = ["features", "--checkpoint", str(ckpt), "--data", str(folder), "--device", "cpu"]
+    for out in (ckpt, folder / "a.png"):  # the checkpoint read, an image read
+        before = out.read_bytes()
+        assert main([*argv, "--out", str(out), "--overwrite"]) == 2
+        assert "is an input of this command" in capsys.readouterr().err
+        assert out.read_bytes() == before
+    out = tmp_path / "f.npy"
+    assert main([*argv, "--out", str(out)]) == 0
+    first = out.read_bytes()
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} exists; pass --overwrite to replace it" in err and "Traceback" not in err
+    assert out.read_bytes() == first
+    (tmp_path / "g.files.txt").write_text("an earlier listing\n")  # its list is refused too
+    assert main([*argv, "--out", str(tmp_path / "g.npy")]) == 2
+    assert main([*argv, "--out", str(out), "--overwrite"]) == 0

@@ -1,14 +1,23 @@
 """Weights & Biases and MLflow beside TensorBoard (``log.wandb``, ``log.mlflow``): the same
 scalars, images and config, read back from W&B's offline run files and from an MLflow
-file store; a missing extra is one line naming its pip command."""
+file store; a missing extra is one line naming its pip command, and so is a tracker server
+that does not answer when the run starts. A tracker that fails or stalls mid-run (fakes
+fed through :class:`~dsmae.loggers.Sender`) is warned about and never holds up training."""
 
 import io
 import json
+import logging
 import math
 import re
+import socket
 import struct
 import sys
+import threading
+import time
 from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +29,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dsmae.cli import main
 from dsmae.config import ConfigError, LogConfig, build_config
-from dsmae.loggers import IDS_FILE, flat_config
+from dsmae.loggers import IDS_FILE, Sender, check_reachable, flat_config
 from dsmae.metrics import MetricsLog, read_metrics
 
 # a tiny pre-training: 128 real digits, a 1-block ViT, one epoch of 4 steps, every step
@@ -55,6 +64,23 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     ``MLFLOW_ALLOW_FILE_STORE`` for one)."""
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     return f"file:{tmp_path / 'mlruns'}"
+
+
+@pytest.fixture
+def closed_url(monkeypatch: pytest.MonkeyPatch) -> str:
+    """An http://127.0.0.1 address where nothing listens (a port the system has just handed
+    out and taken back), asked directly, never through a proxy."""
+    _no_proxy(monkeypatch)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local requests go straight to their port (a proxy would answer for a closed one)."""
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setenv("NO_PROXY", "*")
 
 
 def _scalars(records: list[dict[str, Any]], prefix: str) -> dict[str, list[tuple[int, float]]]:
@@ -299,3 +325,241 @@ def test_a_resumed_run_continues_the_trackers_runs_and_a_fresh_one_starts_new_on
     with MetricsLog(folder, config=build_config()):
         pass
     assert not (folder / IDS_FILE).exists()
+
+
+# ------------------------------------------------------------ a server that does not answer
+
+
+def _refusal(folder: Path, overrides: dict[str, Any]) -> str:
+    """The message of the :class:`ConfigError` that opening the metrics log of ``overrides``
+    raises, within seconds; nothing is left in ``folder``."""
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as refusal:
+        MetricsLog(folder, config=build_config(overrides=overrides))
+    assert time.monotonic() - started < 15
+    assert list(folder.iterdir()) == []  # no metrics, no TensorBoard, no run ids
+    return str(refusal.value)
+
+
+def test_an_mlflow_server_that_does_not_answer_is_refused_within_seconds(tmp_path, closed_url):
+    message = _refusal(tmp_path / "run", {"log.mlflow": closed_url})
+    assert message.startswith("log.mlflow: ") and "cannot be reached" in message
+    assert closed_url in message
+
+
+def test_a_wandb_server_that_does_not_answer_is_refused_within_seconds(
+    tmp_path, monkeypatch, closed_url
+):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_BASE_URL", closed_url)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_DISABLED", raising=False)
+    message = _refusal(tmp_path / "run", {"log.wandb": True})
+    assert message.startswith("log.wandb: ") and "cannot be reached" in message
+    assert closed_url in message
+
+
+def test_the_command_refuses_an_unreachable_tracker_in_one_line_before_the_first_step(
+    tmp_path, closed_url, capsys
+):
+    out = tmp_path / "run"
+    assert main([*TINY, "--out", str(out), "--set", f"log.mlflow={closed_url}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsmae pretrain: error: log.mlflow") and err.count("\n") == 1
+    assert "cannot be reached" in err and "Traceback" not in err
+    assert not (out / "metrics.jsonl").exists() and list(out.glob("*.pt")) == []
+
+
+@contextmanager
+def _local_server(status: int) -> Iterator[str]:
+    """An http://127.0.0.1 server that answers every request with ``status``; its address."""
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_server_that_answers_is_reachable_even_with_an_error_status(monkeypatch):
+    _no_proxy(monkeypatch)
+    for status in (200, 404, 500):
+        with _local_server(status) as url:
+            check_reachable(url, "MLflow tracking", "log.mlflow", timeout=5)
+    for status in (502, 503, 504):  # a proxy's answer for a server it cannot reach
+        with _local_server(status) as url, pytest.raises(ConfigError, match=f"HTTP {status}"):
+            check_reachable(url, "MLflow tracking", "log.mlflow", timeout=5)
+
+
+def test_a_server_that_takes_the_connection_but_never_answers_is_refused_in_time(monkeypatch):
+    _no_proxy(monkeypatch)
+    with socket.socket() as silent:  # listens, so connections open, but never reads
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match=r"log\.mlflow: the MLflow tracking server at"):
+            check_reachable(url, "MLflow tracking", "log.mlflow", timeout=0.5)
+        assert time.monotonic() - started < 2.5
+
+
+# ------------------------------------------------------------ a tracker that fails or stalls
+
+HOLD_SECONDS = 30.0  # the most a held fake call waits: a Sender that blocked fails, not hangs
+
+
+class _FakeTracker:
+    """A tracker that keeps its calls; with ``hold``, each call waits until it is set (a
+    slow or stalled server); with ``fail_from``, ``scalars`` raises from that call on."""
+
+    name = "fake"
+    run_id = "run-1"
+
+    def __init__(self, hold: threading.Event | None = None, fail_from: int | None = None) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.hold, self.fail_from = hold, fail_from
+        self.waiting = threading.Event()  # set when a call waits on `hold`
+
+    def _called(self, *call: Any) -> None:
+        self.calls.append(call)
+        if self.hold is not None:
+            self.waiting.set()
+            self.hold.wait(HOLD_SECONDS)
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        self._called("scalars", values, step)
+        made = sum(call[0] == "scalars" for call in self.calls)
+        if self.fail_from is not None and made >= self.fail_from:
+            raise RuntimeError("server gone")
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        self._called("image", tag, image, step)
+
+    def close(self) -> None:
+        self._called("close")
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "dsmae.loggers" and r.levelno == logging.WARNING]  # fmt: skip
+
+
+def test_a_sender_makes_the_calls_in_order_while_the_caller_goes_on(caplog):
+    go = threading.Event()
+    tracker = _FakeTracker(hold=go)
+    sender = Sender(tracker)
+    assert (sender.name, sender.run_id) == ("fake", "run-1")
+    values, image = {"pretrain/loss": 2.0}, np.zeros((4, 4, 3), np.uint8)
+    sender.scalars(values, 1)
+    assert tracker.waiting.wait(5)  # the tracker holds its first call ...
+    started = time.monotonic()
+    sender.image("pretrain/denoise", image, 1)
+    sender.scalars({"pretrain/loss": 1.0}, 2)
+    assert time.monotonic() - started < 1  # ... and the caller goes on
+    values["pretrain/loss"], image[:] = -1.0, 255  # the caller reuses its objects
+    go.set()
+    sender.close()
+
+    assert [call[0] for call in tracker.calls] == ["scalars", "image", "scalars", "close"]
+    first, (_, tag, sent, at), second, _ = tracker.calls
+    assert first == ("scalars", {"pretrain/loss": 2.0}, 1)  # as they were when given
+    assert (tag, at) == ("pretrain/denoise", 1) and not sent.any()
+    assert second == ("scalars", {"pretrain/loss": 1.0}, 2)
+    assert _warnings(caplog) == []
+
+
+def test_a_failing_tracker_is_warned_about_once_and_given_nothing_more(caplog):
+    tracker = _FakeTracker(fail_from=3)
+    sender = Sender(tracker, "the fake server")
+    for step in range(1, 7):
+        sender.scalars({"pretrain/loss": 1 / step}, step)
+        if step == 4:
+            sender.image("pretrain/denoise", np.zeros((4, 4, 3), np.uint8), step)
+    sender.close()
+
+    assert [(call[0], call[-1]) for call in tracker.calls] == [("scalars", s) for s in (1, 2, 3)]
+    failed, unsent = _warnings(caplog)
+    assert failed.startswith("the fake server failed (server gone): training goes on")
+    assert unsent.startswith("not sent to the fake server (run run-1): ")
+    assert re.search(r"4 scalar lines and 1 images?, steps 3 to 6", unsent), unsent
+
+
+@pytest.mark.parametrize(
+    ("steps", "why"),
+    [(10, "3 calls waiting: it does not keep up"), (2, "no answer within 0.5 s")],
+    ids=["queue-full", "no-answer-at-close"],
+)
+def test_a_stalled_tracker_never_holds_up_the_caller_nor_the_end_of_the_run(
+    steps, why, caplog, monkeypatch
+):
+    monkeypatch.setattr("dsmae.loggers.MAX_PENDING", 3)
+    monkeypatch.setattr("dsmae.loggers.CLOSE_SECONDS", 0.5)
+    stall = threading.Event()
+    tracker = _FakeTracker(hold=stall)
+    sender = Sender(tracker, "the stalled server")
+    try:
+        sender.scalars({"pretrain/loss": 1.0}, 1)
+        assert tracker.waiting.wait(5)  # the server never answers the first call
+        started = time.monotonic()
+        for step in range(2, steps + 1):
+            sender.scalars({"pretrain/loss": 1 / step}, step)
+        sender.image("pretrain/denoise", np.zeros((4, 4, 3), np.uint8), steps)
+        assert time.monotonic() - started < 1
+        started = time.monotonic()
+        sender.close()
+        assert time.monotonic() - started < 0.5 + 1
+        assert [call[-1] for call in tracker.calls] == [1]  # nothing after the stalled call
+    finally:
+        stall.set()
+
+    failed, unsent = _warnings(caplog)
+    assert failed.startswith(f"the stalled server failed ({why}")
+    pattern = r"not sent to the stalled server \(run run-1\): (\d+) scalar lines and 1 images?, "
+    found = re.match(pattern + rf"steps ([12]) to {steps};", unsent)
+    assert found and int(found[1]) in (steps - 1, steps), unsent  # the stalled one may count
+
+
+def test_a_tracker_failing_mid_run_never_stops_the_pretraining(
+    tmp_path, mlflow_store, monkeypatch, caplog
+):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from dsmae.loggers import MlflowTracker
+
+    scalars, made = MlflowTracker.scalars, []
+
+    def gone_after_two(self: MlflowTracker, values: Mapping[str, float], step: int) -> None:
+        made.append(step)
+        if len(made) > 2:
+            raise MlflowException("connection refused")
+        scalars(self, values, step)
+
+    monkeypatch.setattr(MlflowTracker, "scalars", gone_after_two)
+    out = tmp_path / "run"
+    assert main([*TINY, "--out", str(out), "--set", f"log.mlflow={mlflow_store}"]) == 0
+    assert (out / "last.pt").is_file()
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # every step's line
+    assert "knn_top1" in records[-1]
+
+    history = MlflowClient(mlflow_store).get_metric_history(_ids(out)["mlflow"], "pretrain/loss")
+    assert [m.step for m in history] == [1, 2]  # what it took before it failed
+    label = f"MLflow at {mlflow_store}"
+    failed, unsent = _warnings(caplog)
+    assert failed.startswith(f"{label} failed (connection refused): training goes on")
+    assert unsent.startswith(f"not sent to {label} (run {_ids(out)['mlflow']}): ")
+    assert f"{len(records) - 2} scalar lines" in unsent

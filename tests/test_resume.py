@@ -27,8 +27,9 @@ RESUMABLE = {
     "out", "data.root", "data.download", "train.device", "train.micro_batch", "train.compile",
     "train.compile_scope", "train.grad_checkpointing", "train.data_on_device",
     "train.checkpoint_every", "train.checkpoint_minutes", "train.keep_checkpoints",
-    "train.log_every", "train.max_bad_steps", "train.dist_timeout_minutes", "monitor", "probe",
-    "finetune", "log",
+    "train.log_every", "train.max_bad_steps", "train.dist_timeout_minutes",
+    "train.time_budget",  # a budgeted run's epochs are fixed when it starts, and kept
+    "monitor", "probe", "finetune", "log",
 }  # fmt: skip
 
 

@@ -75,13 +75,36 @@ def test_pruning_and_resume_only_see_their_own_run(tmp_path, run_args):
     newer = [*run_args, "--epochs", "3", "--set", "train.keep_checkpoints=1", "--overwrite"]
     assert main([*newer, "--out", str(out)]) == 0  # writes 4, 8 (keeps 1) and last.pt
     new = run_id_of(out)
-    names = sorted(p.name for p in out.glob("checkpoint-*.pt"))
-    # its own oldest was pruned; the old run's newer checkpoint 12 was not
+    names = sorted(p.name for p in out.glob("checkpoint-*.pt") if ".run-" not in p.name)
+    # its own oldest was pruned; the old run's newer checkpoint 12 was not, nor its 4, 8
+    # and last.pt, which the new run's files of those names would have replaced
     assert names == ["checkpoint-00000008.pt", "checkpoint-00000012.pt"]
+    aside = sorted(p.name for p in out.glob(f"*.run-{old}.pt"))
+    assert aside == [f"checkpoint-00000004.run-{old}.pt", f"checkpoint-00000008.run-{old}.pt",
+                     f"last.run-{old}.pt"]  # fmt: skip
     assert checkpoint_run_id(out / "checkpoint-00000008.pt") == new
     assert checkpoint_run_id(out / "checkpoint-00000012.pt") == old
     (out / "last.pt").unlink()  # as if the new run had been killed before its end
     assert resume.find_resume_checkpoint(out) == out / "checkpoint-00000008.pt"
+
+
+def test_a_run_never_writes_over_another_runs_files(tmp_path, run_args, caplog):
+    out = tmp_path / "run"
+    assert main([*run_args, "--epochs", "2", "--out", str(out)]) == 0  # checkpoint 4, last
+    old = run_id_of(out)
+    kept = {name: (out / name).read_bytes() for name in ("checkpoint-00000004.pt", "last.pt")}
+    again = [*run_args, "--epochs", "2", "--set", "train.seed=1", "--overwrite"]
+    assert main([*again, "--out", str(out)]) == 0  # the same names, another run
+    new = run_id_of(out)
+    for name, data in kept.items():
+        aside = out / name.replace(".pt", f".run-{old}.pt")
+        assert aside.read_bytes() == data, name  # moved aside whole, never replaced
+        assert checkpoint_run_id(out / name) == new
+    assert f"belongs to another run ({old}): moved aside to last.run-{old}.pt" in caplog.text
+    # what is aside is no checkpoint of the folder's run: resume never takes it
+    (out / "last.pt").unlink()
+    assert resume.find_resume_checkpoint(out) == out / "checkpoint-00000004.pt"
+    assert checkpoint_run_id(resume.find_resume_checkpoint(out)) == new
 
 
 def test_metrics_are_cut_back_to_the_resumed_step(tmp_path, run_args):

@@ -4,10 +4,7 @@ real, small, full file system, and for the errors libraries wrap around the OS's
 import errno
 import os
 import shlex
-import shutil
-import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -50,35 +47,13 @@ def test_an_atomic_write_keeps_the_old_content_on_failure(tmp_path, monkeypatch)
     ]
 
 
-def _in_a_small_file_system(script: str, size: str = "3m") -> subprocess.CompletedProcess:
-    """Run ``script`` (sh) with a fresh tmpfs of ``size`` mounted at $MNT, in a private
-    mount namespace (as root; else as a user namespace's root): a real full disk, gone
-    when the script ends. Skips where neither is allowed."""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare (util-linux) for a private tmpfs")
-    ns = ["unshare", "--mount", "--propagation", "private"]
-    if os.geteuid() != 0:
-        ns = ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"]
-    setup = f'MNT=$(mktemp -d) && mount -t tmpfs -o size={size} tmpfs "$MNT" || exit 97\n'
-    done = subprocess.run(
-        [*ns, "sh", "-c", setup + textwrap.dedent(script)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHON": sys.executable},
-    )
-    if done.returncode == 97 or "unshare failed" in done.stderr:
-        pytest.skip(f"a tmpfs cannot be mounted here: {done.stderr.strip()[-200:]}")
-    return done
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="tmpfs and mount namespaces are Linux's")
-def test_a_real_full_disk_is_a_message_and_leaves_no_temporary_file(tiny_run):
+def test_a_real_full_disk_is_a_message_and_leaves_no_temporary_file(tiny_run, small_file_system):
     # the tiny run with the preset's own model, whose checkpoints do not fit on 3 MB, and
     # the preset's metrics line every 5 steps; a checkpoint after every epoch
     own = ["--set", "train.log_every=5", "--set", "train.checkpoint_every=1"]
     run = shlex.join(tiny_run.args(*own, preset_model=True))
-    done = _in_a_small_file_system(f"""
+    done = small_file_system(f"""
         "$PYTHON" -m dsmae {run} --out "$MNT/run"; echo "first: $?"
         ls -a "$MNT/run"; echo "free: $(df -k "$MNT" | tail -1)"
         "$PYTHON" -m dsmae {run} --out "$MNT/run" --resume auto; echo "again: $?"

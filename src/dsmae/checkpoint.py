@@ -128,15 +128,29 @@ def checkpoint_config(state: dict[str, Any], source: str | Path) -> Config:
     except ConfigError as err:
         raise CheckpointError(f"{source} holds an invalid config: {err}") from None
     m = cfg.model
-    described = m.depth * (4 + 2 * m.mlp_ratio) * m.embed_dim**2 + m.patch_size**2 * m.embed_dim
     stored = sum(t.numel() for k, t in state["model"].items() if k.startswith("encoder."))
-    if described > max(16 * stored, SMALL_MODEL):  # a model this size builds in no time
+    check_encoder_size(m.depth, m.embed_dim, m.mlp_ratio, m.patch_size, stored, source)
+    return cfg
+
+
+def check_encoder_size(
+    depth: int, embed_dim: int, mlp_ratio: float, patch_size: int, stored: int, source: Any
+) -> None:
+    """Refuse, before it is built, a ViT encoder (``depth`` blocks of width ``embed_dim``)
+    described beside ``stored`` weights that it would dwarf: over 16x, and over 10M
+    parameters (a model this size builds in no time); building it would allocate that
+    model before the shapes are compared.
+
+    Raises:
+        CheckpointError: naming ``source`` and both sizes.
+    """
+    described = depth * (4 + 2 * mlp_ratio) * embed_dim**2 + patch_size**2 * embed_dim
+    if described > max(16 * stored, SMALL_MODEL):
         raise CheckpointError(
             f"{source}: its config describes an encoder of about {described:,.0f} "
             f"parameters, but the file holds {stored:,}: config and weights do not "
             "belong together"
         )
-    return cfg
 
 
 @dataclass(frozen=True, eq=False)

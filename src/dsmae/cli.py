@@ -14,15 +14,17 @@ parsed (the commands import what they run), so ``dsmae --help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import shlex
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from dsmae.config import POOLS, ConfigError, available_presets, build_config, parse_assignment
-from dsmae.preemption import PREEMPTED_EXIT, Preempted
+from dsmae.preemption import PREEMPTED_EXIT, CommandSignals, Preempted, Stopped
 from dsmae.writes import WriteError
 
 log = logging.getLogger("dsmae")
@@ -42,6 +44,16 @@ PRETRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "--noise-ratio": ("model.noise_ratio", float),
     "--lam": ("model.lam", float),
     "--out": ("out", str),
+    "--time-budget": ("train.time_budget", str),
+}
+# ... where a flag says more than the key it sets
+PRETRAIN_FLAG_OPTIONS: dict[str, dict[str, str]] = {
+    "--time-budget": {
+        "metavar": "DURATION",
+        "help": "sets train.time_budget: a wall-clock budget such as 90s, 10m or 2h; "
+        "train.epochs becomes the most that fit (at most --epochs), their schedules ending "
+        "on time",
+    },
 }
 # argparse destination -> config key, of the shared flags (parent parsers below)
 DATA_KEYS = {
@@ -61,6 +73,9 @@ LINPROBE_KEYS = {
 }
 KNN_KEYS = {"pool": "probe.pool", "k": "monitor.knn_k", "temperature": "monitor.knn_temperature"}
 FINETUNE_KEYS = {"epochs": "finetune.epochs", "batch_size": "finetune.batch_size"}
+# ... and of the arguments that are no config key but a parameter of the function a
+# command calls (named by its errors)
+FEATURES_KEYS = {"batch_size": "batch_size"}
 BENCH_KEYS = {
     "micro_batch": "train.micro_batch",
     "compile": "train.compile",
@@ -186,7 +201,8 @@ def _add_pretrain(sub: Any) -> None:
     _add_config_flag(p, "YAML file of config values, applied after the preset (repeatable)")
     _add_set_flag(p, "any config value, e.g. train.warmup_epochs=5 (repeatable)")
     for flag, (key, kind) in PRETRAIN_FLAGS.items():
-        p.add_argument(flag, type=kind, help=f"sets {key}")
+        options = {"help": f"sets {key}", **PRETRAIN_FLAG_OPTIONS.get(flag, {})}
+        p.add_argument(flag, type=kind, **options)
     _add_flags(p, *PRETRAIN_START_FLAGS)
     p.set_defaults(run=_run_pretrain, keys={**PRETRAIN_KEYS, **DATA_KEYS, **RUN_KEYS})
 
@@ -313,8 +329,11 @@ def _add_features(sub: Any) -> None:
         "--pool", choices=POOLS, help="avg (mean of the patch tokens, default) or cls ([CLS])"
     )
     p.add_argument("--teacher", action="store_true", help="use the EMA teacher")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.set_defaults(run=_run_features)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out (never an input)"
+    )
+    p.set_defaults(run=_run_features, keys=FEATURES_KEYS)
 
 
 def _add_denoise(sub: Any) -> None:
@@ -399,14 +418,34 @@ def _run_pretrain(args: argparse.Namespace) -> None:
     result = pretrain(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 reports
-    print(f"checkpoint: {result.checkpoint}")
-    figure = result.out / "denoise.png"
-    if figure.exists():
-        print(f"denoising figure (noisy / denoised / original): {figure}")
+    done = f"after pre-training finished: {result.checkpoint} is complete"
+    probe = f"dsmae linprobe --checkpoint {shlex.quote(str(result.checkpoint))}"
+    unprobed = (
+        f"{done}; its linear probe did not run: {probe}" if cfg.probe.after_pretrain else done
+    )
+    with _kept_when_stopped(unprobed):
+        if result.stop_requested is not None:
+            raise Stopped(result.stop_requested)
+        print(f"checkpoint: {result.checkpoint}")
+        figure = result.out / "denoise.png"
+        if figure.exists():
+            print(f"denoising figure (noisy / denoised / original): {figure}")
     if cfg.probe.after_pretrain:
-        device_and_seed = {"train.device": cfg.train.device, "train.seed": cfg.train.seed}
-        _probe_after_pretrain(result.checkpoint, device_and_seed, cfg.probe.random_baseline)
-    print(f"pre-training took {result.seconds:.0f} s")
+        with _kept_when_stopped(f"{done}; its linear probe did not finish: {probe}"):
+            device_and_seed = {"train.device": cfg.train.device, "train.seed": cfg.train.seed}
+            _probe_after_pretrain(result.checkpoint, device_and_seed, cfg.probe.random_baseline)
+        done += " and probed"
+    with _kept_when_stopped(done):
+        print(f"pre-training took {result.seconds:.0f} s")
+
+
+@contextlib.contextmanager
+def _kept_when_stopped(kept: str) -> Iterator[None]:
+    """A stop signal in the body is reported as stopping ``kept`` ("after ...")."""
+    try:
+        yield
+    except Stopped as stop:
+        raise Stopped(stop.signal_name, kept) from None
 
 
 def _probe_after_pretrain(path: Path, changes: Mapping[str, Any], random_baseline: bool) -> None:
@@ -420,9 +459,18 @@ def _probe_after_pretrain(path: Path, changes: Mapping[str, Any], random_baselin
     cfg = evaluation_config(checkpoint.config, changes)
     trained = linprobe(checkpoint, cfg)
     print(f"linear probe top-1, pre-trained encoder: {trained.top1:.2f}%")
+    _print_unsaved(trained)
     if random_baseline:
         baseline = linprobe(checkpoint, cfg, random_init=True)
         print(f"linear probe top-1, same encoder at random init: {baseline.top1:.2f}%")
+        _print_unsaved(baseline)
+
+
+def _print_unsaved(result: Any) -> None:
+    """All of an evaluation's result (an ``EvalResult``) on stdout where its file could
+    not be written: nothing is lost."""
+    if result.saved is None:
+        print(f"result (not saved to {result.path}): {result.to_json()}")
 
 
 def _frozen_protocol(args: argparse.Namespace, protocol: Any) -> Any:
@@ -448,6 +496,7 @@ def _run_linprobe(args: argparse.Namespace) -> None:
         f"linear probe top-1 ({_encoder_label(args)}, last epoch of {result.epochs}): "
         f"{result.top1:.2f}% [{result.recipe} recipe]"
     )
+    _print_unsaved(result)
 
 
 def _run_knn(args: argparse.Namespace) -> None:
@@ -455,6 +504,7 @@ def _run_knn(args: argparse.Namespace) -> None:
 
     result = _frozen_protocol(args, knn_eval)
     print(f"k-NN top-1 ({_encoder_label(args)}, k={result.k}, {result.pool}): {result.top1:.2f}%")
+    _print_unsaved(result)
 
 
 def _run_finetune(args: argparse.Namespace) -> None:
@@ -472,6 +522,7 @@ def _run_finetune(args: argparse.Namespace) -> None:
         f"fine-tune top-1 ({label}, last epoch of {result.epochs}): {result.top1:.2f}% "
         f"(best epoch, for reference only: {result.best_top1:.2f}% at epoch {result.best_epoch})"
     )
+    _print_unsaved(result)
 
 
 def _run_experiment(args: argparse.Namespace) -> None:
@@ -500,8 +551,19 @@ def _run_experiment(args: argparse.Namespace) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> None:
-    from dsmae.export import CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE, export_encoder, push_to_hub
+    from dsmae.export import (
+        CONFIG_FILE,
+        ONNX_FILE,
+        WEIGHTS_FILE,
+        check_repo_id,
+        export_encoder,
+        push_to_hub,
+    )
 
+    if args.private and args.push_to_hub is None:
+        raise ConfigError("--private makes the repo of --push-to-hub private: give both")
+    if args.push_to_hub is not None:
+        check_repo_id(args.push_to_hub)  # before any work
     out = export_encoder(
         args.checkpoint,
         args.out,
@@ -512,7 +574,7 @@ def _run_export(args: argparse.Namespace) -> None:
     )
     files = [WEIGHTS_FILE, CONFIG_FILE, *([ONNX_FILE] if args.onnx else [])]
     print(f"encoder written to {out}: {', '.join(files)}")
-    if args.push_to_hub:
+    if args.push_to_hub is not None:
         url = push_to_hub(out, args.push_to_hub, private=args.private)
         print(f'pushed to {url}: timm.create_model("hf-hub:{args.push_to_hub}", pretrained=True)')
 
@@ -530,6 +592,7 @@ def _run_features(args: argparse.Namespace) -> None:
         skip_bad_images=bool(args.skip_bad_images),
         device=args.device,
         batch_size=args.batch_size,
+        overwrite=args.overwrite,
     )
     print(f"features: {feats}; their image files, in order: {names}")
 
@@ -561,7 +624,7 @@ def _run_shards(args: argparse.Namespace) -> None:
     labels = f"{len(written.classes)} classes" if written.classes else "unlabelled"
     print(f"{written.images} images ({labels}) in {written.shards} shard(s): {written.pattern}")
     print(
-        f"pre-train on them with: --data '{written.pattern}' "
+        f"pre-train on them with: --data {shlex.quote(written.pattern)} "
         f"--set data.samples_per_epoch={written.images}"
     )
 
@@ -609,7 +672,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dsmae.runtime import keep_freed_memory
 
     keep_freed_memory()
-    return _run_command(args)
+    with CommandSignals():
+        return _run_command(args)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -623,6 +687,17 @@ def user_errors() -> tuple[type[Exception], ...]:
     return (*errors, WriteError)
 
 
+def _naming_the_flag(err: Exception, args: argparse.Namespace) -> str:
+    """``err``'s message, followed by the flag that set the config key at fault (its
+    ``key``), where a flag of the command did: ``probe.epochs: must be >= 1, got 0 (set
+    by --epochs)``."""
+    text, key = str(err), getattr(err, "key", None)
+    for dest, mapped in getattr(args, "keys", {}).items():
+        if key is not None and mapped == key and getattr(args, dest, None) is not None:
+            return f"{text} (set by --{dest.replace('_', '-')})"
+    return text
+
+
 def _run_command(args: argparse.Namespace) -> int:
     """Run the subcommand; every error a user can cause is one line on stderr and exit
     status 2, a stop on a signal is exit status 75 (after its checkpoint), Ctrl-C
@@ -630,11 +705,11 @@ def _run_command(args: argparse.Namespace) -> int:
     prefix = f"dsmae {args.command}"
     try:
         args.run(args)
-    except Preempted as stop:
+    except (Preempted, Stopped) as stop:
         print(f"{prefix}: {stop}", file=sys.stderr)
         return PREEMPTED_EXIT
     except user_errors() as err:
-        print(f"{prefix}: error: {err}", file=sys.stderr)
+        print(f"{prefix}: error: {_naming_the_flag(err, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)

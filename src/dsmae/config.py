@@ -41,17 +41,24 @@ WANDB_FORBIDDEN = "/\\#?%:"  # characters a W&B project name cannot hold
 
 
 class ConfigError(ValueError):
-    """A configuration key is unknown or its value impossible; the message names the key."""
+    """A configuration key is unknown or its value impossible; the message names the key.
+
+    ``key`` is the dotted config key (or the argument) at fault, where there is one: the
+    command line names the flag that set it."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}", key)
 
 
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}: {message}")
+        raise ConfigError(f"{key}: {message}", key)
 
 
 def _check_crop_scale(key: str, scale: list[float]) -> None:
@@ -240,6 +247,9 @@ class TrainConfig:
     checkpoint_minutes: float = resumable(30.0)  # also every this many minutes; 0: off
     keep_checkpoints: int = resumable(3)  # periodic checkpoints kept (the newest); 0: all
     log_every: int = resumable(10)  # optimizer steps between metric lines
+    # a wall-clock budget such as "2h": train.epochs fitted to it, kept on a resume
+    # (dsmae.budget); None: train.epochs as set
+    time_budget: str | None = resumable(None)
 
     def validate(self, world_size: int) -> None:
         """Refuse impossible training settings for a run of ``world_size`` processes."""
@@ -254,6 +264,7 @@ class TrainConfig:
             f"must divide the per-device batch {per_device} (train.batch_size={batch} over "
             f"{world_size} processes), got {micro}",
         )
+        _require(self.base_lr > 0, "train.base_lr", f"must be positive, got {self.base_lr}")
         _require(
             self.lr is not None and self.lr > 0, "train.lr", f"must be positive, got {self.lr}"
         )
@@ -284,6 +295,10 @@ class TrainConfig:
         _require(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
         _require(self.checkpoint_minutes >= 0, "train.checkpoint_minutes", "must be >= 0")
         _require(self.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0")
+        if self.time_budget is not None:
+            from dsmae.budget import parse_duration  # budget imports this module
+
+            parse_duration(self.time_budget)
 
 
 @dataclass
@@ -326,8 +341,11 @@ class ProbeConfig:
         _check_choice("probe.pool", self.pool, POOLS)
         _check_choice("probe.recipe", self.recipe, ("fast", "mae"))
         _require(self.epochs >= 1, "probe.epochs", f"must be >= 1, got {self.epochs}")
-        batch = self.batch_size
+        batch, base = self.batch_size, self.base_lr
         _require(batch >= 1, "probe.batch_size", f"must be >= 1, got {batch}")
+        _require(base > 0, "probe.base_lr", f"must be positive, got {base}")
+        warmup = self.warmup_epochs
+        _require(warmup >= 0, "probe.warmup_epochs", f"must be >= 0, got {warmup}")
 
 
 @dataclass
@@ -370,6 +388,8 @@ class FinetuneConfig:
             f"got {self.batch_size}",
         )
         lr, decay, drop = self.lr, self.layer_decay, self.drop_path
+        base = self.base_lr
+        _require(base > 0, "finetune.base_lr", f"must be positive, got {base}")
         _require(lr is not None and lr > 0, "finetune.lr", f"must be positive, got {lr}")
         _require(0 < decay <= 1, "finetune.layer_decay", f"must be in (0, 1], got {decay}")
         _require(0 <= drop < 1, "finetune.drop_path", f"must be in [0, 1), got {drop}")
@@ -518,16 +538,18 @@ def build_config(
     files: typing.Sequence[str | Path] = (),
     overrides: typing.Mapping[str, Any] | None = None,
 ) -> Config:
-    """Defaults <- preset <- YAML files <- dotted overrides, then resolved and validated."""
+    """Defaults <- preset <- YAML files <- dotted overrides, then resolved and validated.
+
+    A layer that changes what a resolved value derives from (a saved ``config.yaml`` holds
+    them all) gets that value derived anew: see :func:`_follow_derived`."""
     layers = []
     if preset:
         layers.append(read_preset(preset))
     layers.extend(read_yaml(f) for f in files)
     tree = Config().to_dict()
     for layer in layers:
-        _merge(tree, layer, prefix="")
-    for key, value in (overrides or {}).items():
-        _set_dotted(tree, key, value)
+        _apply_layer(tree, layer, measured=True)
+    _apply_overrides(tree, overrides or {}, measured=True)
     cfg = config_from_dict(tree)
     return resolve(cfg)
 
@@ -539,7 +561,9 @@ def override_config(
     *,
     fixed: tuple[str, ...] = ("model",),
 ) -> Config:
-    """``cfg`` (e.g. a checkpoint's) with YAML files and dotted overrides on top, resolved.
+    """``cfg`` (e.g. a checkpoint's) with YAML files and dotted overrides on top, resolved
+    and validated (values derived from changed ones derived anew: :func:`_follow_derived`;
+    ``data.mean``/``data.std`` stay: they are the encoder's).
 
     Keys under the ``fixed`` sections are refused: a checkpoint's model cannot change.
     """
@@ -549,12 +573,123 @@ def override_config(
         for section in fixed:
             if section in layer:
                 raise ConfigError(f"{section}: fixed by the checkpoint; it cannot be changed")
-        _merge(tree, layer, prefix="")
-    for key, value in (overrides or {}).items():
+        _apply_layer(tree, layer, measured=False)
+    for key in overrides or {}:
         if key.split(".")[0] in fixed:
-            raise ConfigError(f"{key}: fixed by the checkpoint; it cannot be changed")
-        _set_dotted(tree, key, value)
+            raise ConfigError(f"{key}: fixed by the checkpoint; it cannot be changed", key)
+    _apply_overrides(tree, overrides or {}, measured=False)
     return resolve(config_from_dict(tree))
+
+
+# A value resolve() derives where it is None, and the keys it derives from.
+DERIVED_FROM: dict[str, tuple[str, ...]] = {
+    "train.lr": ("train.base_lr", "train.batch_size"),
+    "train.micro_batch": ("train.batch_size",),
+    "finetune.lr": ("finetune.base_lr", "finetune.batch_size"),
+    "model.depth": ("model.arch",),
+    "model.embed_dim": ("model.arch",),
+    "model.num_heads": ("model.arch",),
+    "model.noise_ratio": ("model.method",),
+    "model.decoder_dim": ("model.arch", "model.embed_dim"),
+    "model.decoder_heads": ("model.arch", "model.num_heads"),
+}
+# A value pre-training measures where it is None (on its images), and what it depends on.
+MEASURED_FROM: dict[str, tuple[str, ...]] = {
+    "data.mean": ("data.source", "data.subset", "model.in_chans"),
+    "data.std": ("data.source", "data.subset", "model.in_chans"),
+}
+# A value whose only use is to derive another: changed while that one is set, it does nothing.
+ONLY_DERIVES = {"train.base_lr": "train.lr", "finetune.base_lr": "finetune.lr"}
+
+
+def flat_config(tree: typing.Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys: ``{"model": {"depth": 4}}`` -> ``{"model.depth": 4}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, typing.Mapping):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _apply_layer(tree: dict[str, Any], layer: typing.Mapping[str, Any], measured: bool) -> None:
+    """Merge ``layer`` onto ``tree`` (unknown keys refused), then let the values derived
+    from what it changed follow (:func:`_follow_derived`)."""
+    before = flat_config(tree)
+    _merge(tree, layer, prefix="")
+    _follow_derived(tree, before, flat_config(layer), measured)
+
+
+def _apply_overrides(
+    tree: dict[str, Any], overrides: typing.Mapping[str, Any], measured: bool
+) -> None:
+    """Set the dotted ``overrides`` in ``tree`` (unknown keys refused), then let the
+    values derived from what they changed follow (:func:`_follow_derived`)."""
+    before = flat_config(tree)
+    for key, value in overrides.items():
+        _set_dotted(tree, key, value)
+    _follow_derived(tree, before, dict(overrides), measured)
+
+
+def _follow_derived(
+    tree: dict[str, Any], before: dict[str, Any], layer: dict[str, Any], measured: bool
+) -> None:
+    """Keep every resolved value true to the values it derives from, after ``layer``
+    (dotted) changed some of them in ``tree`` (``before``: ``tree`` before it).
+
+    A derived value the layer leaves alone is set to None (so derived anew, e.g.
+    ``train.lr`` from a new ``train.base_lr`` or ``train.batch_size``) when it held what
+    its old inputs derived; a value of the user's own stays, but a ``base_lr`` change
+    that it would make a no-op is refused, naming both keys. With ``measured``,
+    ``data.mean``/``data.std`` are measured again on new pre-training data.
+
+    Raises:
+        ConfigError: the layer changes a ``base_lr`` while the ``lr`` it derives is set.
+    """
+    changed = {k for k, v in layer.items() if k in before and before[k] != v}
+    follows = {**DERIVED_FROM, **(MEASURED_FROM if measured else {})}
+    for key, inputs in follows.items():
+        moved = changed.intersection(inputs)
+        if not moved or key in layer or before.get(key) is None:
+            continue
+        if key in MEASURED_FROM or _is_derived(before, key):
+            _set_dotted(tree, key, None)
+    for key, target in ONLY_DERIVES.items():
+        if key in changed and target not in layer and flat_config(tree)[target] is not None:
+            raise ConfigError(
+                f"{key}: changing it does nothing while {target}={before[target]} is set (it "
+                f"derives {target} only where that is null): set {target} instead, or "
+                f"{target}=null as well to derive it",
+                key,
+            )
+
+
+def _is_derived(flat: dict[str, Any], key: str) -> bool:
+    """Whether ``flat`` (a config before a layer) holds at ``key`` what :func:`resolve`
+    derives from its other values; not when those are of the wrong type (validation
+    names them)."""
+    try:
+        return bool(flat[key] == _derived(flat, key))
+    except (TypeError, ValueError, KeyError):
+        return False
+
+
+def _derived(flat: dict[str, Any], key: str) -> Any:
+    """What :func:`resolve` derives for ``key`` from the other values of ``flat``."""
+    if key.endswith(".lr"):
+        section = key.split(".")[0]
+        return scaled_lr(float(flat[f"{section}.base_lr"]), flat[f"{section}.batch_size"])
+    if key == "train.micro_batch":
+        return flat["train.batch_size"] // world_size_from_env()
+    if key == "model.noise_ratio":
+        return DEFAULT_NOISE_RATIO.get(flat["model.method"])
+    depth, width, heads = ARCHS.get(flat["model.arch"], (None, None, None))
+    if key == "model.decoder_dim":
+        return flat["model.embed_dim"] if flat["model.embed_dim"] is not None else width
+    if key == "model.decoder_heads":
+        return flat["model.num_heads"] if flat["model.num_heads"] is not None else heads
+    return {"model.depth": depth, "model.embed_dim": width, "model.num_heads": heads}[key]
 
 
 def config_from_dict(tree: typing.Mapping[str, Any]) -> Config:

@@ -111,3 +111,13 @@ def any_process(flag: bool, proc: Process, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def min_over_processes(value: int, proc: Process, device: torch.device) -> int:
+    """The smallest of every process's ``value`` (one all-reduce; ``value`` alone without
+    torchrun)."""
+    if not proc.distributed:
+        return value
+    tensor = torch.tensor([value], device=device, dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())

@@ -14,10 +14,10 @@ step come from; its own resume guarantee is stated there.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from dsmae import distributed
+from dsmae.budget import epochs_in_budget, parse_duration
 from dsmae.checkpoint import load_weights, save_checkpoint
 from dsmae.config import Config, ConfigError, TrainConfig, fill_data_stats
 from dsmae.data.augment import crop_boxes, random_flips
@@ -49,7 +50,13 @@ from dsmae.models import PretrainModel, build_model
 from dsmae.monitor import Monitor
 from dsmae.preemption import Preempted, StopSignals
 from dsmae.resume import ResumePoint, resume_point
-from dsmae.run_folder import cut_metrics, lock_folder, prune_checkpoints, start_run
+from dsmae.run_folder import (
+    cut_metrics,
+    lock_folder,
+    move_aside_if_foreign,
+    prune_checkpoints,
+    start_run,
+)
 from dsmae.runtime import (
     autocast,
     compile_model,
@@ -62,7 +69,7 @@ from dsmae.runtime import (
 from dsmae.schedules import lr_at, momentum_at
 from dsmae.seeds import pretrain_step_seed
 from dsmae.visualize import save_denoise_figure
-from dsmae.writes import WriteError, atomic_write_text
+from dsmae.writes import WriteError, atomic_write_text, unwritable_reason
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +87,7 @@ class PretrainResult:
     config: Config
     last_metrics: dict[str, Any]
     seconds: float
+    stop_requested: str | None = None  # a stop signal that came while the run was ending
 
 
 def build_optimizer(
@@ -324,6 +332,7 @@ class _Run:
     start: dataclasses.InitVar[ResumePoint]  # sets resumed, step and last_checkpoint
     stream: ShardStream | None = None  # where the images come from, for a source of shards
     lock: Any = None  # the open lock file of the output folder (rank 0)
+    monitor: Monitor | None = None  # made early where a time budget timed it (rank 0)
     last: dict[str, Any] = dataclasses.field(default_factory=dict)  # last metrics line
     last_save: float = dataclasses.field(default_factory=time.monotonic)
     resumed: bool = dataclasses.field(init=False)
@@ -541,13 +550,9 @@ def _placed(images: torch.Tensor, t: TrainConfig, device: torch.device) -> torch
 
 def check_writable(out: Path) -> None:
     """Refuse an output folder that cannot be created or written, before any work."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"out={str(out)!r} is not a writable folder: {err}") from None
+    why = unwritable_reason(out)
+    if why is not None:
+        raise ConfigError(f"out={str(out)!r} is not a writable folder: {why}", "out")
 
 
 def pretrain(
@@ -578,31 +583,162 @@ def pretrain(
             continues the run. None: run all ``train.epochs``.
 
     Raises:
-        Preempted: stopped by a signal, after writing a checkpoint.
+        Preempted: stopped by a signal, after writing a checkpoint. A signal after the
+            last step (while ``last.pt`` is written) lets the run end: the result's
+            ``stop_requested`` names it.
     """
     started = time.perf_counter()
     if until_epoch is not None and not 1 <= until_epoch <= cfg.train.epochs:
         raise ConfigError(f"until_epoch must be in [1, train.epochs={cfg.train.epochs}]")
     run = _setup(cfg, resume, force, overwrite)
     try:
+        if run.cfg.train.time_budget is not None and not run.resumed:
+            _fit_budget(run, started)
         with StopSignals() as signals:
-            return _train(run, started, signals, until_epoch or cfg.train.epochs)
+            result = _train(run, started, signals, until_epoch)
+        result.stop_requested = signals.received  # after the last step: all is saved
+        return result
     finally:
         if run.lock is not None:
             run.lock.close()
         distributed.teardown()
 
 
-def _train(run: _Run, started: float, signals: StopSignals, until_epoch: int) -> PretrainResult:
-    """The steps from ``run.step`` to the end of epoch ``until_epoch``, then its
-    checkpoint (the run's last one, ``last.pt``, after the run's last epoch)."""
+BUDGET_WARMUP_STEPS = 3  # untimed steps before the timed ones: compilation happens here
+BUDGET_TIMED_STEPS = 8
+BUDGET_SAVE_TEST = ".budget-save-test.pt"
+
+
+def _fit_budget(run: _Run, started: float) -> None:
+    """``train.time_budget`` (:mod:`dsmae.budget`): time a few real steps, a checkpoint
+    save and the monitors, undo the steps (weights, teacher and optimizer as they were, so
+    the run is that of ``train.epochs=E`` from its first step), then fix ``train.epochs``
+    to the E that fits, the same on every process, and record it in ``config.yaml``."""
+    t = run.cfg.train
+    budget = parse_duration(t.time_budget)
+    weights = {k: v.clone() for k, v in run.model.state_dict().items()}
+    moments = copy.deepcopy(run.optimizer.state_dict())
+    steps, step_s = _time_steps(run)
+    save_s = _time_save(run) if run.proc.is_main else 0.0
+    run.model.load_state_dict(weights)
+    run.optimizer.load_state_dict(moments)
+    run.health = StepHealth(run.device)
+    epoch_s = _epoch_seconds(run, step_s, save_s)
+    elapsed = time.perf_counter() - started
+    epochs = _agreed_epochs(run, budget, elapsed, epoch_s, end_s=2 * save_s)
+    run.cfg = dataclasses.replace(run.cfg, train=dataclasses.replace(t, epochs=epochs))
+    if run.proc.is_main:
+        atomic_write_text(run.out / "config.yaml", run.cfg.to_yaml(), "config")
+    log.info(
+        "time budget %s (%.0f s): a step takes %.4f s (timed over %d steps, then undone), an "
+        "epoch about %.1f s with its checkpoints and monitors, and %.1f s have passed: "
+        "train.epochs=%d (at most %d)",
+        t.time_budget, budget, step_s, steps, epoch_s, elapsed, epochs, t.epochs,
+    )  # fmt: skip
+
+
+def _epoch_seconds(run: _Run, step_s: float, save_s: float) -> float:
+    """The seconds an epoch will take: its steps, and its share of the periodic
+    checkpoints and of the monitors (timed once here, rank 0)."""
+    t = run.cfg.train
+    watch = _time_monitors(run) if run.proc.is_main else {}
+    seconds = run.steps_per_epoch * step_s
+    seconds += sum(s / every for s, every in watch.values())
+    if t.checkpoint_every:
+        seconds += save_s / t.checkpoint_every
+    if t.checkpoint_minutes:  # a save every so many minutes takes its share of each
+        seconds /= max(1e-3, 1 - save_s / (60 * t.checkpoint_minutes))
+    return seconds
+
+
+def _agreed_epochs(run: _Run, budget: float, elapsed: float, epoch_s: float, end_s: float) -> int:
+    """:func:`~dsmae.budget.epochs_in_budget`, the smallest over the processes.
+
+    Raises:
+        ConfigError: no epoch fits (on this process or another).
+    """
+    refusal: ConfigError | None = None
+    try:
+        epochs = epochs_in_budget(budget, elapsed, epoch_s, end_s, run.cfg.train.epochs)
+    except ConfigError as err:
+        epochs, refusal = 0, err
+    epochs = distributed.min_over_processes(epochs, run.proc, run.device)
+    if epochs < 1:
+        raise refusal or ConfigError(
+            "train.time_budget: on another process no epoch fits it", "train.time_budget"
+        )
+    return epochs
+
+
+def _time_steps(run: _Run) -> tuple[int, float]:
+    """Take the run's first steps (warm-up ones, then timed ones; teacher updates
+    included) and return how many were timed and the seconds a step took."""
+    total = min(BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS, run.total_steps)
+    warmup = min(BUDGET_WARMUP_STEPS, total - 1)
+    batches: Generator[torch.Tensor, None, None] | None = None
+    try:
+        for step in range(total):
+            epoch, in_epoch = divmod(step, run.steps_per_epoch)
+            if batches is None or in_epoch == 0:
+                _close(batches)
+                batches = _epoch_batches(run, epoch, in_epoch)
+            if step == warmup:
+                synchronize(run.device)
+                begun = time.perf_counter()
+            _set_lr(run, step)
+            _, finite = _take_step(run, step, next(batches))
+            _update_teacher(run, step, epoch, finite)
+        synchronize(run.device)
+    finally:
+        _close(batches)
+    return total - warmup, (time.perf_counter() - begun) / (total - warmup)
+
+
+def _time_save(run: _Run) -> float:
+    """Seconds one checkpoint of the run takes to write (a test file, then removed)."""
+    path = run.out / BUDGET_SAVE_TEST
+    state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()}
+    begun = time.perf_counter()
+    try:
+        save_checkpoint(path, state)
+    finally:
+        path.unlink(missing_ok=True)
+    return time.perf_counter() - begun
+
+
+def _time_monitors(run: _Run) -> dict[str, tuple[float, int]]:
+    """Seconds each monitor that will run takes once, with its period in epochs
+    (``monitor.knn_every``, ``monitor.images_every``); the monitor is kept for the run."""
+    mon = run.cfg.monitor
+    run.monitor = Monitor(run.cfg, run.device)
+    timed: dict[str, tuple[float, int]] = {}
+    if mon.knn_every:
+        run.monitor.health_images()  # loads the splits: a cost paid once, now
+        begun = time.perf_counter()
+        run.monitor.knn_top1(run.model)
+        run.monitor.health(run.model)
+        timed["knn"] = (time.perf_counter() - begun, mon.knn_every)
+    if mon.images_every:
+        begun = time.perf_counter()
+        run.monitor.denoising_grid(run.model)
+        timed["images"] = (time.perf_counter() - begun, mon.images_every)
+    return timed
+
+
+def _train(
+    run: _Run, started: float, signals: StopSignals, until_epoch: int | None
+) -> PretrainResult:
+    """The steps from ``run.step`` to the end of epoch ``until_epoch`` (None: the run's
+    last), then its checkpoint (the run's last one, ``last.pt``, after the last epoch)."""
     _log_start(run)
+    epochs = run.cfg.train.epochs
+    stop_step = run.steps_per_epoch * min(until_epoch or epochs, epochs)
     report = _Report(run, started)
     run.health.checked_step = run.step
     batches: Generator[torch.Tensor, None, None] | None = None
     try:
         with report.bar:
-            while run.step < run.steps_per_epoch * until_epoch:
+            while run.step < stop_step:
                 step = run.step
                 epoch, in_epoch = divmod(step, run.steps_per_epoch)
                 if batches is None or in_epoch == 0:
@@ -743,7 +879,7 @@ class _Report:
 
     def __init__(self, run: _Run, started: float) -> None:
         cfg, main = run.cfg, run.proc.is_main
-        self.monitor = Monitor(cfg, run.device) if main else None
+        self.monitor = (run.monitor or Monitor(cfg, run.device)) if main else None
         purge = run.step + 1 if run.resumed else None  # TensorBoard hides the steps taken again
         self.metrics = MetricsLog(run.out, purge_step=purge, config=cfg) if main else None
         self.started = started
@@ -853,6 +989,7 @@ def _save(run: _Run, path: Path) -> Path:
     if run.stream is not None:
         state["stream"] = run.stream.layout
     try:
+        move_aside_if_foreign(path, run.run_id)
         save_checkpoint(path, state)
     except WriteError as err:
         raise WriteError(

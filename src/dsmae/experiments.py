@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsmae.config import Config, ConfigError, available_presets, build_config, fill_data_stats
-from dsmae.writes import atomic_write_text, written
+from dsmae.writes import WriteError, atomic_write_text, unwritable_reason, written
 
 if TYPE_CHECKING:
     from dsmae.checkpoint import Checkpoint
@@ -274,6 +274,9 @@ def run_grid(name: str, settings: GridSettings, results: str | Path = "results")
     for source, root, download in sorted({(c.data.source, c.data.root, c.data.download)
                                           for c in configs}):  # fmt: skip
         check_available(source, root=root, download=download)
+    why = unwritable_reason(results)  # before any cell runs
+    if why is not None:
+        raise WriteError(f"could not write results {results}: {why}")
     rows: list[dict[str, Any]] = []
     for i, (cell, cfg) in enumerate(zip(cells, configs, strict=True)):
         log.info("experiment %s: cell %d of %d: %s", name, i + 1, len(cells), cell.name)

@@ -32,6 +32,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import math
 import shutil
 from collections.abc import Iterator
 from importlib.metadata import version
@@ -41,12 +42,19 @@ from typing import Any
 
 import timm
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from timm.models.vision_transformer import VisionTransformer
 
-from dsmae.checkpoint import Checkpoint, load_weights
+from dsmae.checkpoint import Checkpoint, CheckpointError, check_encoder_size, load_weights
 from dsmae.config import Config, ConfigError, ModelConfig
-from dsmae.writes import WriteError, atomic_write_bytes, atomic_write_text, written
+from dsmae.writes import (
+    WriteError,
+    atomic_write_bytes,
+    atomic_write_text,
+    unwritable_reason,
+    written,
+)
 
 # our architectures as timm names (their depth, width and heads; see config.ARCHS)
 TIMM_NAMES = {
@@ -156,6 +164,9 @@ def export_encoder(
         require_onnx("--onnx")
     out = Path(out)
     _check_export_folder(out, overwrite)
+    why = unwritable_reason(out)  # before any work
+    if why is not None:
+        raise WriteError(f"could not write export {out}: {why}")
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = Checkpoint.read(checkpoint)
     encoder = checkpoint.encoder(teacher=teacher)
@@ -284,6 +295,7 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> s
     """
     from huggingface_hub import HfApi
 
+    check_repo_id(repo_id)
     folder = Path(folder)
     config = read_export_config(folder)
     if "pretrained_cfg" not in config:
@@ -315,6 +327,26 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> s
             "again with --overwrite"
         ) from None
     return str(repo)
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse, before any work, a Hub repo id that is empty or malformed.
+
+    Raises:
+        ConfigError: naming ``--push-to-hub`` and what an id looks like.
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    shape = "USER/NAME or NAME, of letters, digits, '-', '_' and '.'"
+    if not repo_id.strip():
+        raise ConfigError(f"--push-to-hub needs a Hub model repo id ({shape})", "--push-to-hub")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ConfigError(
+            f"--push-to-hub {repo_id!r} is not a Hub model repo id ({shape})", "--push-to-hub"
+        ) from None
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
@@ -384,7 +416,9 @@ def load_encoder(path: str | Path, num_classes: int = 0, **timm_kwargs: Any) -> 
     ``timm.create_model``, the weights loaded strictly: a ``config.json`` that does not
     describe the stored weights is an error naming the missing and unexpected ones) or of
     a ``dsmae pretrain`` checkpoint file. Its ``pretrained_cfg`` holds the input it was
-    trained on, for ``timm.data.resolve_data_config(model=...)``.
+    trained on, for ``timm.data.resolve_data_config(model=...)``; its forward pools as
+    the export does (``global_pool``), or for a checkpoint as its ``probe.pool`` says
+    (the mean of the patch tokens by default, as an export of it).
 
     Args:
         path: a folder written by :func:`export_encoder` (also one of dsmae 0.1's, a
@@ -397,6 +431,7 @@ def load_encoder(path: str | Path, num_classes: int = 0, **timm_kwargs: Any) -> 
     path = Path(path)
     if path.is_dir():
         config = read_export_config(path)
+        _check_export(config, path)
         model = timm.create_model(
             config["architecture"],
             pretrained=False,
@@ -412,9 +447,50 @@ def load_encoder(path: str | Path, num_classes: int = 0, **timm_kwargs: Any) -> 
     checkpoint = Checkpoint.read(path)
     encoder = checkpoint.encoder()
     encoder.pretrained_cfg = config_pretrained_cfg(checkpoint.config)
-    if num_classes:
-        encoder.reset_classifier(num_classes)
+    encoder.reset_classifier(num_classes, TIMM_POOLS[checkpoint.config.probe.pool])
     return encoder
+
+
+# model_args an export must give, as positive numbers, for its encoder to be sized up
+SIZED_ARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")
+
+
+def _check_export(config: dict[str, Any], folder: Path) -> None:
+    """Refuse, before anything is built, an export whose ``config.json`` names no ViT of
+    ours, gives no sizes, or describes an encoder far larger than its weights.
+
+    Raises:
+        CheckpointError: naming the folder and the key.
+    """
+    where = f"{folder / CONFIG_FILE}"
+    name = config.get("architecture")
+    if name not in TIMM_NAMES.values():
+        raise CheckpointError(
+            f"{where}: architecture {name!r} is not a ViT that dsmae exports (one of "
+            f"{', '.join(TIMM_NAMES.values())})"
+        )
+    args = config.get("model_args")
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{where}: no model_args mapping")
+    for key in (*SIZED_ARGS, "mlp_ratio"):
+        value = args.get(key)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or value <= 0 or (key != "mlp_ratio" and not isinstance(value, int)):
+            raise CheckpointError(
+                f"{where}: model_args.{key} must be a positive number, got {value!r}"
+            )
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE}: not a dsmae export")
+    try:
+        with safe_open(str(weights), "pt") as stored:
+            shapes = [stored.get_slice(k).get_shape() for k in stored.keys()]  # noqa: SIM118
+    except SafetensorError as err:
+        raise CheckpointError(f"{weights} is not a readable safetensors file: {err}") from None
+    numel = sum(math.prod(shape) for shape in shapes)
+    check_encoder_size(
+        args["depth"], args["embed_dim"], args["mlp_ratio"], args["patch_size"], numel, where
+    )
 
 
 def _first_pretrained_cfg(config: dict[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from dsmae.data.sources import (
 from dsmae.evaluation import frozen
 from dsmae.export import load_encoder
 from dsmae.runtime import resolve_device
-from dsmae.writes import atomic_write_bytes, atomic_write_text, written
+from dsmae.writes import atomic_write_bytes, atomic_write_text, check_output_file, written
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +45,22 @@ Images: TypeAlias = torch.Tensor | str | Path | Image.Image | Sequence[Image.Ima
 @dataclass(frozen=True)
 class Preprocessing:
     """The input an encoder was trained on: (channels, size, size) images, normalised
-    with ``mean`` and ``std`` (per channel, in [0, 1] units)."""
+    with ``mean`` and ``std`` (per channel, in [0, 1] units); and the features it gives
+    as its own: ``pool`` ("avg" or "cls"), and whether its forward fixes them
+    (``pool_fixed``: an export's or a timm model's) or it is a checkpoint's setting."""
 
     channels: int
     size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    pool: str = "avg"
+    pool_fixed: bool = False
 
     @classmethod
     def of_config(cls, cfg: Config) -> Preprocessing:
         """The input of the encoder of a checkpoint with config ``cfg``."""
         m, d = cfg.model, cfg.data
-        return cls(m.in_chans, m.img_size, tuple(d.mean), tuple(d.std))
+        return cls(m.in_chans, m.img_size, tuple(d.mean), tuple(d.std), cfg.probe.pool)
 
     @classmethod
     def of_timm_model(cls, model: torch.nn.Module) -> Preprocessing:
@@ -77,13 +81,41 @@ class Preprocessing:
         channels, height, width = cfg["input_size"]
         if height != width:
             raise ConfigError(f"the encoder's input is {height} x {width}: not square")
-        return cls(channels, height, tuple(cfg["mean"]), tuple(cfg["std"]))
+        pool = "cls" if getattr(model, "global_pool", "avg") == "token" else "avg"
+        return cls(channels, height, tuple(cfg["mean"]), tuple(cfg["std"]), pool, True)
+
+
+def check_batch_size(batch_size: Any) -> None:
+    """Refuse a ``batch_size`` that is not a positive integer.
+
+    Raises:
+        ConfigError: naming it.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(
+            f"batch_size must be a positive integer, got {batch_size!r}", "batch_size"
+        )
+
+
+def _pooling(pool: str | None, seen: Preprocessing) -> str:
+    """The pooling asked for, else the source's own; one that differs from the pooling
+    an export or a timm model fixes is taken, with a warning."""
+    if pool is None:
+        return seen.pool
+    if seen.pool_fixed and pool != seen.pool:
+        log.warning(
+            "pool=%r differs from the encoder's own %r (what its forward, timm's local-dir: "
+            "and encoder.onnx give): these features will not match theirs",
+            pool,
+            seen.pool,
+        )
+    return pool
 
 
 def extract_features(
     source: Source,
     images: Images,
-    pool: str = "avg",
+    pool: str | None = None,
     batch_size: int = 256,
     device: str | torch.device = "auto",
     *,
@@ -102,8 +134,11 @@ def extract_features(
             files (one, or a list); or a folder (every image under it, recursively, in
             sorted order: ``dsmae.data.sources.find_image_files``).
         pool: "avg" (the mean of the patch tokens, what DSMAE trains) or "cls" ([CLS]),
-            both after the final norm.
-        batch_size: images per forward pass.
+            both after the final norm. None: the source's own: an export's or a timm
+            model's pooling (what its forward returns, and its ``encoder.onnx``), a
+            checkpoint's ``probe.pool``; another pooling than an export's or a model's
+            own is taken with a warning.
+        batch_size: images per forward pass, a positive integer.
         device: "auto" (CUDA when available), "cpu", "cuda[:N]" or "mps".
         teacher: a checkpoint's EMA teacher instead of its student.
 
@@ -111,14 +146,16 @@ def extract_features(
         (N, D) float32 on the CPU, one row per image, in order.
 
     Raises:
-        ConfigError: a bad ``pool``, ``device`` or source.
-        DataError: images that cannot be read, or do not fit the encoder.
+        ConfigError: a bad ``pool``, ``batch_size``, ``device`` or source.
+        DataError: no images, images that cannot be read, or do not fit the encoder.
         CheckpointError, FileNotFoundError: see :func:`dsmae.load_encoder`.
     """
-    if pool not in POOLS:
-        raise ConfigError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
+    if pool is not None and pool not in POOLS:
+        raise ConfigError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}", "pool")
+    check_batch_size(batch_size)
     target = resolve_device(str(device))
     encoder, seen = open_encoder(source, teacher=teacher)
+    pool = _pooling(pool, seen)
     pixels = image_tensor(images, seen)
     with _kept_as_it_was(encoder):
         return frozen.extract_features(
@@ -208,11 +245,15 @@ def _checked_tensor(images: torch.Tensor, channels: int) -> torch.Tensor:
             f"an image tensor must be (N, {channels}, H, W) or ({channels}, H, W) for this "
             f"encoder, not {tuple(images.shape)}"
         )
+    if batch.numel() == 0:
+        raise DataError(f"the image tensor {tuple(images.shape)} holds no pixels: no images")
     if batch.dtype == torch.uint8:
         return batch
     if not batch.is_floating_point():
         raise DataError(f"an image tensor must be uint8 or float, not {batch.dtype}")
-    if batch.numel() and (batch.min() < 0 or batch.max() > 1):
+    if bool(batch.isnan().any()):
+        raise DataError("a float image tensor holds NaN: pixels must be numbers in [0, 1]")
+    if batch.min() < 0 or batch.max() > 1:
         raise DataError(
             "a float image tensor must hold pixels in [0, 1], not normalised ones: "
             "extract_features normalises them as in pre-training"
@@ -245,6 +286,7 @@ def folder_features(
     skip_bad_images: bool = False,
     device: str = "auto",
     batch_size: int = 256,
+    overwrite: bool = False,
 ) -> tuple[Path, Path]:
     """Embeddings of every image under ``folder`` (recursive, any layout), for a user's
     own downstream work: :func:`extract_features` of the checkpoint's student
@@ -255,13 +297,24 @@ def folder_features(
     Writes:
         ``out`` (a ``.npy`` file): (N, D) float32, one row per image, and beside it
         ``<out stem>.files.txt``: the N image paths relative to ``folder``, one per line,
-        in the same order.
+        in the same order. Neither may exist already (unless ``overwrite``) or be one of
+        the inputs; this is checked before any work.
 
     Returns:
         the two paths.
+
+    Raises:
+        ConfigError: ``out`` or its list is an input, or exists (without ``overwrite``).
+        WriteError: their folder cannot be written.
     """
+    check_batch_size(batch_size)
     folder = Path(folder).expanduser()
-    paths = _listable(find_image_files(folder), folder, skip_bad_images)
+    found = find_image_files(folder)
+    out = Path(out)
+    inputs = [checkpoint.path, *found]
+    for path in (out, names_file(out)):
+        check_output_file(path, "--out", "features", inputs=inputs, overwrite=overwrite)
+    paths = _listable(found, folder, skip_bad_images)
     seen = Preprocessing.of_config(checkpoint.config)
     images, kept = decode_files(
         paths, channels=seen.channels, size=seen.size, skip_bad=skip_bad_images
@@ -280,9 +333,14 @@ def _write_features(feats: torch.Tensor, listing: str, out: Path) -> tuple[Path,
     buffer = io.BytesIO()
     np.save(buffer, feats.numpy())
     atomic_write_bytes(out, buffer.getvalue(), "features")
-    names = out.with_name(out.stem + ".files.txt")
+    names = names_file(out)
     atomic_write_text(names, listing, "features")
     return out, names
+
+
+def names_file(out: Path) -> Path:
+    """The list of image files beside the features file ``out``: ``<stem>.files.txt``."""
+    return out.with_name(out.stem + ".files.txt")
 
 
 def _listable(paths: list[Path], folder: Path, skip: bool) -> list[Path]:

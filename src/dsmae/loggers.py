@@ -8,6 +8,12 @@ resolved config goes once, when a tracker opens its run: W&B's run config; MLflo
 imported only when turned on; a missing one is a :class:`~dsmae.config.ConfigError`
 naming its pip command.
 
+A tracker never costs training time, nor the run: its server must answer within seconds
+when the run starts (else a :class:`~dsmae.config.ConfigError`), and then each tracker is
+given its calls on a thread of its own (:class:`Sender`). One that fails or stalls mid-run
+is warned about once and given nothing more; when the run ends, a warning says what it was
+not sent (``metrics.jsonl`` and TensorBoard hold everything).
+
 The trackers' run ids are kept in ``<run folder>/loggers.json``, so a resumed pre-training
 continues the same W&B and MLflow runs. The steps a killed process logged after its last
 checkpoint are logged again by the resumed one: ``metrics.jsonl`` and TensorBoard drop the
@@ -23,15 +29,17 @@ import importlib
 import json
 import logging
 import os
+import queue
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from dsmae.config import Config, ConfigError
+from dsmae.config import Config, ConfigError, flat_config
 from dsmae.writes import WriteError, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -65,17 +73,22 @@ def open_trackers(cfg: Config, folder: Path, resume: bool) -> list[Tracker]:
         ConfigError: a tracker's package is missing (the message names the pip command),
             or its run cannot start (no W&B login, an MLflow store that refuses it).
     """
-    # both imported before either run starts, so a missing one leaves no run behind
+    # both imported and reached before either run starts: a failure leaves no run behind
     wandb = _imported("wandb", "log.wandb") if cfg.log.wandb else None
+    if wandb is not None and _wandb_online():
+        check_reachable(os.environ.get("WANDB_BASE_URL", WANDB_SERVER), "W&B", "log.wandb")
     if cfg.log.mlflow is not None:
         _imported("mlflow", "log.mlflow")
+        if cfg.log.mlflow.startswith(("http://", "https://")):
+            check_reachable(cfg.log.mlflow, "MLflow tracking", "log.mlflow")
     ids = _read_ids(folder) if resume else {}
     trackers: list[Tracker] = []
     try:
         if wandb is not None:
-            trackers.append(WandbTracker(wandb, cfg, folder, ids.get("wandb")))
+            trackers.append(Sender(WandbTracker(wandb, cfg, folder, ids.get("wandb"))))
         if cfg.log.mlflow is not None:
-            trackers.append(MlflowTracker(cfg, folder, ids.get("mlflow")))
+            mlflow = MlflowTracker(cfg, folder, ids.get("mlflow"))
+            trackers.append(Sender(mlflow, f"MLflow at {mlflow.uri}"))
         _write_ids(folder, {**ids, **{t.name: t.run_id for t in trackers}})
     except BaseException:
         close_trackers(trackers)
@@ -87,6 +100,176 @@ def close_trackers(trackers: list[Tracker]) -> None:
     """End every tracker's run."""
     for tracker in trackers:
         tracker.close()
+
+
+WANDB_SERVER = "https://api.wandb.ai"  # W&B's, unless WANDB_BASE_URL names another
+REACH_SECONDS = 5.0  # a tracker's server must answer within this when a run starts
+
+
+def _wandb_online() -> bool:
+    """Whether W&B will talk to its server (not ``WANDB_MODE`` offline or disabled)."""
+    mode = os.environ.get("WANDB_MODE", "online").lower()
+    disabled = os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1")
+    return mode not in ("offline", "dryrun", "disabled") and not disabled
+
+
+def check_reachable(url: str, what: str, key: str, timeout: float = REACH_SECONDS) -> None:
+    """Refuse, within ``timeout`` seconds (name resolution aside), a tracker server at
+    ``url`` that does not answer. Any HTTP answer counts, an error status included, but a
+    proxy's 502, 503 or 504 for a server it cannot reach; so does a TLS certificate this
+    check cannot verify (the tracker's own client, with its own certificate settings,
+    decides on it).
+
+    Raises:
+        ConfigError: naming ``key``, the address and why.
+    """
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code not in (502, 503, 504):
+            return  # it answered
+        why = f"HTTP {err.code} {err.reason}"
+    except urllib.error.URLError as err:
+        if isinstance(err.reason, ssl.SSLError):
+            return  # a server is there; its certificate is its client's business
+        why = getattr(err.reason, "strerror", None) or str(err.reason)
+    except (OSError, ValueError) as err:
+        why = getattr(err, "strerror", None) or str(err)
+    raise ConfigError(
+        f"{key}: the {what} server at {url} cannot be reached ({why or 'no answer'}; waited "
+        f"at most {timeout:g} s): start it, fix the address, or turn {key} off",
+        key,
+    )
+
+
+class Sender:
+    """A tracker's run, fed from a thread of its own, so that training never waits on the
+    tracker's server.
+
+    Calls are queued (at most :data:`MAX_PENDING`); a call that fails (a server gone, a
+    full disk) or a queue left full by a stalled server is warned about once, and nothing
+    more is sent. :meth:`close` ends the run within :data:`CLOSE_SECONDS` and warns of
+    every scalar line and image not sent, with their steps: ``metrics.jsonl`` and
+    TensorBoard have them. A tracker that failed is not closed (its server is gone).
+    """
+
+    def __init__(self, tracker: Tracker, label: str | None = None) -> None:
+        self.tracker, self.name, self.run_id = tracker, tracker.name, tracker.run_id
+        self.label = label or tracker.name
+        self.failure: str | None = None
+        self._unsent = {"scalar line": 0, "image": 0}
+        self._steps: tuple[int, int] | None = None  # the first and last step not sent
+        self._calling: tuple[str, int] | None = None  # the call being made: kind, step
+        self._closed = False
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[str, Callable[..., None], tuple, int] | None]
+        self._queue = queue.Queue(maxsize=MAX_PENDING)
+        self._thread = threading.Thread(target=self._send, name=f"dsmae-{self.name}", daemon=True)
+        self._thread.start()
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        self._put("scalar line", self.tracker.scalars, (dict(values), step), step)
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        self._put("image", self.tracker.image, (tag, image.copy(), step), step)
+
+    def close(self) -> None:
+        """End the tracker's run (unless it failed), waiting at most :data:`CLOSE_SECONDS`
+        in all; then warn of what it was not sent. A second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + CLOSE_SECONDS
+        self._put("closing", self.tracker.close, (), -1)
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            self._fail(f"no answer within {CLOSE_SECONDS:g} s while the run ended")
+            with self._lock:
+                calling = self._calling
+            if calling is not None:
+                self._count(*calling)  # the call it hangs in was not sent either
+            self._drop_queued()
+        self._report()
+
+    def _put(self, kind: str, call: Callable[..., None], args: tuple, step: int) -> None:
+        if self.failure is None:
+            try:
+                self._queue.put_nowait((kind, call, args, step))
+                return
+            except queue.Full:
+                self._fail(f"{MAX_PENDING} calls waiting: it does not keep up, or hangs")
+        self._count(kind, step)
+
+    def _send(self) -> None:
+        """The thread: make the queued calls in order until ``None``."""
+        while (item := self._queue.get()) is not None:
+            kind, call, args, step = item
+            if self.failure is not None:
+                self._count(kind, step)
+                continue
+            with self._lock:
+                self._calling = (kind, step)
+            try:
+                call(*args)
+            except Exception as err:  # a tracker raises many types; none may stop training
+                self._fail(str(err).strip().splitlines()[0] if str(err).strip() else repr(err))
+                self._count(kind, step)
+            with self._lock:
+                self._calling = None
+
+    def _fail(self, why: str) -> None:
+        with self._lock:
+            if self.failure is not None:
+                return
+            self.failure = why
+        log.warning(
+            "%s failed (%s): training goes on, and nothing more is sent to it; "
+            "metrics.jsonl and TensorBoard keep every metric",
+            self.label,
+            why,
+        )
+
+    def _count(self, kind: str, step: int) -> None:
+        if kind not in self._unsent:
+            return  # the end of the run, not a metric
+        with self._lock:
+            self._unsent[kind] += 1
+            if step >= 0:
+                first, last = self._steps or (step, step)
+                self._steps = (min(first, step), max(last, step))
+
+    def _drop_queued(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = self._queue.get_nowait()
+                if item is not None:
+                    self._count(item[0], item[3])
+
+    def _report(self) -> None:
+        """Warn of what was not sent, if anything."""
+        lost = [f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in self._unsent.items() if n]
+        if not lost:
+            return
+        steps = f", steps {self._steps[0]} to {self._steps[1]}" if self._steps else ""
+        log.warning(
+            "not sent to %s (run %s): %s%s; metrics.jsonl and TensorBoard in the run folder "
+            "have them",
+            self.label,
+            self.run_id,
+            " and ".join(lost),
+            steps,
+        )
+
+
+MAX_PENDING = 10_000  # calls a tracker may have waiting before it counts as failed
+CLOSE_SECONDS = 30.0  # the most a tracker may take to end its run
 
 
 def _imported(module: str, key: str) -> ModuleType:
@@ -119,18 +302,6 @@ def _write_ids(folder: Path, ids: dict[str, str]) -> None:
         atomic_write_text(path, json.dumps(ids, sort_keys=True) + "\n", "tracker run ids")
     else:
         path.unlink(missing_ok=True)
-
-
-def flat_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config mapping as dotted keys: ``{"model": {"depth": 4}}`` ->
-    ``{"model.depth": 4}``."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 class WandbTracker:

@@ -12,9 +12,10 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
+from dsmae.config import ConfigError
 from dsmae.data.sources import DataError
 from dsmae.metrics import read_metrics
-from dsmae.writes import written
+from dsmae.writes import check_output_file, written
 
 LOSSES = (("loss", "L (total)"), ("loss_y", "L_y (pixels)"), ("loss_z", "L_z (features)"))
 
@@ -33,18 +34,29 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     the learning rate and teacher momentum, and images/s.
 
     Raises:
+        ConfigError: ``out`` does not end in a figure format's extension (``.png``,
+            ``.pdf``, ``.svg``, ...).
         DataError: no ``metrics.jsonl`` with step lines in ``run_dir``.
+        WriteError: ``out``'s folder cannot be written.
     """
     run_dir = Path(run_dir)
-    steps_lines, knn = _read_run(run_dir)
+    out = Path(out) if out is not None else run_dir / "curves.png"
     fig = Figure(figsize=(11, 7), layout="constrained")
+    formats = sorted(fig.canvas.get_supported_filetypes())
+    if out.suffix[1:].lower() not in formats:
+        raise ConfigError(
+            f"--out {out}: a figure's format comes from its extension, one of "
+            f"{', '.join('.' + f for f in formats)}",
+            "--out",
+        )
+    check_output_file(out, "--out", "figure", inputs=[run_dir / "metrics.jsonl"])
+    steps_lines, knn = _read_run(run_dir)
     axes = fig.subplots(2, 2)
     _draw_losses(axes[0, 0], steps_lines)
     _draw_knn(axes[0, 1], knn)
     _draw_schedules(axes[1, 0], steps_lines)
     _draw_throughput(axes[1, 1], steps_lines)
     fig.suptitle(str(run_dir))
-    out = Path(out) if out is not None else run_dir / "curves.png"
     with written("figure", out):
         fig.savefig(out, dpi=100)
     return out

@@ -10,6 +10,7 @@ continues anyway.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ def resume_point(cfg: Config, out: Path, resume: str | None, force: bool) -> Res
     saved_cfg = checkpoint_config(state, path)
     training_state(state, path)  # refuse a checkpoint without step or optimizer state
     cfg = fill_data_stats(cfg, saved_cfg.data.mean, saved_cfg.data.std)
+    cfg = _budgeted_epochs(cfg, saved_cfg)
     diffs = settings_differences(saved_cfg, cfg)
     if diffs and not force:
         raise ConfigError(
@@ -71,6 +73,20 @@ def resume_point(cfg: Config, out: Path, resume: str | None, force: bool) -> Res
         )
     run_id = state.get("run_id") if isinstance(state.get("run_id"), str) else None
     return ResumePoint(cfg, state, path, run_id or run_id_of(out) or uuid.uuid4().hex[:12])
+
+
+def _budgeted_epochs(cfg: Config, saved: Config) -> Config:
+    """``cfg`` with the epochs a budgeted run chose (``train.time_budget``, recorded in
+    its checkpoint's ``train.epochs``): a resumed budgeted run keeps them."""
+    if cfg.train.time_budget is None or saved.train.time_budget is None:
+        return cfg
+    if cfg.train.epochs != saved.train.epochs:
+        log.info(
+            "resuming a run fitted to its time budget: its train.epochs=%d stay",
+            saved.train.epochs,
+        )
+    train = dataclasses.replace(cfg.train, epochs=saved.train.epochs)
+    return dataclasses.replace(cfg, train=train)
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -30,7 +30,7 @@ from typing import IO
 import torch
 
 from dsmae.config import ConfigError
-from dsmae.writes import atomic_write_text, written
+from dsmae.writes import WriteError, atomic_write_text, unwritable_reason, written
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,55 @@ def start_run(out: Path, overwrite: bool, run_id: str | None = None) -> str:
     if run_id_of(out) != run_id:
         atomic_write_text(out / RUN_FILE, json.dumps({"run_id": run_id}) + "\n", "run file")
     return run_id
+
+
+def check_metrics_folder(out: Path, flag: str = "--out") -> None:
+    """Refuse, before any work, a folder for an evaluation's metrics (``metrics.jsonl``,
+    TensorBoard, tracker run ids) that holds a pre-training run or another run's metrics:
+    the two would mix (and the run's trackers would lose their ids); or that cannot be
+    written.
+
+    Raises:
+        RunFolderError: naming ``flag`` and what the folder holds.
+        WriteError: it cannot be written.
+    """
+    held = [name for name in (RUN_FILE, "last.pt", "metrics.jsonl") if (out / name).exists()]
+    held += [p.name for _, p in checkpoints_in(out)][:1]
+    if held:
+        raise RunFolderError(
+            f"{flag} {out} holds another run ({', '.join(held)}): its metrics would mix with "
+            "these; give another folder",
+            flag,
+        )
+    why = unwritable_reason(out)
+    if why is not None:
+        raise WriteError(f"could not write metrics {out / 'metrics.jsonl'}: {why}")
+
+
+def move_aside_if_foreign(path: Path, run_id: str) -> Path | None:
+    """Before this run (``run_id``) writes ``path``: where a file of another run (or of
+    none known) is there, rename it to ``<stem>.run-<its id>.pt`` (a name that resume and
+    pruning never take for a checkpoint of theirs), so that it is never replaced. Returns
+    where it went; None when there was nothing to move.
+
+    Raises:
+        WriteError: it could not be renamed (then nothing is written over it).
+    """
+    if not path.exists():
+        return None
+    owner = checkpoint_run_id(path)
+    if owner == run_id:
+        return None
+    label = owner or "unknown"
+    aside = path.with_name(f"{path.stem}.run-{label}{path.suffix}")
+    number = 1
+    while aside.exists():
+        number += 1
+        aside = path.with_name(f"{path.stem}.run-{label}-{number}{path.suffix}")
+    with written("checkpoint", path):
+        path.rename(aside)
+    log.warning("%s belongs to another run (%s): moved aside to %s", path, label, aside.name)
+    return aside
 
 
 def prune_checkpoints(out: Path, run_id: str, keep: int) -> list[Path]:

@@ -28,7 +28,7 @@ from dsmae.models import PretrainModel, build_model
 from dsmae.noise import pixel_mask
 from dsmae.patches import patchify, unpatchify
 from dsmae.runtime import generator, resolve_device
-from dsmae.writes import written
+from dsmae.writes import check_output_file, written
 
 
 def estimate_patch_stats(
@@ -195,11 +195,13 @@ def denoise_files(
 
     Raises:
         ConfigError: the checkpoint's method has no pixel decoder (``dsmae-lz``), or
-            ``out`` is not a ``.png`` file name.
+            ``out`` is not a ``.png`` file name, or is one of the inputs.
         DataError: an image cannot be read (naming it).
+        WriteError: ``out``'s folder cannot be written (found before any work).
     """
     if Path(out).suffix.lower() != ".png":
         raise ConfigError(f"--out {out}: the figure is a PNG file; give a name ending in .png")
+    check_output_file(out, "--out", "figure", inputs=[checkpoint, *files])
     model, cfg = _load_decoding_model(checkpoint)
     m, d = cfg.model, cfg.data
     dev = resolve_device(device)

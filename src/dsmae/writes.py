@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from dsmae.config import ConfigError
 
 LOW_SPACE_BYTES = 1 << 20  # a folder with less free space than this counts as full
 
@@ -99,3 +101,60 @@ def atomic_write_bytes(path: str | Path, data: bytes, what: str = "file") -> Pat
 def atomic_write_text(path: str | Path, text: str, what: str = "file") -> Path:
     """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
     return atomic_write_bytes(path, text.encode(), what)
+
+
+def unwritable_reason(folder: str | Path) -> str | None:
+    """Why files cannot be written into ``folder`` (created if need be), found by writing
+    one; None when they can. What a command checks before any work."""
+    folder = Path(folder)
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether the paths ``a`` and ``b`` name one file (links and ``..`` followed)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def check_output_file(
+    out: str | Path,
+    flag: str,
+    what: str,
+    *,
+    inputs: Sequence[str | Path] = (),
+    overwrite: bool | None = None,
+) -> Path:
+    """Refuse, before any work, an output file ``out`` (given as ``flag``, e.g. "--out")
+    that would replace one of the command's ``inputs``, that exists already (where
+    ``overwrite`` is False; None: replacing it is fine), or whose folder cannot be
+    written. Returns ``out`` as a Path.
+
+    Raises:
+        ConfigError: it is an input, a folder, or exists without ``overwrite``.
+        WriteError: its folder cannot be written.
+    """
+    out = Path(out)
+    for source in inputs:
+        if same_file(out, source):
+            raise ConfigError(
+                f"{flag} {out} is an input of this command ({source}): give another file", flag
+            )
+    if out.is_dir():
+        raise ConfigError(f"{flag} {out} is a folder; give a file name", flag)
+    if overwrite is False and out.exists():
+        raise ConfigError(
+            f"{flag} {out} exists; pass --overwrite to replace it, or give another file", flag
+        )
+    why = unwritable_reason(out.parent)
+    if why is not None:
+        raise WriteError(f"could not write {what} {out}: {why}")
+    return out

@@ -1,6 +1,7 @@
 """WebDataset shards: written from real images by ``dsmae shards``, streamed for
 pre-training (per process, per reader, seeded, resumable), end to end."""
 
+import contextlib
 import io
 import json
 import logging
@@ -309,6 +310,22 @@ def test_pretrain_streams_shards_end_to_end(shards, tmp_path, capsys):
     assert "shards of" in capsys.readouterr().err
 
 
+def test_a_failing_pipe_command_is_named_by_its_exit_status_alone(tmp_path, capsys):
+    assert main([*RUN, "--data", "pipe:exit 3", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "Cannot read shard pipe:exit 3: its command exited with status 3" in err, err
+    assert "(('" not in err and "{'shell'" not in err  # not WebDataset's subprocess arguments
+
+
+def test_a_shard_image_that_is_no_image_file_is_named_in_words(shards, tmp_path, capsys):
+    bad = _bad_shard(tmp_path, shard_urls(shards)[0])
+    assert main([*RUN, "--data", bad, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"Cannot read image 000000001.png of shard {bad}: " in err, err
+    assert "not an image file that can be read" in err
+    assert "object at 0x" not in err  # not PIL's name of an in-memory file
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     state = load_checkpoint(path)
     moments = state["optimizer"]["state"].items()
@@ -385,3 +402,59 @@ def test_a_signal_to_the_whole_process_group_stops_a_run_on_shards_cleanly(shard
     assert err.count("SIGUSR1 received") == 1 and "Traceback" not in err
     assert main([*RUN, "--data", shards, "--epochs", "2", "--out", str(out), "--resume", "auto",
                  "--force"]) == 0  # fmt: skip
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid``, from /proc (Linux)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, parent, ...
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _ended(pid: int) -> bool:
+    """Whether process ``pid`` has ended: gone from /proc, or a zombie not reaped yet."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux: prctl and /proc")
+def test_the_readers_of_a_run_killed_outright_die_with_it_at_once(shards, tmp_path):
+    out = tmp_path / "run"
+    # epochs of 800 steps: no epoch's end (and new readers) while the test looks
+    long_epochs = ["--set", f"data.samples_per_epoch={100 * IMAGES}"]
+    argv = [sys.executable, "-m", "dsmae", *RUN, "--data", shards, *long_epochs, "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        child = subprocess.Popen(argv, env=env, stderr=stderr, start_new_session=True)
+    try:
+        metrics, readers = out / "metrics.jsonl", set()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert child.poll() is None, log.read_text()[-3000:]
+            if metrics.is_file() and metrics.read_text().count("\n") >= 3:  # both readers read
+                readers = _children(child.pid)
+                if len(readers) >= 2:  # data.workers=2: a DataLoader worker per reader
+                    break
+            time.sleep(0.1)
+        assert len(readers) >= 2, log.read_text()[-3000:]
+
+        os.kill(child.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while not all(map(_ended, readers)) and time.monotonic() - killed < 1.0:
+            time.sleep(0.01)
+        alive = [pid for pid in readers if not _ended(pid)]
+        assert not alive, f"readers {alive} outlived their run by more than a second"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)  # whatever is left of the run
+        child.wait(timeout=60)

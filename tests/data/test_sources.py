@@ -395,3 +395,25 @@ def test_download_corrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ser
     monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", "0" * 32)
     with pytest.raises(DataError, match="could not be downloaded intact"):
         load_images("cifar10", "train", root=tmp_path / "data", download=True)
+
+
+def test_a_path_that_is_no_image_file_is_named_for_what_it_is(tmp_path):
+    from dsmae.data.sources import decode_files
+
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "link.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "garbage.png").write_bytes(b"\x00" * 64)
+    said = {
+        "missing.png": "Cannot read image {}: no such file",
+        "folder.png": "Cannot read image {}: it is a folder, not an image file",
+        "link.png": f"Cannot read image {{}}: it is a link to {tmp_path / 'gone.png'}, which "
+        "does not exist",
+        "garbage.png": "Cannot read image {}: not an image file that can be read (an unknown "
+        "format, or damaged)",
+    }
+    for name, message in said.items():
+        with pytest.raises(DataError) as refused:
+            decode_files([tmp_path / name], channels=1, size=8, offer_skip=False)
+        text = str(refused.value)
+        assert message.format(tmp_path / name) in text, text
+        assert "Remove it." not in text and "object at 0x" not in text

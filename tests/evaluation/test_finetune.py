@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -235,3 +236,16 @@ def test_finetune_refuses_model_changes_and_odd_batches(digits_run, capsys):
     assert "model.depth: fixed by the checkpoint" in capsys.readouterr().err
     assert main(["finetune", "--checkpoint", checkpoint, "--batch-size", "33"]) == 2
     assert "finetune.batch_size" in capsys.readouterr().err
+
+
+def test_finetune_metrics_never_mix_with_another_runs(digits_run, capsys, tmp_path):
+    checkpoint = shutil.copy(digits_run / "last.pt", tmp_path / "last.pt")
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)  # a pre-training run's folder: metrics, run id, ...
+    before = (run / "metrics.jsonl").read_bytes()
+    argv = ["finetune", "--checkpoint", str(checkpoint), *FAST, "--set", "finetune.workers=0"]
+    assert main([*argv, "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {run} holds another run (run.json, last.pt, metrics.jsonl" in err
+    assert (run / "metrics.jsonl").read_bytes() == before and "Traceback" not in err
+    assert not list(tmp_path.glob("last.finetune*.json"))  # refused before any work

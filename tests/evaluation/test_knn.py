@@ -240,3 +240,16 @@ def test_knn_eval_takes_its_vote_and_pooling_from_the_config(digits_run, tmp_pat
         f.train, f.train_labels, f.test, f.test_labels, 10, k=5, temperature=0.5
     )
     assert result.top1 == expected
+
+
+def test_a_k_beyond_the_training_images_is_said_and_the_k_used_recorded(
+    digits_run, tmp_path, caplog
+):
+    checkpoint = Checkpoint.read(shutil.copy(digits_run / "last.pt", tmp_path / "last.pt"))
+    cfg = evaluation_config(checkpoint.config, {"monitor.knn_k": 5000})
+    result = knn_eval(checkpoint, cfg)
+    assert result.k == 1348 == result.num_train  # every training image votes
+    assert "k=5000 exceeds the 1348 training images" in caplog.text
+    assert json.loads((tmp_path / "last.knn.json").read_text())["k"] == 1348
+    everyone = evaluation_config(checkpoint.config, {"monitor.knn_k": 1348})
+    assert knn_eval(checkpoint, everyone).top1 == result.top1

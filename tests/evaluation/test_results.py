@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from dsmae.config import FinetuneConfig, ProbeConfig, build_config
+from dsmae.config import ConfigError, FinetuneConfig, ProbeConfig, build_config
 from dsmae.data.sources import DataError, ImageTensors
 from dsmae.evaluation.finetune import FinetuneResult
 from dsmae.evaluation.knn import KnnResult
@@ -37,7 +37,10 @@ JSON_KEYS = {
 def test_every_result_writes_every_field_once_in_its_order(cls):
     assert issubclass(cls, EvalResult)
     assert list(cls.keys) == JSON_KEYS[cls]
-    assert sorted(cls.keys) == sorted(f.name for f in dataclasses.fields(cls))
+    # every field it is made with; ``saved`` (where it was written, if it was) is no result
+    made_with = [f.name for f in dataclasses.fields(cls) if f.init]
+    assert sorted(cls.keys) == sorted(made_with)
+    assert [f.name for f in dataclasses.fields(cls) if not f.init] == ["saved"]
 
 
 def _knn(tmp_path, **changes) -> KnnResult:
@@ -52,7 +55,7 @@ def test_a_result_is_saved_beside_its_checkpoint(tmp_path):
     assert result.save() == result.path == tmp_path / "last.knn.json"
     text = result.path.read_text()
     assert text.endswith("}\n") and list(json.loads(text)) == JSON_KEYS[KnnResult]
-    assert json.loads(text) == dataclasses.asdict(result)
+    assert json.loads(text) == result.to_dict() and result.saved == result.path
     variant = _knn(tmp_path, pool="cls", random_init=True)
     assert variant.save() == tmp_path / "last.knn-cls-random-init.json"
 
@@ -79,15 +82,22 @@ def test_settings_leave_out_how_and_when_an_evaluation_runs():
     assert "workers" not in finetune and finetune["pool"] == "avg"
 
 
-def test_evaluation_config_sets_dotted_keys_as_given():
+def test_evaluation_config_sets_dotted_keys_and_refuses_impossible_ones():
     cfg = build_config("quickstart")
-    changed = evaluation_config(cfg, {"probe.epochs": 0, "data.source": "/x", "train.seed": 3})
-    assert (changed.probe.epochs, changed.data.source, changed.train.seed) == (0, "/x", 3)
+    changed = evaluation_config(cfg, {"probe.epochs": 5, "data.source": "/x", "train.seed": 3})
+    assert (changed.probe.epochs, changed.data.source, changed.train.seed) == (5, "/x", 3)
     assert changed.data.mean == cfg.data.mean and changed.model == cfg.model
-    assert cfg.probe.epochs != 0 and cfg.data.source == "digits"  # the original is untouched
+    assert cfg.probe.epochs != 5 and cfg.data.source == "digits"  # the original is untouched
     assert evaluation_config(cfg, {}) == cfg
-    with pytest.raises(TypeError):
+    for changes, key in (({"probe.epochs": 0}, "probe.epochs"), ({"monitor.knn_k": -1},
+                         "monitor.knn_k"), ({"probe.base_lr": -0.1}, "probe.base_lr")):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"^{key}: must be") as refused:
+            evaluation_config(cfg, changes)
+        assert refused.value.key == key  # for the command line to name its flag
+    with pytest.raises(ConfigError, match=r"unknown config key 'probe\.epoch'"):
         evaluation_config(cfg, {"probe.epoch": 3})
+    with pytest.raises(ConfigError, match=r"model\.depth: fixed by the checkpoint"):
+        evaluation_config(cfg, {"model.depth": 3})
 
 
 def test_labelled_splits_count_what_a_result_was_measured_on(tmp_path):
@@ -112,3 +122,48 @@ def test_splits_without_labels_are_refused(tmp_path, monkeypatch):
     cfg = build_config("quickstart")
     with pytest.raises(DataError, match="the train split of digits has unlabelled images; a "):
         labelled_splits(cfg.data, cfg.model, "a test")
+
+
+def test_a_result_that_cannot_be_written_is_printed_and_said_before_any_work(
+    digits_run, small_file_system
+):
+    # the checkpoint on a real read-only file system: nothing can be written beside it
+    done = small_file_system(f"""
+        cp {digits_run / "last.pt"} "$MNT/last.pt" && mount -o remount,ro "$MNT" || exit 97
+        "$PYTHON" -m dsmae knn --checkpoint "$MNT/last.pt" --device cpu; echo "knn: $?"
+        "$PYTHON" -m dsmae linprobe --checkpoint "$MNT/last.pt" --device cpu --epochs 2
+        echo "linprobe: $?"
+        "$PYTHON" -m dsmae finetune --checkpoint "$MNT/last.pt" --device cpu --epochs 1 \
+            --batch-size 32 --set finetune.workers=0; echo "finetune: $?"
+    """, size="16m")  # fmt: skip
+    out, err = done.stdout, done.stderr
+    assert "knn: 0" in out and "linprobe: 0" in out and "finetune: 0" in out, (out, err[-3000:])
+    assert "Traceback" not in err
+    logged_at_the_end = {"knn": "k-NN top-1", "linprobe": "linear probe (fast recipe)",
+                         "finetune": "fine-tune"}  # fmt: skip
+    for protocol, logged in logged_at_the_end.items():
+        said = f"the result cannot be written to $MNT/last.{protocol}.json"
+        warning = err.index(f"last.{protocol}.json (Read-only file system): it will be printed")
+        assert warning < err.index(logged), said  # said before the work, not after it
+        printed = next(line for line in out.splitlines() if f"last.{protocol}.json):" in line)
+        result = json.loads(printed.split("): ", 1)[1])
+        assert result["top1"] > 0 and result["checkpoint"].endswith("last.pt")
+    assert out.index("k-NN top-1") < out.index("last.knn.json):")  # the usual line first
+
+
+def test_a_result_whose_write_fails_at_the_end_is_printed_whole(digits_run, monkeypatch, capsys):
+    import errno
+    import os
+
+    import dsmae.evaluation.results as results
+    from dsmae.cli import main
+
+    def disk_full(path, text, what="file"):
+        raise results.WriteError(f"could not write {what} {path}: {os.strerror(errno.ENOSPC)}")
+
+    monkeypatch.setattr(results, "atomic_write_text", disk_full)
+    checkpoint = str(digits_run / "last.pt")
+    assert main(["knn", "--checkpoint", checkpoint, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("result (not saved"))
+    assert json.loads(line.split("): ", 1)[1])["k"] == 20

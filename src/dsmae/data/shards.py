@@ -33,12 +33,13 @@ Resume
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import random
 import re
-import signal
+import subprocess
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
@@ -53,8 +54,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dsmae.config import Config, ConfigError
 from dsmae.data.pipeline import epoch_order
-from dsmae.data.sources import IMAGE_EXTENSIONS, DataError, image_array
-from dsmae.preemption import STOP_SIGNALS
+from dsmae.data.sources import IMAGE_EXTENSIONS, DataError, image_array, image_error
+from dsmae.preemption import leave_stopping_to
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ class ShardStream:
             batch_size=None,
             num_workers=workers,
             pin_memory=self.pin_memory,
-            worker_init_fn=_leave_stopping_to_training,
+            worker_init_fn=leave_stopping_to(os.getpid()),
         )
         batches = iter(loader)
         try:
@@ -298,8 +299,8 @@ class ShardStream:
             image = decode_image(sample[ext], "L" if self.channels == 1 else "RGB", self.size)
         except Exception as err:  # PIL raises many types for bad files
             raise DataError(
-                f"Cannot read image {key}.{ext} of shard {url}: {err}. Remove or replace it, "
-                "or pass --skip-bad-images to skip unreadable images and shards."
+                f"Cannot read image {key}.{ext} of shard {url}: {image_error(err)}. Remove or "
+                "replace it, or pass --skip-bad-images to skip unreadable images and shards."
             ) from None
         return image, url, key
 
@@ -360,14 +361,6 @@ class _EpochReaders(IterableDataset):
             yield str(err)
 
 
-def _leave_stopping_to_training(worker: int) -> None:
-    """A reader ignores the stop signals (SIGTERM, SIGINT, SIGUSR1) that Slurm or Ctrl-C
-    send to the whole process group: its training process alone stops, after a step and a
-    checkpoint (:mod:`dsmae.preemption`), and then ends its readers."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
 def open_stream(
     cfg: Config, rank: int = 0, world_size: int = 1, pin_memory: bool = False
 ) -> ShardStream:
@@ -418,11 +411,32 @@ def open_stream(
     return stream
 
 
+# WebDataset's error for a pipe: URL (``pipe:CMD``) whose command fails: "((args, kwargs)):
+# exit N (read) {...}", the text of a tuple of subprocess arguments
+_PIPE_EXIT = re.compile(r"^\(.*\): exit (-?\d+)", re.DOTALL)
+
+
 def _reason(err: Exception) -> str:
-    """A read error in words: WebDataset appends the stream and the URL to its arguments."""
+    """A read error in words. WebDataset appends the stream and the URL to its arguments
+    (a pipe's stream holds its command's process), ``" @ <stream>"`` to its message, and
+    names a failed pipe by its subprocess arguments."""
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
-    return str(err.args[0]) if err.args else type(err).__name__
+    for arg in err.args[1:]:
+        proc = getattr(arg, "proc", None)
+        if isinstance(proc, subprocess.Popen):  # the command of a pipe: URL
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)  # it may end just after its output did
+            if proc.returncode:
+                return f"its command exited with status {proc.returncode}"
+    text = str(err.args[0]) if err.args else type(err).__name__
+    text = text.split(" @ ")[0]
+    failed = _PIPE_EXIT.match(text)
+    if failed is not None:
+        return f"its command exited with status {failed.group(1)}"
+    if text.endswith(": couldn't open") and text.startswith("("):
+        return "its command could not be started"
+    return text
 
 
 def _listed(items: Sequence[Any], most: int = 3) -> str:

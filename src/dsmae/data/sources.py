@@ -67,7 +67,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 __all__ = [
@@ -505,12 +505,36 @@ def image_array(img: Image.Image, mode: str, size: int | None) -> np.ndarray:
 def _decode(path: Path, mode: str, size: int | None) -> np.ndarray:
     """One file -> (C, H, W) uint8 array (:func:`image_array`)."""
     if not path.is_file():  # a FIFO or device would block or fail its reader
-        raise DataError(f"Cannot read image {path}: it is not a regular file. Remove it.")
+        raise DataError(f"Cannot read image {path}: {_not_a_file(path)}")
     try:
         with Image.open(path) as raw:
             return image_array(raw, mode, size)
     except Exception as err:  # PIL raises many types for bad files
-        raise DataError(f"Cannot read image {path}: {err}. Remove or replace this file.") from None
+        why = image_error(err)
+        raise DataError(f"Cannot read image {path}: {why}. Remove or replace this file.") from None
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` (not a regular file) cannot be read as an image, in words."""
+    if path.is_symlink() and not path.exists():
+        return f"it is a link to {os.readlink(path)}, which does not exist"
+    if not path.exists():
+        return "no such file"
+    if path.is_dir():
+        return "it is a folder, not an image file"
+    return "it is not a regular file (a FIFO, socket or device). Remove it."
+
+
+_OBJECT_TEXT = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")  # Python's default repr
+
+
+def image_error(err: Exception) -> str:
+    """Why PIL could not read an image, in words: never a Python object's text (PIL names
+    in-memory files ``<_io.BytesIO object at 0x...>``)."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image file that can be read (an unknown format, or damaged)"
+    text = _OBJECT_TEXT.sub("the image", str(err)).strip()
+    return text or type(err).__name__
 
 
 def _decode_chunk(

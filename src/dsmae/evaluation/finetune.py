@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -64,8 +65,16 @@ from dsmae.checkpoint import Checkpoint
 from dsmae.config import Config, FinetuneConfig
 from dsmae.data.pipeline import eval_batch
 from dsmae.data.sources import DataError, ImageTensors
-from dsmae.evaluation.results import LabelledSplits, TrainedResult, labelled_splits
+from dsmae.evaluation.results import (
+    LabelledSplits,
+    TrainedResult,
+    labelled_splits,
+    result_path,
+    warn_if_unwritable,
+)
 from dsmae.metrics import MetricsLog
+from dsmae.preemption import leave_stopping_to
+from dsmae.run_folder import check_metrics_folder
 from dsmae.runtime import autocast, generator, progress, use_amp
 from dsmae.schedules import lr_at
 from dsmae.seeds import finetune_epoch_seed, process_seed
@@ -296,6 +305,7 @@ def train_loader(
         num_workers=f.workers,
         pin_memory=pin_memory,
         persistent_workers=f.workers > 0,
+        worker_init_fn=leave_stopping_to(os.getpid()),
         # fixes the workers' own seeds; the images are seeded per (seed, epoch, index)
         generator=generator(seed),
     )
@@ -344,10 +354,17 @@ def finetune(
 
     Raises:
         DataError: a split without class labels, or fewer training images than a batch.
+        RunFolderError: ``out`` holds another run (a pre-training's, or metrics already).
+        WriteError: ``out`` cannot be written.
     """
     cfg = checkpoint.config if cfg is None else cfg
     proc, device = distributed.setup(cfg.train.device, cfg.train.dist_timeout_minutes)
     try:
+        if proc.is_main:
+            pool = cfg.finetune.pool
+            warn_if_unwritable(result_path(checkpoint.path, "finetune", random_init, pool))
+            if out is not None:
+                check_metrics_folder(Path(out))
         splits = _training_splits(cfg)
         run = _prepare(checkpoint, cfg, splits, random_init, proc, device)
         history = _train(run, splits.test, out)
@@ -358,7 +375,7 @@ def finetune(
     measured = splits.measured_on(checkpoint, random_init)
     result = FinetuneResult(**trained, **measured, pool=cfg.finetune.pool, history=history)
     if proc.is_main:
-        result.save()
+        result.keep()
     return result
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from dsmae.checkpoint import Checkpoint
 from dsmae.config import Config
 from dsmae.evaluation.frozen import frozen_features
-from dsmae.evaluation.results import EvalResult, labelled_splits
+from dsmae.evaluation.results import EvalResult, labelled_splits, result_path, warn_if_unwritable
 from dsmae.runtime import resolve_device
 
 __all__ = ["KnnResult", "knn_accuracy", "knn_eval", "knn_predict"]
@@ -266,14 +266,23 @@ def knn_eval(
         DataError: a split without class labels.
     """
     cfg = checkpoint.config if cfg is None else cfg
+    pool, k, temperature = cfg.probe.pool, cfg.monitor.knn_k, cfg.monitor.knn_temperature
+    warn_if_unwritable(result_path(checkpoint.path, "knn", random_init, pool))
     encoder = checkpoint.encoder(random_init=random_init, seed=cfg.train.seed)
     splits = labelled_splits(cfg.data, cfg.model, "k-NN classification")
-    pool, k, temperature = cfg.probe.pool, cfg.monitor.knn_k, cfg.monitor.knn_temperature
+    if k > len(splits.train):
+        log.warning(
+            "k=%d exceeds the %d training images: all of them vote (k=%d is recorded)",
+            k,
+            len(splits.train),
+            len(splits.train),
+        )
+        k = len(splits.train)
     f = frozen_features(encoder, splits, cfg, pool, resolve_device(cfg.train.device))
     vote = VoteOptions(k=k, temperature=temperature)
     top1 = knn_accuracy(f.train, f.train_labels, f.test, f.test_labels, len(f.classes), **vote)
     measured = splits.measured_on(checkpoint, random_init)
     result = KnnResult(top1=top1, pool=pool, k=k, temperature=temperature, **measured)
-    out = result.save()
+    out = result.keep() or "not saved"
     log.info("k-NN top-1 %.2f%% (k=%d, T=%g, %s) -> %s", top1, k, temperature, pool, out)
     return result

@@ -29,7 +29,13 @@ from dsmae.config import Config, ConfigError, ProbeConfig
 from dsmae.data.augment import crop_boxes, random_flips
 from dsmae.data.pipeline import augmented_batch, eval_batch
 from dsmae.evaluation.frozen import frozen_features, pooled_features
-from dsmae.evaluation.results import LabelledSplits, TrainedResult, labelled_splits
+from dsmae.evaluation.results import (
+    LabelledSplits,
+    TrainedResult,
+    labelled_splits,
+    result_path,
+    warn_if_unwritable,
+)
 from dsmae.runtime import autocast, generator, resolve_device, use_amp
 from dsmae.schedules import lr_at, scaled_lr
 from dsmae.seeds import probe_step_seed
@@ -289,22 +295,23 @@ def linprobe(
         DataError: a split without class labels.
     """
     cfg = checkpoint.config if cfg is None else cfg
-    encoder = checkpoint.encoder(random_init=random_init, seed=cfg.train.seed)
     probe = cfg.probe
     if probe.recipe not in RECIPES:
         raise ConfigError(f"probe.recipe must be one of {sorted(RECIPES)}, not {probe.recipe!r}")
+    warn_if_unwritable(result_path(checkpoint.path, "linprobe", random_init, probe.pool))
+    encoder = checkpoint.encoder(random_init=random_init, seed=cfg.train.seed)
     src = load_probe_data(encoder, cfg)
     _, history = RECIPES[probe.recipe](src, probe, cfg.train.seed)
     trained = ProbeResult.trained_fields(history, probe, src.splits.data)
     measured = src.splits.measured_on(checkpoint, random_init)
     result = ProbeResult(**trained, **measured, pool=probe.pool, recipe=probe.recipe)
-    out = result.save()
+    out = result.keep()
     log.info(
         "linear probe (%s recipe) top-1 %.2f%% (last epoch; best %.2f%% at epoch %d) -> %s",
         probe.recipe,
         result.top1,
         result.best_top1,
         result.best_epoch,
-        out,
+        out or "not saved",
     )
     return result

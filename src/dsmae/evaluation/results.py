@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from dsmae.checkpoint import Checkpoint
-from dsmae.config import Config, DataConfig, ModelConfig
+from dsmae.config import Config, DataConfig, ModelConfig, override_config
 from dsmae.data.pipeline import load_split
 from dsmae.data.sources import DataError, ImageTensors
-from dsmae.writes import atomic_write_text
+from dsmae.writes import WriteError, atomic_write_text, unwritable_reason
+
+log = logging.getLogger(__name__)
 
 # the fields every result takes from what it was measured on (LabelledSplits.measured_on)
 MEASURED_ON = ("num_train", "num_test", "num_classes", "data", "random_init", "checkpoint")
@@ -50,6 +53,8 @@ class EvalResult:
     data: str  # the data set or folder evaluated on
     random_init: bool  # the checkpoint's architecture at random initialisation (a baseline)
     checkpoint: str  # the checkpoint file, as given
+    # where :meth:`keep` wrote it; None: not (yet) written
+    saved: Path | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The result as the JSON object it is saved as (``keys`` in their order)."""
@@ -62,9 +67,27 @@ class EvalResult:
         return result_path(self.checkpoint, self.protocol, self.random_init, self.pool)
 
     def save(self) -> Path:
-        """Write :meth:`to_dict` as JSON to :attr:`path` (atomically); returns the path."""
+        """Write :meth:`to_dict` as JSON to :attr:`path` (atomically); returns the path.
+
+        Raises:
+            WriteError: it could not be written.
+        """
         atomic_write_text(self.path, json.dumps(self.to_dict(), indent=2) + "\n", "result")
+        self.saved = self.path
         return self.path
+
+    def keep(self) -> Path | None:
+        """:meth:`save`, or where the file cannot be written a warning: the result is
+        then only in memory, for the caller to print (``saved`` stays None)."""
+        try:
+            return self.save()
+        except WriteError as err:
+            log.warning("%s; the result is printed instead", err)
+            return None
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` on one line, as printed where the file could not be written."""
+        return json.dumps(self.to_dict())
 
 
 @dataclass
@@ -91,6 +114,15 @@ class TrainedResult(EvalResult):
         return dict(
             zip(("top1", "best_top1", "best_epoch", "epochs", "settings"), fields, strict=True)
         )
+
+
+def warn_if_unwritable(path: Path) -> bool:
+    """Whether the result file ``path`` can be written into its folder, found out before
+    any work: when not, a warning says so now, and that the result will be printed."""
+    why = unwritable_reason(path.parent)
+    if why is not None:
+        log.warning("the result cannot be written to %s (%s): it will be printed", path, why)
+    return why is None
 
 
 def best_epoch(history: Sequence[float]) -> tuple[float, int]:
@@ -125,15 +157,14 @@ def evaluation_settings(section: Any, data: str) -> dict[str, Any]:
 
 
 def evaluation_config(cfg: Config, changes: Mapping[str, Any]) -> Config:
-    """``cfg`` (a checkpoint's) with ``changes`` (dotted keys such as ``"probe.epochs"``)
-    set as given: neither resolved nor validated, as the frozen-feature commands
-    (``dsmae linprobe``, ``dsmae knn``) take their values."""
-    sections: dict[str, dict[str, Any]] = {}
-    for key, value in changes.items():
-        section, _, name = key.partition(".")
-        sections.setdefault(section, {})[name] = value
-    replaced = {s: dataclasses.replace(getattr(cfg, s), **v) for s, v in sections.items()}
-    return dataclasses.replace(cfg, **replaced)
+    """``cfg`` (a checkpoint's) with ``changes`` (dotted keys such as ``"probe.epochs"``),
+    resolved and validated as :func:`~dsmae.config.override_config` does: an impossible
+    value is refused before any work, naming its key.
+
+    Raises:
+        ConfigError: an unknown key, a model key, or an impossible value.
+    """
+    return override_config(cfg, (), changes)
 
 
 @dataclass
