@@ -83,6 +83,24 @@ def counted_tiny() -> CountedTiny:
     return COUNTED_TINY
 
 
+# ``dsmae bench``'s flags for the model's shape; the rest of a model goes in ``--set``
+BENCH_SHAPE = ("arch", "img_size", "patch_size", "in_chans")
+
+
+@pytest.fixture
+def bench_args(counted_tiny: CountedTiny) -> list[str]:
+    """The counted model as ``dsmae bench`` arguments (its shape as flags, the rest as
+    ``--set``), on the CPU."""
+    options = counted_tiny.options
+    flags = [
+        arg for key in BENCH_SHAPE for arg in (f"--{key.replace('_', '-')}", str(options[key]))
+    ]
+    sets = [
+        a for k, v in options.items() if k not in BENCH_SHAPE for a in ("--set", f"model.{k}={v}")
+    ]
+    return [*flags, *sets, "--device", "cpu"]
+
+
 # ------------------------------------------------------------------ the tiny run
 
 

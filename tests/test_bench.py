@@ -2,6 +2,7 @@
 hand count: ``test_flops.py``)."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -11,18 +12,6 @@ from dsmae.bench import PARTS, bench_step, matmul_peak_gflops, time_calls
 from dsmae.cli import main
 from dsmae.config import build_config
 from dsmae.engine import build_optimizer
-
-SHAPE = ("arch", "img_size", "patch_size", "in_chans")  # the model options bench takes as flags
-
-
-@pytest.fixture
-def bench_args(counted_tiny) -> list[str]:
-    """The counted model as ``dsmae bench`` arguments (its shape as flags, the rest as
-    ``--set``), on the CPU."""
-    options = counted_tiny.options
-    flags = [arg for key in SHAPE for arg in (f"--{key.replace('_', '-')}", str(options[key]))]
-    sets = [a for k, v in options.items() if k not in SHAPE for a in ("--set", f"model.{k}={v}")]
-    return [*flags, *sets, "--device", "cpu"]
 
 
 def test_matmul_peak_and_step_timing(counted_tiny):
@@ -65,7 +54,9 @@ def test_bench_json_end_to_end(capsys, monkeypatch, counted_tiny, bench_args):
         4,
     )
     assert r["dtype"] == "float32" and r["torch"] == torch.__version__
-    assert r["device"] and r["matmul_size"] == 256
+    assert r["device"] and r["matmul_size"] in (128, 256) and r["matmul_dtype"] == "float32"
+    assert r["matmul_peaks"] == {"float32": {"gflops": r["matmul_peak_gflops"],
+                                             "size": r["matmul_size"]}}  # fmt: skip
     for key in ("img_per_s", "step_ms", "peak_mem_mb", "gflop_per_img", "achieved_gflops"):
         assert r[key] > 0, key
     assert r["matmul_peak_gflops"] > 0 and r["mfu"] > 0
@@ -81,13 +72,44 @@ def test_bench_json_end_to_end(capsys, monkeypatch, counted_tiny, bench_args):
 
 
 def test_bench_compiled_reports_the_compilation_apart(capsys, monkeypatch, bench_args):
+    # the GPU's default step, with Inductor itself (the GPU-path tests use aot_eager)
     monkeypatch.setattr(bench, "MATMUL_SIZE", 64)
-    args = ["bench", "--method", "dsmae-ly", *bench_args, "--batch-size", "2", "--steps", "1"]
-    assert main([*args, "--warmup", "0", "--compile", "--json",
-                 "--set", "train.compile_scope=blocks"]) == 0  # fmt: skip
+    args = ["bench", "--method", "dsmae", *bench_args, "--batch-size", "2", "--steps", "1"]
+    assert main([*args, "--warmup", "0", "--compile", "--json", "--set", "train.amp=true"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["compile"] is True and r["compile_scope"] == "blocks"
+    assert r["compile"] is True and r["compile_scope"] == "model" and r["dtype"] == "bfloat16"
+    assert (r["compile_backend"], r["compile_mode"]) == ("inductor", "default")
     assert r["warmup"] == 1 and r["compile_s"] > 0  # the compiling step is never timed
+
+
+def test_the_peak_search_stops_in_time_and_keeps_the_best_size(monkeypatch):
+    timed = []
+
+    def slow_matmul(device, dtype, size):  # 1 ms at side 128, x8 per doubling
+        timed.append(size)
+        time.sleep(1e-3 * (size / 128) ** 3)
+        return {128: 5.0, 256: 9.0, 512: 7.0}.get(size, 1.0)
+
+    monkeypatch.setattr(bench, "matmul_peak_gflops", slow_matmul)
+    cpu = torch.device("cpu")
+    # 128 (1 ms), 256 (8 ms), 512 (64 ms); 1024 would take 512 ms, past the 0.3 s
+    peak = bench.matmul_peak(cpu, torch.bfloat16, max_size=4096, seconds=0.3)
+    assert timed == [128, 256, 512] and (peak.gflops, peak.size) == (9.0, 256)
+    timed.clear()
+    assert bench.matmul_peak(cpu, torch.float32, max_size=64).size == 64 and timed == [64]
+
+
+def test_a_bf16_step_is_measured_against_the_faster_of_its_dtypes(monkeypatch):
+    rates = {torch.bfloat16: 2.5, torch.float32: 120.0}  # a CPU without bf16 units
+    monkeypatch.setattr(bench, "matmul_peak_gflops", lambda device, dtype, size: rates[dtype])
+    cpu = torch.device("cpu")
+    peak, peaks = bench.step_peak(cpu, amp=True, max_size=128)
+    assert set(peaks) == {"bfloat16", "float32"}
+    assert (peak.gflops, peak.dtype) == (120.0, torch.float32)
+    rates[torch.bfloat16] = 900.0  # a GPU: the tensor cores' bf16 peak
+    assert bench.step_peak(cpu, amp=True, max_size=128)[0].dtype == torch.bfloat16
+    peak, peaks = bench.step_peak(cpu, amp=False, max_size=64, fixed=True)
+    assert list(peaks) == ["float32"] and peak.size == 64
 
 
 @pytest.mark.parametrize("method", ["mae", "dsmae-ly", "dsmae-lz"])

@@ -25,7 +25,8 @@ from dsmae.resume import (
 # What may differ between a run and its resumption: where and how it runs, not what it learns.
 RESUMABLE = {
     "out", "data.root", "data.download", "train.device", "train.micro_batch", "train.compile",
-    "train.compile_scope", "train.grad_checkpointing", "train.data_on_device",
+    "train.compile_scope", "train.compile_backend", "train.compile_mode", "train.attention",
+    "train.grad_checkpointing", "train.data_on_device",
     "train.checkpoint_every", "train.checkpoint_minutes", "train.keep_checkpoints",
     "train.log_every", "train.max_bad_steps", "train.dist_timeout_minutes",
     "train.time_budget",  # a budgeted run's epochs are fixed when it starts, and kept

@@ -13,8 +13,8 @@ FLOPs are counted by PyTorch's ``FlopCounterMode`` (matmul-like ops only: every 
 layer, the patch-embedding convolution and attention's two batched matmuls), per
 part of the model: each part is one of the model's public stages, run alone
 (:func:`dsmae.flops.part_steps`), and the same parts are timed alone with ``--parts``.
-MFU is the achieved model FLOP rate over the best rate of a large square matmul in the
-step's dtype, measured in the same process.
+MFU is the achieved model FLOP rate over the best rate of square matmuls in the step's
+dtypes (:func:`step_peak`), searched in the same process within seconds on any device.
 """
 
 from __future__ import annotations
@@ -35,9 +35,16 @@ from typing import Any
 import torch
 
 from dsmae.config import Config, ConfigError, build_config, fill_data_stats
-from dsmae.engine import Corruption, build_optimizer, draw_step, load_batch, train_step
+from dsmae.engine import (
+    Corruption,
+    build_optimizer,
+    build_training_model,
+    draw_step,
+    load_batch,
+    train_step,
+)
 from dsmae.flops import PARTS, count_step_flops, part_steps
-from dsmae.models import PretrainModel, build_model
+from dsmae.models import PretrainModel
 from dsmae.runtime import (
     compile_model,
     generator,
@@ -49,8 +56,11 @@ from dsmae.runtime import (
 
 log = logging.getLogger(__name__)
 
-MATMUL_SIZE = 4096  # side of the square matmul that measures the peak FLOP rate (CPU)
+MATMUL_SIZE = 4096  # the largest square matmul the peak search times (CPU)
 CUDA_MATMUL_SIZE = 8192  # ... on a GPU: large enough to reach the tensor cores' peak
+PEAK_SECONDS = 3.0  # the peak search's time for one dtype, whatever the device
+# the step's speed switches (train.*), reported with every result for the A/B of each
+SPEED_SWITCHES = ("attention", "bf16_residual", "fast_norm")
 FLOP_COUNT_BATCH = 8  # images the FLOPs are counted on (FLOPs are linear in the batch)
 DATA_BATCHES = 4  # the synthetic data set holds this many batches
 TEACHER_MOMENTUM = 0.99
@@ -92,6 +102,71 @@ def matmul_peak_gflops(
             seconds = time.perf_counter() - begin
         best = min(best, seconds)
     return 2 * size**3 / best / 1e9
+
+
+@dataclass(frozen=True)
+class MatmulPeak:
+    """The best rate of square matmuls in one dtype, and the size that reached it."""
+
+    gflops: float
+    size: int
+    dtype: torch.dtype
+
+    def as_json(self) -> dict[str, Any]:
+        return {"gflops": self.gflops, "size": self.size}
+
+
+def matmul_peak(
+    device: torch.device, dtype: torch.dtype, max_size: int, seconds: float = PEAK_SECONDS
+) -> MatmulPeak:
+    """The best :func:`matmul_peak_gflops` over square matmuls of side 128, 256, ... up to
+    ``max_size`` (or ``max_size`` alone where it is smaller), in about ``seconds``.
+
+    A size runs only while its predicted time (8 times the size before, the cost of a
+    matmul growing as its side cubed) fits in what is left of ``seconds``: a dtype that
+    is slow on ``device`` (bf16 on a CPU without bf16 units, 0.6 GFLOP/s) stops at a small
+    size instead of taking minutes. The first size always runs.
+    """
+    deadline = time.perf_counter() + seconds
+    size, best = min(128, max_size), None
+    while True:
+        started = time.perf_counter()
+        rate = matmul_peak_gflops(device, dtype, size=size)
+        spent = time.perf_counter() - started
+        if best is None or rate > best.gflops:
+            best = MatmulPeak(rate, size, dtype)
+        if 2 * size > max_size or time.perf_counter() + 8 * spent > deadline:
+            return best
+        size *= 2
+
+
+def step_peak(
+    device: torch.device, amp: bool, max_size: int, fixed: bool = False
+) -> tuple[MatmulPeak, dict[str, MatmulPeak]]:
+    """The MFU denominator of a step, and the peak of each dtype it runs in.
+
+    An fp32 step runs in fp32. A bf16-autocast step runs its matmuls in bf16 and the rest
+    (norms, softmax, losses, and matmuls autocast leaves alone) in fp32: no FLOP of it
+    runs faster than the faster of the two peaks, so that one is the denominator and MFU
+    stays <= 100% on a device where bf16 is the slower (most CPUs).
+
+    Args:
+        max_size: the largest matmul side to try; with ``fixed``, the only one.
+    """
+    dtypes = (torch.bfloat16, torch.float32) if amp else (torch.float32,)
+    peaks = {}
+    for dtype in dtypes:
+        log.info("timing %s matmuls up to %d^3 for the peak rate", _dtype_name(dtype), max_size)
+        if fixed:
+            gflops = matmul_peak_gflops(device, dtype, size=max_size)
+            peaks[_dtype_name(dtype)] = MatmulPeak(gflops, max_size, dtype)
+        else:
+            peaks[_dtype_name(dtype)] = matmul_peak(device, dtype, max_size)
+    return max(peaks.values(), key=lambda peak: peak.gflops), peaks
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -146,6 +221,7 @@ def bench_step(
             mask=corruption.mask,
             eps=corruption.eps,
             amp=amp,
+            attention=t.attention,
         )
         if t.ema_every == "step":
             model.update_teacher(momentum, apply=out["finite"])
@@ -295,7 +371,9 @@ def run_bench(
 
     Args:
         overrides: further dotted config values, e.g. ``{"model.depth": 6}``.
-        matmul_size: side of the peak-rate matmul (default :data:`MATMUL_SIZE`).
+        matmul_size: time the peak on this matmul side alone (default: the best of the
+            sides up to :data:`MATMUL_SIZE`, :data:`CUDA_MATMUL_SIZE` on CUDA, that fit in
+            :data:`PEAK_SECONDS` per dtype: :func:`matmul_peak`).
         parts_time: also time each part alone (:func:`time_parts`, eager, on the whole
             batch) and report ``parts_ms``, their sum ``sum_parts_ms`` and
             ``overhead_vs_parts`` (``step_ms / sum_parts_ms - 1``) and ``parts_mfu``.
@@ -303,11 +381,15 @@ def run_bench(
     Returns:
         a JSON-ready dict: the settings (``method``, ``arch``, ``img_size``,
         ``patch_size``, ``in_chans``, ``depth``, ``embed_dim``, ``num_heads``,
-        ``batch_size``, ``steps``, ``warmup``, ``device``, ``dtype``, ``torch``) and
+        ``batch_size``, ``steps``, ``warmup``, ``device``, ``dtype``, ``torch`` and the
+        :data:`SPEED_SWITCHES`) and
         ``step_ms`` (median), ``img_per_s``, ``peak_mem_mb``, ``gflop_per_img``, ``parts``
-        (GFLOP per image of each part), ``achieved_gflops``, ``matmul_peak_gflops``,
-        ``matmul_size``, ``mfu``; ``compile``, ``compile_scope`` and ``compile_s`` (the
-        first step's time beyond a step's: the compilation, excluded from the rest);
+        (GFLOP per image of each part), ``achieved_gflops``, ``matmul_peak_gflops``
+        (the MFU denominator, :func:`step_peak`), its ``matmul_size`` and
+        ``matmul_dtype``, ``matmul_peaks`` (``gflops`` and ``size`` of each dtype the
+        step runs in), ``mfu``; ``compile``, ``compile_scope``, ``compile_backend``,
+        ``compile_mode`` and ``compile_s`` (the first step's time beyond a step's: the
+        compilation, excluded from the rest);
         ``data_ms`` (the data part alone: gather, augmentation, draws) and its
         ``data_share`` of the step; ``host_syncs_per_step`` (CUDA: times a step waits
         for the GPU; None elsewhere) and ``host_sync_sites`` (the lines that wait).
@@ -351,17 +433,14 @@ class _Setup:
 
 
 def _set_up(cfg: Config, warmup: int) -> _Setup:
-    """Build the model (weights drawn after ``torch.manual_seed(train.seed)``), the
-    synthetic uint8 data set (:data:`DATA_BATCHES` batches of seeded uniform pixels), the
+    """Build the model as pre-training does (:func:`~dsmae.engine.build_training_model`),
+    the synthetic uint8 data set (:data:`DATA_BATCHES` batches of seeded uniform pixels), the
     optimizer and the step."""
     m, t = cfg.model, cfg.train
     dev = resolve_device(t.device)
     amp, compiled = use_amp(dev, t.amp), use_compile(dev, t.compile)
-    torch.manual_seed(t.seed)
-    model = build_model(m).to(dev).train()
-    if t.grad_checkpointing:
-        model.encoder.set_grad_checkpointing(True)
-    forward = compile_model(model, t.compile_scope) if compiled else model
+    model = build_training_model(cfg, dev)
+    forward = compile_model(model, t) if compiled else model
     shape = (DATA_BATCHES * t.batch_size, m.in_chans, m.img_size, m.img_size)
     data = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator(t.seed)).to(dev)
     cfg = fill_data_stats(cfg, [0.5] * m.in_chans, [0.29] * m.in_chans)  # uniform pixels
@@ -395,8 +474,8 @@ class _Measured:
     data_s: float  # median data part alone
     syncs: list[str] | None  # host_syncs of one step
     parts_s: dict[str, float] | None  # time_parts, where asked for
-    matmul_size: int
-    peak_gflops: float  # matmul_peak_gflops
+    peak: MatmulPeak  # the MFU denominator (step_peak)
+    peaks: dict[str, MatmulPeak]  # the peak of each dtype the step runs in
 
 
 def _measure(setup: _Setup, steps: int, matmul_size: int | None, parts_time: bool) -> _Measured:
@@ -417,9 +496,8 @@ def _measure(setup: _Setup, steps: int, matmul_size: int | None, parts_time: boo
         parts_s = time_parts(
             s.model, sample, corruption.mask, steps=steps, warmup=warmup, amp=s.amp
         )
-    size = matmul_size or (CUDA_MATMUL_SIZE if dev.type == "cuda" else MATMUL_SIZE)
-    log.info("timing %dx%d matmuls for the peak rate", size, size)
-    peak = matmul_peak_gflops(dev, s.dtype, size=size)
+    largest = CUDA_MATMUL_SIZE if dev.type == "cuda" else MATMUL_SIZE
+    peak, peaks = step_peak(dev, s.amp, matmul_size or largest, fixed=matmul_size is not None)
     return _Measured(
         flops=flops,
         step_s=statistics.median(times),
@@ -428,8 +506,8 @@ def _measure(setup: _Setup, steps: int, matmul_size: int | None, parts_time: boo
         data_s=statistics.median(data_times),
         syncs=syncs,
         parts_s=parts_s,
-        matmul_size=size,
-        peak_gflops=peak,
+        peak=peak,
+        peaks=peaks,
     )
 
 
@@ -449,15 +527,16 @@ def _settings(setup: _Setup, steps: int) -> dict[str, Any]:
         "steps": steps,
         "warmup": setup.warmup,
         "device": device_name(setup.device),
-        "dtype": str(setup.dtype).removeprefix("torch."),
+        "dtype": _dtype_name(setup.dtype),
         "torch": torch.__version__,
+        **{key: getattr(setup.cfg.train, key) for key in SPEED_SWITCHES},
     }
 
 
 def _figures(setup: _Setup, measured: _Measured) -> dict[str, Any]:
     """The measured half of a :func:`run_bench` result, from :func:`_measure`'s numbers."""
     r, batch, scope = measured, setup.cfg.train.batch_size, setup.cfg.train.compile_scope
-    step_s, peak = r.step_s, r.peak_gflops
+    step_s, peak = r.step_s, r.peak.gflops
     img_per_s = batch / step_s
     parts = {name: r.flops[name] / 1e9 for name in PARTS}
     gflop_per_img = sum(parts.values())  # = flops["total"] / 1e9
@@ -470,10 +549,14 @@ def _figures(setup: _Setup, measured: _Measured) -> dict[str, Any]:
         "parts": parts,
         "achieved_gflops": achieved,
         "matmul_peak_gflops": peak,
-        "matmul_size": r.matmul_size,
+        "matmul_size": r.peak.size,
+        "matmul_dtype": _dtype_name(r.peak.dtype),
+        "matmul_peaks": {name: found.as_json() for name, found in r.peaks.items()},
         "mfu": achieved / peak,
         "compile": setup.compiled,
         "compile_scope": scope if setup.compiled else None,
+        "compile_backend": setup.cfg.train.compile_backend if setup.compiled else None,
+        "compile_mode": setup.cfg.train.compile_mode if setup.compiled else None,
         "compile_s": r.first_s - step_s if setup.compiled and r.first_s is not None else None,
         "data_ms": r.data_s * 1e3,
         "data_share": r.data_s / step_s,
@@ -506,7 +589,11 @@ def format_report(result: Mapping[str, Any]) -> str:
         ("FLOPs per image", f"{total:.4g} GFLOP"),
         *((f"  {k}", f"{v:.4g} GFLOP  ({100 * v / total:.1f}%)") for k, v in r["parts"].items()),
         ("achieved", f"{r['achieved_gflops']:.1f} GFLOP/s"),
-        (f"matmul peak ({r['matmul_size']}^3)", f"{r['matmul_peak_gflops']:.1f} GFLOP/s"),
+        *(
+            (f"matmul peak, {name} ({peak['size']}^3)", f"{peak['gflops']:.1f} GFLOP/s")
+            for name, peak in r["matmul_peaks"].items()
+        ),
+        ("MFU denominator", f"the {r['matmul_dtype']} peak"),
         ("MFU", f"{100 * r['mfu']:.1f}%"),
         ("data part alone", f"{r['data_ms']:.2f} ms  ({100 * r['data_share']:.1f}% of the step)"),
     ]
@@ -530,7 +617,9 @@ def format_report(result: Mapping[str, Any]) -> str:
         f"{r['num_heads']} heads), {r['img_size']} px, patch {r['patch_size']}, "
         f"{r['in_chans']} channel(s), batch {r['batch_size']}\n"
         f"device: {r['device']}; {r['dtype']}; torch {r['torch']}"
-        + (f"; torch.compile ({r['compile_scope']})" if r["compile"] else "")
+        + (f"; torch.compile ({r['compile_scope']}, {r['compile_mode']})" if r["compile"] else "")
+        + f"; attention {r['attention']}, bf16 residual {r['bf16_residual']}, "
+        f"fast norm {r['fast_norm']}"
     )
     width = max(len(name) for name, _ in rows)
     return "\n".join([head, *(f"  {name:<{width}}  {value}" for name, value in rows)])

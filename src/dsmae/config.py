@@ -36,6 +36,10 @@ ARCHS: dict[str, tuple[int, int, int]] = {
 }
 DEFAULT_NOISE_RATIO = {"dsmae": 0.9, "dsmae-ly": 0.9, "dsmae-lz": 0.9, "mae": 0.75}
 POOLS = ("avg", "cls")  # the features read from an encoder: mean of the patch tokens, [CLS]
+# Inductor's modes (torch.compile's ``mode``); "default" passes none
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# scaled_dot_product_attention's kernels (torch.nn.attention.SDPBackend); "auto": torch picks
+ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 WANDB_FORBIDDEN = "/\\#?%:"  # characters a W&B project name cannot hold
 
@@ -237,6 +241,11 @@ class TrainConfig:
     amp: bool | None = None  # bf16 autocast; None: on for CUDA, off on CPU
     compile: bool | None = resumable(None)  # torch.compile the step; None: on for CUDA, off on CPU
     compile_scope: str = resumable("model")  # "model": step as one graph | "blocks": per block
+    compile_backend: str = resumable("inductor")  # torch.compile's backend (e.g. aot_eager)
+    compile_mode: str = resumable("default")  # Inductor's mode: one of COMPILE_MODES
+    attention: str = resumable("auto")  # SDPA kernel: one of ATTENTION_KERNELS (auto: torch's)
+    bf16_residual: bool = False  # under autocast, the residual stream in bf16 (models/precision)
+    fast_norm: bool = False  # under autocast, LayerNorm in bf16 (timm's fast norm)
     grad_checkpointing: bool = resumable(False)  # recompute encoder block activations in backward
     data_on_device: bool | None = resumable(None)  # uint8 data set kept on the GPU; None: on CUDA
     seed: int = 0
@@ -278,6 +287,9 @@ class TrainConfig:
             _require(0 <= value < 1, f"train.{key}", f"must be in [0, 1), got {value}")
         _check_choice("train.ema_every", self.ema_every, ("step", "epoch"))
         _check_choice("train.compile_scope", self.compile_scope, ("model", "blocks"))
+        _check_choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
+        _check_choice("train.attention", self.attention, ATTENTION_KERNELS)
+        _require(bool(self.compile_backend), "train.compile_backend", "must name a backend")
         _require(
             DEVICE_PATTERN.fullmatch(self.device) is not None,
             "train.device",

@@ -47,6 +47,7 @@ from dsmae.data.sources import is_shard_source
 from dsmae.flops import train_flops_per_image
 from dsmae.metrics import MetricsLog
 from dsmae.models import PretrainModel, build_model
+from dsmae.models.precision import fast_norms, keep_residual_in_autocast_dtype
 from dsmae.monitor import Monitor
 from dsmae.preemption import Preempted, StopSignals
 from dsmae.resume import ResumePoint, resume_point
@@ -58,7 +59,9 @@ from dsmae.run_folder import (
     start_run,
 )
 from dsmae.runtime import (
+    attention_kernel,
     autocast,
+    check_attention,
     compile_model,
     generator,
     progress,
@@ -161,6 +164,7 @@ def train_step(
     generator: torch.Generator | None = None,
     amp: bool = False,
     grad_clip: float = 0.0,
+    attention: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """One optimizer step on a batch, in micro-batches of ``micro_batch`` images
     (:func:`_accumulate_gradients`). The teacher is NOT updated here.
@@ -170,7 +174,9 @@ def train_step(
         images: (B, C, H, W) augmented, normalised, on the model's device.
         mask, eps: the corruption of these images (see ``PretrainModel.sample_corruption``);
             drawn from ``generator`` inside the model when None.
+        amp: bf16 autocast of the forward passes.
         grad_clip: clip the gradient norm to this value (0: no clipping).
+        attention: the attention kernel of the forward passes (``train.attention``).
 
     A step whose gradient norm is not finite (a NaN or infinite loss or gradient,
     overflow under bf16) changes nothing: the optimizer does not step
@@ -185,7 +191,8 @@ def train_step(
     """
     micro_batch = micro_batch or images.shape[0]
     optimizer.zero_grad(set_to_none=True)
-    totals = _accumulate_gradients(model, images, micro_batch, mask, eps, generator, amp)
+    with attention_kernel(attention):
+        totals = _accumulate_gradients(model, images, micro_batch, mask, eps, generator, amp)
     params = [p for p in model.parameters() if p.grad is not None]
     totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
     totals["finite"] = torch.isfinite(totals["grad_norm"])
@@ -376,6 +383,7 @@ def _setup(cfg: Config, resume: str | None, force: bool, overwrite: bool) -> _Ru
     restore a checkpoint."""
     out = Path(cfg.out)
     proc, device = distributed.setup(cfg.train.device, cfg.train.dist_timeout_minutes)
+    check_attention(device, cfg.train.attention)  # before the folder is touched
     lock = None
     if proc.is_main:
         check_writable(out)
@@ -420,7 +428,7 @@ def _build_run(
     forward = distributed.wrap(model, proc, device)
     compiled = use_compile(device, cfg.train.compile)
     if compiled:
-        forward = compile_model(forward, cfg.train.compile_scope)
+        forward = compile_model(forward, cfg.train)
     images = _placed(images, cfg.train, device)
     if proc.is_main:
         atomic_write_text(out / "config.yaml", cfg.to_yaml(), "config")
@@ -521,15 +529,33 @@ def resolve_data_stats(cfg: Config, images: torch.Tensor) -> Config:
     return fill_data_stats(cfg, *channel_stats(images))
 
 
+def build_training_model(cfg: Config, device: torch.device) -> PretrainModel:
+    """The model of ``cfg`` as a training step runs it, in train mode on ``device``: weights
+    drawn after ``torch.manual_seed(train.seed)`` (identical on every process), gradient
+    checkpointing, and the precision switches (``train.fast_norm``, ``train.bf16_residual``:
+    :mod:`dsmae.models.precision`).
+
+    Raises:
+        ConfigError: an attention kernel that ``device`` does not have.
+    """
+    t = cfg.train
+    check_attention(device, t.attention)
+    torch.manual_seed(t.seed)
+    with fast_norms(t.fast_norm):
+        model = build_model(cfg.model).to(device).train()
+    if t.bf16_residual:
+        keep_residual_in_autocast_dtype(model)
+    if t.grad_checkpointing:
+        model.encoder.set_grad_checkpointing(True)
+    return model
+
+
 def _model_and_optimizer(
     cfg: Config, device: torch.device, start: ResumePoint
 ) -> tuple[PretrainModel, torch.optim.Optimizer]:
     """The model, initialised from ``train.seed`` (identically on every process), and its
     optimizer; both restored from the resumed checkpoint, if any."""
-    torch.manual_seed(cfg.train.seed)  # weight initialisation, identical on every process
-    model = build_model(cfg.model).to(device).train()
-    if cfg.train.grad_checkpointing:
-        model.encoder.set_grad_checkpointing(True)
+    model = build_training_model(cfg, device)
     optimizer = build_optimizer(model, cfg.train, device)
     if start.state is not None:
         load_weights(model, start.state["model"], str(start.path))
@@ -810,7 +836,8 @@ def _take_step(
     t = run.cfg.train
     images, corruption = _batch(run, step, uint8)
     mask, eps = corruption.mask, corruption.eps
-    options = {"micro_batch": t.micro_batch, "amp": run.amp, "grad_clip": t.grad_clip}
+    options = {"micro_batch": t.micro_batch, "amp": run.amp, "grad_clip": t.grad_clip,
+               "attention": t.attention}  # fmt: skip
     losses = train_step(run.forward, run.optimizer, images, mask=mask, eps=eps, **options)
     finite = losses.pop("finite")
     run.health.record(finite)

@@ -6,13 +6,14 @@ import contextlib
 import ctypes
 import logging
 import sys
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 from tqdm import tqdm
 
-from dsmae.config import DEVICE_PATTERN, ConfigError
+from dsmae.config import ATTENTION_KERNELS, DEVICE_PATTERN, ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +50,42 @@ def use_compile(device: torch.device, compile: bool | None) -> bool:
     return device.type == "cuda" if compile is None else compile
 
 
-def compile_model(model: nn.Module, scope: str = "model") -> nn.Module:
-    """The module that a training step calls, compiled.
+def compile_model(model: nn.Module, train: TrainConfig) -> nn.Module:
+    """The module that a training step calls, compiled as ``train`` says.
 
     Args:
-        model: e.g. a DSMAE, or a DistributedDataParallel around one.
-        scope: "model": forward, losses and (through AOTAutograd) backward as one graph,
-            returned as a new wrapper module; "blocks": every timm transformer block of
-            ``model`` compiled in place (regional compilation: the blocks share one
-            compiled graph, which compiles several times faster) and ``model`` returned.
+        model: e.g. a DSMAE, a classifier, or a DistributedDataParallel around one.
+        train: its ``compile_scope``: "model": forward, losses and (through AOTAutograd)
+            backward as one graph, returned as a new wrapper module; "blocks": every timm
+            transformer block of ``model`` compiled in place (regional compilation: the
+            blocks share one compiled graph, which compiles several times faster) and
+            ``model`` returned. ``compile_backend`` and ``compile_mode`` are
+            ``torch.compile``'s ``backend`` and ``mode`` ("default": none given).
+
+    Raises:
+        ConfigError: a backend that this torch does not have.
     """
-    if scope == "model":
-        return torch.compile(model)
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if train.compile_backend not in backends:
+        raise ConfigError(
+            f"train.compile_backend={train.compile_backend!r} is not one of this torch's "
+            f"backends: {', '.join(sorted(backends))}",
+            "train.compile_backend",
+        )
+    options: dict[str, Any] = {"backend": train.compile_backend}
+    if train.compile_mode != "default":
+        options["mode"] = train.compile_mode
+    log.debug(
+        "torch.compile (%s scope, backend %s, mode %s)",
+        train.compile_scope,
+        train.compile_backend,
+        train.compile_mode,
+    )
+    if train.compile_scope == "model":
+        return torch.compile(model, **options)
     for module in model.modules():
         if isinstance(module, Block):
-            module.compile()
+            module.compile(**options)
     return model
 
 
@@ -80,6 +102,40 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+_CUDA_ONLY_KERNELS = ("efficient", "cudnn")
+
+
+def check_attention(device: torch.device, kernel: str) -> None:
+    """Refuse an attention kernel that ``device`` does not have.
+
+    Raises:
+        ConfigError: ``efficient`` or ``cudnn`` off CUDA.
+    """
+    if kernel in _CUDA_ONLY_KERNELS and device.type != "cuda":
+        raise ConfigError(
+            f"train.attention={kernel!r} needs CUDA; on {device.type} use one of: "
+            f"{', '.join(k for k in ATTENTION_KERNELS if k not in _CUDA_ONLY_KERNELS)}",
+            "train.attention",
+        )
+
+
+def attention_kernel(kernel: str) -> contextlib.AbstractContextManager:
+    """Inside, ``scaled_dot_product_attention`` runs ``kernel`` (see
+    :data:`~dsmae.config.ATTENTION_KERNELS`) and fails rather than fall back to another;
+    "auto": a null context, torch picks per call."""
+    if kernel == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[kernel]
+    return sdpa_kernel(backend)
 
 
 # glibc mallopt parameters (malloc.h)

@@ -30,6 +30,11 @@ beside it, labelled as such. Each epoch visits the training images in the order
 last partial batch dropped); mixup and drop path draw from the global RNGs, seeded with
 ``seed + rank`` once the model is built (MAE's per-process seed).
 
+The step runs as pre-training's does: bf16 autocast where ``train.amp`` says (default: on
+CUDA) and ``torch.compile`` where ``train.compile`` says (default: on CUDA; its
+``compile_scope``, ``compile_backend`` and ``compile_mode``); the test top-1 is computed
+eagerly.
+
 Under torchrun every process takes its share of each global batch (DistributedDataParallel)
 and the test accuracy is summed over processes.
 """
@@ -75,7 +80,7 @@ from dsmae.evaluation.results import (
 from dsmae.metrics import MetricsLog
 from dsmae.preemption import leave_stopping_to
 from dsmae.run_folder import check_metrics_folder
-from dsmae.runtime import autocast, generator, progress, use_amp
+from dsmae.runtime import autocast, compile_model, generator, progress, use_amp, use_compile
 from dsmae.schedules import lr_at
 from dsmae.seeds import finetune_epoch_seed, process_seed
 
@@ -430,6 +435,9 @@ def _prepare(
     model = classifier(encoder, num_classes, f).to(device)
     optimizer = build_finetune_optimizer(model, f, device)
     forward = distributed.wrap(model, proc, device)
+    if use_compile(device, t.compile):  # the training step; evaluation stays eager
+        forward = compile_model(forward, t)
+        log.info("fine-tuning with torch.compile (%s)", t.compile_scope)
     # mixup (numpy) and drop path (torch) draw from the global RNGs, seeded per process
     # as MAE does (``seed + rank``); the images are seeded per image (AugmentedImages)
     _seed_globals(process_seed(t.seed, proc.rank))
