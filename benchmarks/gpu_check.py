@@ -5,6 +5,11 @@
 
 Stages (each writes its own files into RESULTS_DIR, so one that fails leaves the others):
 
+- ``smoke``: every ``dsmae`` command once on the quickstart-sized model, in this process,
+  all eager in fp32, then pre-training and fine-tuning in bf16 compiled: ``smoke.json``
+  (exit status, seconds and error line of each, written as each ends) and the pass/fail
+  table ``smoke.md``.
+
 - ``env``: the machine, torch/timm versions and a bf16 8192^3 matmul (the MFU
   denominator): ``env.json``.
 - ``bench --rows tiny|small``: ``dsmae bench`` (:func:`dsmae.bench.run_bench`, in this
@@ -28,6 +33,7 @@ Nothing here installs anything: it runs with the interpreter that runs it.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -119,6 +125,154 @@ def stage_env(results: Path, args: argparse.Namespace) -> None:
     print(json.dumps(env, indent=2))
 
 
+# ----------------------------------------------------------------------------- smoke
+
+QUICKSTART_BENCH = ["--arch", "vit_tiny", "--img-size", "8", "--patch-size", "2", "--in-chans",
+                    "1", "--depth", "4", "--embed-dim", "96", "--num-heads", "3"]  # fmt: skip
+EAGER = ["--set", "train.amp=false", "--set", "train.compile=false"]
+BF16_COMPILED = ["--set", "train.amp=true", "--set", "train.compile=true"]
+
+
+def smoke_plan(work: Path, device: str, shrink: bool) -> list[tuple[str, list[str]]]:
+    """Every command once, on the quickstart-sized model (``shrink``: the tiny one), in
+    the order they depend on each other: (name, ``dsmae`` arguments). All run eager in
+    fp32, but for pre-training and fine-tuning, which run again in bf16 compiled."""
+    images, run = _digit_folders(work), work / "pretrain"
+    checkpoint = str(run / "last.pt")
+    model = [a for key, value in TINY_MODEL.items() for a in ("--set", f"{key}={value}")]
+    model = [*model, "--set", "model.patch_size=4"] if shrink else []
+    compiled = [*BF16_COMPILED, *_shrunk_compile(shrink)]
+    quick = ["--preset", "quickstart", "--set", "data.subset=256", "--epochs", "2",
+             "--set", "probe.after_pretrain=false", "--device", device, *model]  # fmt: skip
+    monitors = ["--set", "monitor.knn_every=1", "--set", "monitor.images_every=1"]
+    finetune = ["finetune", "--checkpoint", checkpoint, "--epochs", "1", "--batch-size", "64",
+                "--set", "finetune.warmup_epochs=0", "--set", "finetune.workers=2"]  # fmt: skip
+    test_images = sorted((images / "test").rglob("*.png"))[:8]
+    bench = QUICKSTART_BENCH + (["--depth", "1", "--embed-dim", "32", "--num-heads", "2"]
+                                if shrink else [])  # fmt: skip
+    experiment = [
+        "experiment", "table3", "--datasets", "cifar10", "--archs", "vit_tiny", "--epochs",
+        "1", "--subset", "64", "--probe-epochs", "2", "--data", f"cifar10={images}",
+        "--results", str(work / "experiment"), "--device", device,
+        *[a for key, value in TINY_MODEL.items() for a in ("--set", f"{key}={value}")],
+        "--set", "model.patch_size=8", "--set", "train.batch_size=32",
+        "--set", "monitor.knn_every=0", "--set", "monitor.images_every=0",
+    ]  # fmt: skip
+    on = ["--checkpoint", checkpoint, "--device", device]
+    # a GPU node may lack the onnx extra (and no package can be installed there)
+    onnx = all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript"))
+    export_name, export_onnx = ("export --onnx", ["--onnx"]) if onnx else ("export (no onnx)", [])
+    plan = {
+        "pretrain": ["pretrain", *quick, *EAGER, *monitors, "--out", str(run)],
+        "pretrain bf16 compiled": ["pretrain", *quick, *compiled, *monitors, "--out",
+                                   str(work / "pretrain-compiled")],
+        "linprobe fast": ["linprobe", *on, "--epochs", "10"],
+        "linprobe mae": ["linprobe", *on, "--recipe", "mae", "--epochs", "1"],
+        "knn": ["knn", *on],
+        "finetune": [*finetune, "--device", device, *EAGER],
+        "finetune bf16 compiled": [*finetune, "--device", device, *compiled],
+        "denoise": ["denoise", *on, "--out", str(work / "denoise.png"), *map(str, test_images)],
+        export_name: ["export", "--checkpoint", checkpoint, "--out", str(work / "export"),
+                      *export_onnx],
+        "features": ["features", *on, "--data", str(images / "test"), "--out",
+                     str(work / "features.npy")],
+        "bench": ["bench", "--method", "dsmae", *bench, "--batch-size", "64", "--steps", "3",
+                  "--no-compile", "--device", device, "--json"],
+        "experiment": experiment,
+    }  # fmt: skip
+    return list(plan.items())
+
+
+def _shrunk_compile(shrink: bool) -> list[str]:
+    """``--set`` arguments of :data:`SHRUNK_COMPILE` where ``shrink``."""
+    if not shrink:
+        return []
+    return [a for key, value in SHRUNK_COMPILE.items() for a in ("--set", f"{key}={value}")]
+
+
+def _digit_folders(work: Path, train: int = 20, test: int = 5) -> Path:
+    """scikit-learn's real digits as an image folder (``train/`` and ``test/``, a folder per
+    class, 8x8 grey PNGs), ``train`` and ``test`` images per class."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root, counts = work / "digits", {}
+    digits = load_digits()
+    for image, label in zip(digits.images, digits.target, strict=True):
+        n = counts[label] = counts.get(label, 0) + 1
+        if n > train + test:
+            continue
+        folder = root / ("train" if n <= train else "test") / f"digit{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype(np.uint8)).save(folder / f"{n:03d}.png")
+    return root
+
+
+def stage_smoke(results: Path, args: argparse.Namespace) -> None:
+    """Every command (:func:`smoke_plan`) in this process, one after another: each one's
+    exit status, seconds and error line go to ``smoke.json`` as soon as it ends (a stage
+    killed by its time limit keeps what ran); ``smoke.md`` is the pass/fail table."""
+    import contextlib
+    import io
+    import shutil
+
+    from dsmae.cli import main as dsmae
+
+    work = results / "smoke"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    table: dict[str, dict[str, Any]] = {}
+    for name, argv in smoke_plan(work, args.device, args.shrink):
+        print(f"== smoke: {name}: dsmae {shlex.join(argv)}", flush=True)
+        started, errors = time.monotonic(), io.StringIO()
+        try:
+            with contextlib.redirect_stderr(_Tee(errors, sys.stderr)):
+                code: int | str = dsmae(argv)
+        except BaseException as err:  # a bug or a crash: the table says which, then on
+            code = type(err).__name__
+            errors.write(f"{type(err).__name__}: {err}\n")
+        lines = [line for line in errors.getvalue().splitlines() if line.strip()]
+        error = None if code == 0 else (lines[-1] if lines else f"exit status {code}")
+        table[name] = {"passed": code == 0, "exit": code, "seconds": time.monotonic() - started,
+                       "error": error, "command": shlex.join(["dsmae", *argv])}  # fmt: skip
+        _write(results / "smoke.json", table)
+        _release_gpu_memory()
+    (results / "smoke.md").write_text(smoke_table(table))
+    print(smoke_table(table))
+    shutil.rmtree(work / "digits", ignore_errors=True)
+
+
+class _Tee:
+    """A text stream that writes to several; anything else is the last one's."""
+
+    def __init__(self, *streams: Any) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding: the terminal's
+        return getattr(self.streams[-1], name)
+
+
+def smoke_table(table: dict[str, dict[str, Any]]) -> str:
+    """The markdown pass/fail table of a smoke stage."""
+    lines = ["| command | result | seconds | error |", "| --- | --- | --- | --- |"]
+    for name, row in table.items():
+        error = (row["error"] or "").replace("|", "/")[:120]
+        result = "pass" if row["passed"] else "FAIL"
+        lines.append(f"| {name} | {result} | {row['seconds']:.1f} | {error} |")
+    passed = sum(row["passed"] for row in table.values())
+    return "\n".join([*lines, "", f"{passed} of {len(table)} commands passed"]) + "\n"
+
+
 def bench_plan(rows: str, shrink: bool) -> list[tuple[str, str, int, int, int, str]]:
     """The benchmarks of a bench stage, in the order they run: "tiny" (the science model)
     and "small", each with dsmae and mae, eager and compiled; "small" ends with dsmae at
@@ -206,15 +360,50 @@ def schedule(seconds: float, img_per_s: float, batch: int, images: int) -> tuple
     return epochs, max(1, round(epochs * WARMUP_SHARE))
 
 
+def shared_rate(rates: list[float]) -> float:
+    """The rate at which runs of the same images, one at each of ``rates``, take on
+    average the time of one run at it: their harmonic mean. Methods pre-trained for the
+    same epochs in ``seconds`` each on average get :func:`schedule` at this rate."""
+    return len(rates) / sum(1 / rate for rate in rates)
+
+
+def measured_rates(results: Path, args: argparse.Namespace) -> dict[str, tuple[float, str]]:
+    """The measured img/s of the science step of dsmae and mae, and the mode of each.
+
+    A method without a bench figure is benchmarked first, here (its compiled row, as
+    pre-training runs it), its JSON written as the bench stage writes it: a pre-training
+    never runs on an assumed rate. SystemExit where the benchmark gives none."""
+    rates = {}
+    arch = (TINY_BENCH if args.shrink else BENCH)[0][1]
+    for method in ("dsmae", "mae"):
+        rate, mode = step_rate(results, method, args.shrink)
+        if rate is None:
+            log.info("no measured step rate for %s: benchmarking it first", method)
+            only = f"{method}-{arch}-compiled"
+            changed = {"only": only, "rows": "tiny", "budget": 600.0}
+            stage_bench(results, argparse.Namespace(**{**vars(args), **changed}))
+            rate, mode = step_rate(results, method, args.shrink)
+        if rate is None:
+            raise SystemExit(
+                f"{method}: no step rate could be measured (bench-{method}-{arch}-*.json); "
+                "refusing to pre-train on an assumed one"
+            )
+        rates[method] = (rate, mode)
+    return rates
+
+
 def stage_pretrain(results: Path, args: argparse.Namespace, method: str) -> None:
+    """``method``'s pre-training for the epochs that dsmae and mae, both for the same
+    epochs (the paper compares equal epochs), take in ``--seconds`` each on average at
+    their measured rates (:func:`measured_rates`)."""
     if not args.data:
         raise SystemExit("pretrain needs --data (the CIFAR-10 folder)")
     batch = 16 if args.shrink else SCIENCE["batch"]
-    rate, mode = step_rate(results, method, args.shrink)
+    rates = measured_rates(results, args)
+    rate, mode = rates[method]
     train_images = _count_images(Path(args.data) / "train")
-    if rate is None:  # no bench figure: assume a slow step and say so
-        rate, mode = 1000.0 if args.device.startswith("cuda") else 50.0, "eager (rate assumed)"
-    epochs, warmup = schedule(args.seconds, rate, batch, train_images)
+    together = shared_rate([found for found, _ in rates.values()])
+    epochs, warmup = schedule(args.seconds, together, batch, train_images)
     out = results / f"pretrain-{method}"
     argv = [
         sys.executable, "-m", "dsmae", "pretrain", "--preset", SCIENCE["preset"],
@@ -234,7 +423,7 @@ def stage_pretrain(results: Path, args: argparse.Namespace, method: str) -> None
     if args.shrink:
         argv += [a for key, value in TINY_MODEL.items() for a in ("--set", f"{key}={value}")]
         argv += ["--img-size", "16", "--patch-size", "4", "--set", "train.log_every=2"]
-        argv += [a for key, value in SHRUNK_COMPILE.items() for a in ("--set", f"{key}={value}")]
+        argv += _shrunk_compile(args.shrink)
     print("$", shlex.join(argv[2:]), flush=True)
     started = time.monotonic()
     done = subprocess.run(argv, check=False)
@@ -242,6 +431,7 @@ def stage_pretrain(results: Path, args: argparse.Namespace, method: str) -> None
         "method": method,
         "planned_seconds": args.seconds,
         "bench_img_per_s": rate,
+        "bench_img_per_s_both": {name: found for name, (found, _) in rates.items()},
         "step_mode": mode,
         "epochs": epochs,
         "warmup_epochs": warmup,
@@ -331,7 +521,11 @@ def stage_eval(results: Path, args: argparse.Namespace) -> None:
 
 def summarise(results: Path) -> tuple[dict[str, Any], str]:
     """Everything the stages wrote, and the markdown table of it."""
-    summary: dict[str, Any] = {"env": _read(results / "env.json"), "bench": {}}
+    summary: dict[str, Any] = {
+        "smoke": _read(results / "smoke.json"),
+        "env": _read(results / "env.json"),
+        "bench": {},
+    }
     for path in sorted(results.glob("bench-*.json"), key=lambda p: p.stat().st_mtime):
         summary["bench"][path.stem.removeprefix("bench-")] = _read(path)  # in the order run
     for method in ("dsmae", "mae"):
@@ -408,6 +602,8 @@ def _table(summary: dict[str, Any]) -> str:
             f"| {_num(probe, '.2f')} | {_num(knn, '.2f')} |"
         )
     lines.append("")
+    if summary["smoke"]:
+        lines += ["Every command once (smoke):", "", smoke_table(summary["smoke"])]
     for name, minutes in summary["projection_500_epochs_min"].items():
         lines.append(f"500-epoch CIFAR-10 ViT-Tiny pre-training at the {name} rate: "
                      f"{minutes:.1f} min")  # fmt: skip
@@ -427,7 +623,8 @@ def stage_summary(results: Path, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "stage", choices=("env", "bench", "pretrain-dsmae", "pretrain-mae", "eval", "summary")
+        "stage",
+        choices=("smoke", "env", "bench", "pretrain-dsmae", "pretrain-mae", "eval", "summary"),
     )
     parser.add_argument("results", type=Path)
     parser.add_argument("--device", default="cuda")
@@ -443,9 +640,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage.startswith("pretrain-"):
         stage_pretrain(args.results, args, args.stage.removeprefix("pretrain-"))
     else:
-        {"env": stage_env, "bench": stage_bench, "eval": stage_eval, "summary": stage_summary}[
-            args.stage
-        ](args.results, args)
+        stages = {"smoke": stage_smoke, "env": stage_env, "bench": stage_bench,
+                  "eval": stage_eval, "summary": stage_summary}  # fmt: skip
+        stages[args.stage](args.results, args)
     return 0
 
 

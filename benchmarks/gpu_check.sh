@@ -2,7 +2,7 @@
 # The GPU check: the code path users run, on one H100 / H200, in about 6 minutes.
 #
 #   benchmarks/gpu_check.sh RESULTS_DIR [CIFAR10_ARCHIVE] [--device cuda] [--seconds 120]
-#       [--shrink]
+#       [--budget 540] [--stages smoke,env,...] [--shrink]
 #
 # Installs nothing and reaches no network: it runs the checkout's src/ with the machine's
 # own python3 (or $PYTHON), which needs torch, torchvision, timm, PyYAML, safetensors,
@@ -11,28 +11,32 @@
 # Stages, each with its own time limit and its own files in RESULTS_DIR, so one that fails
 # or runs out of time leaves the others (benchmarks/gpu_check.py says what each does), in
 # the order that secures the most important figures first:
+#   smoke           every dsmae command once, quickstart-sized: eager fp32, then pretrain and
+#                   finetune in bf16 compiled; a pass/fail table naming each error
 #   env             GPU, versions, a bf16 8192^3 matmul (the MFU denominator)
 #   bench tiny      dsmae bench, ViT-Tiny 32/2 b1024, dsmae and mae, bf16, eager and
 #                   compiled: img/s, MFU, peak memory, data share, compile time, host syncs
-#   pretrain-dsmae  ~120 s of pre-training on CIFAR-10 (50k), epochs from the bench rate
-#   pretrain-mae    the same wall time for mae
+#   pretrain-dsmae  pre-training on CIFAR-10 (50k): dsmae and mae for the same epochs,
+#   pretrain-mae    --seconds each on average at their measured rates (never assumed ones)
 #   eval            avg-pooled linear probe and k-NN of both and of random init
 #   bench small     the same at ViT-Small 96/6 b256, then regional compilation (Tiny)
 #   summary         summary.json, summary.md (printed last)
 # --budget (seconds, default 540) bounds the whole run: the last bench stage gets what is
-# left. --shrink runs the same flow at toy sizes (the CPU test: --device cpu --shrink).
+# left. --stages runs only those named (comma-separated labels above; "pretrain" for both).
+# --shrink runs the same flow at toy sizes (the CPU test: --device cpu --shrink).
 set -uo pipefail
-usage="usage: benchmarks/gpu_check.sh RESULTS_DIR [CIFAR10_ARCHIVE] [--device D] [--seconds S] [--budget S] [--shrink]"
+usage="usage: benchmarks/gpu_check.sh RESULTS_DIR [CIFAR10_ARCHIVE] [--device D] [--seconds S] [--budget S] [--stages LIST] [--shrink]"
 results=${1:?$usage}
 shift
 archive=""
 if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then archive=$1; shift; fi
-device=cuda seconds=120 budget=540 shrink=()
+device=cuda seconds=120 budget=540 shrink=() stages=smoke,env,bench-tiny,pretrain,eval,bench-small,summary
 while [ $# -gt 0 ]; do
   case $1 in
     --device) device=$2; shift 2 ;;
     --seconds) seconds=$2; shift 2 ;;
     --budget) budget=$2; shift 2 ;;
+    --stages) stages=$2; shift 2 ;;
     --shrink) shrink=(--shrink); shift ;;
     *) echo "$usage" >&2; exit 2 ;;
   esac
@@ -48,6 +52,7 @@ export PIP_NO_INDEX=1  # belt and braces: nothing here may reach for a package r
 start=$(date +%s)
 common=(--device "$device" "${shrink[@]}")
 elapsed() { echo $(( $(date +%s) - start )); }
+wanted() { [[ ",$stages," == *",$1,"* ]]; }
 
 # stage LABEL LIMIT_SECONDS STAGE ARGS...: run one stage of gpu_check.py under its own
 # time limit; its exit status goes to RESULTS_DIR/LABEL.rc (124: out of time)
@@ -63,24 +68,27 @@ stage() {
 
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
   --format=csv,noheader | tee "$results/nvidia-smi.txt"
-stage env 60 env "${common[@]}"
-stage bench-tiny 180 bench "${common[@]}" --rows tiny --budget 150
-if [ -n "$archive" ]; then
+wanted smoke && stage smoke 150 smoke "${common[@]}"
+wanted env && stage env 60 env "${common[@]}"
+wanted bench-tiny && stage bench-tiny 180 bench "${common[@]}" --rows tiny --budget 150
+if [ -n "$archive" ] && { wanted pretrain || wanted eval; }; then
   data=$results/data
   mkdir -p "$data" && tar xzf "$archive" -C "$data"
   folder=$(dirname "$(find "$data" -maxdepth 3 -type d -name train | head -1)")
+  # the slower method takes longer than --seconds (equal epochs), and a missing rate is
+  # benchmarked first
   for method in dsmae mae; do
-    stage "pretrain-$method" $(( ${seconds%.*} + 90 )) "pretrain-$method" "${common[@]}" \
-      --data "$folder" --seconds "$seconds"
+    wanted pretrain && stage "pretrain-$method" $(( 2 * ${seconds%.*} + 150 )) \
+      "pretrain-$method" "${common[@]}" --data "$folder" --seconds "$seconds"
   done
-  stage eval 150 eval "${common[@]}"
+  wanted eval && stage eval 150 eval "${common[@]}"
   rm -rf "$data"
 fi
 left=$(( budget - $(elapsed) - 20 ))
-if [ "$left" -gt 20 ]; then
+if wanted bench-small && [ "$left" -gt 20 ]; then
   stage bench-small $(( left + 15 )) bench "${common[@]}" --rows small --budget "$left"
-else
+elif wanted bench-small; then
   echo "== bench-small skipped: $left s left of --budget $budget"
 fi
-stage summary 60 summary
+wanted summary && stage summary 60 summary
 echo "gpu_check took $(elapsed) s; results in $results"

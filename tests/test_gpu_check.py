@@ -25,11 +25,41 @@ def _check_module():
 
 
 def test_epochs_are_chosen_to_fit_the_wall_time():
-    schedule = _check_module().schedule
+    check = _check_module()
     # 50k images at batch 1024: 48 full steps = 49,152 images an epoch; 120 s at
     # 40,000 img/s = 4.8M images = 97.66 epochs -> 97, warm-up 20/500 of it -> 4
-    assert schedule(120, 40_000, 1024, 50_000) == (97, 4)
-    assert schedule(1, 10, 1024, 50_000) == (1, 1)  # never less than one epoch
+    assert check.schedule(120, 40_000, 1024, 50_000) == (97, 4)
+    assert check.schedule(1, 10, 1024, 50_000) == (1, 1)  # never less than one epoch
+    # the same epochs for two methods in 2 x 120 s: at 9001 and 23504 img/s an epoch takes
+    # 5.461 + 2.091 = 7.552 s, so 240 s hold 31.78 -> 31 epochs; their harmonic mean
+    together = check.shared_rate([9001, 23504])
+    assert together == pytest.approx(2 / (1 / 9001 + 1 / 23504))
+    assert check.schedule(120, together, 1024, 50_000) == (31, 1)
+
+
+def test_a_method_without_a_measured_rate_is_benchmarked_before_it_pre_trains(
+    tmp_path, monkeypatch
+):
+    check, results = _check_module(), tmp_path / "results"
+    results.mkdir()
+    (results / "bench-dsmae-vit_tiny-compiled.json").write_text('{"img_per_s": 100.0}')
+    benched = []
+
+    def bench(results_dir, args):  # stands in for the bench stage: writes mae's figure
+        benched.append(args.only)
+        (results_dir / f"bench-{args.only}.json").write_text('{"img_per_s": 300.0}')
+
+    monkeypatch.setattr(check, "stage_bench", bench)
+    args = check.argparse.Namespace(shrink=True, device="cpu", only=None, rows="tiny",
+                                    budget=1.0)  # fmt: skip
+    rates = check.measured_rates(results, args)
+    assert benched == ["mae-vit_tiny-compiled"]
+    assert rates == {"dsmae": (100.0, "compiled"), "mae": (300.0, "compiled")}
+
+    monkeypatch.setattr(check, "stage_bench", lambda results_dir, args: None)  # measures none
+    (results / "bench-mae-vit_tiny-compiled.json").unlink()
+    with pytest.raises(SystemExit, match="mae: no step rate could be measured"):
+        check.measured_rates(results, args)
 
 
 def _archive(tmp_path: Path) -> Path:
@@ -83,9 +113,16 @@ def test_the_whole_check_runs_offline_on_cpu(tmp_path):
     assert not (tmp_path / "installer-called").exists()
     assert not (ROOT / ".venv-gpu-check").exists()
 
-    for label in ("env", "bench-tiny", "pretrain-dsmae", "pretrain-mae", "eval", "bench-small"):
+    labels = ("smoke", "env", "bench-tiny", "pretrain-dsmae", "pretrain-mae", "eval", "bench-small")
+    for label in labels:
         assert (results / f"{label}.rc").read_text().strip() == "0", label
     summary = json.loads((results / "summary.json").read_text())
+    smoke = summary["smoke"]
+    assert {"pretrain", "pretrain bf16 compiled", "linprobe fast", "linprobe mae", "knn",
+            "finetune", "finetune bf16 compiled", "denoise", "export --onnx", "features",
+            "bench", "experiment"} == set(smoke)  # fmt: skip
+    assert all(row["passed"] and row["error"] is None for row in smoke.values()), smoke
+    assert "12 of 12 commands passed" in (results / "smoke.md").read_text()
     assert summary["env"]["matmul_tflops"] > 0
     modes = {"eager", "compiled"}
     expected = {f"{m}-{a}-{mode}" for m in ("dsmae", "mae") for a in ("vit_tiny", "vit_small")
@@ -96,9 +133,13 @@ def test_the_whole_check_runs_offline_on_cpu(tmp_path):
         assert result["data_share"] > 0 and result["peak_mem_mb"] > 0, name
         assert result["compile"] == name.endswith(("compiled", "compiled-blocks")), name
         assert result["command"].startswith("dsmae bench --method"), name
+    runs = [summary[f"pretrain-{method}"] for method in ("dsmae", "mae")]
+    assert runs[0]["epochs"] == runs[1]["epochs"]  # the paper's comparison: equal epochs
     for method in ("dsmae", "mae"):
         run = summary[f"pretrain-{method}"]
         assert run["returncode"] == 0 and run["epochs"] >= 1
+        measured = summary["bench"][f"{method}-vit_tiny-compiled"]["img_per_s"]
+        assert run["bench_img_per_s"] == run["bench_img_per_s_both"][method] == measured
         assert run["steps"] == run["epochs"] * (120 // 16)  # every planned step was taken
         assert run["step_mode"] == "compiled" and run["compile_s"] > 0
         for protocol in ("linprobe", "knn"):
