@@ -14,7 +14,9 @@ Stages (each writes its own files into RESULTS_DIR, so one that fails leaves the
   denominator): ``env.json``.
 - ``bench --rows tiny|small``: ``dsmae bench`` (:func:`dsmae.bench.run_bench`, in this
   process) for dsmae and mae at ViT-Tiny 32/2 (batch 1024) or ViT-Small 96/6 (batch
-  256), bf16, eager and compiled: ``bench-METHOD-ARCH-MODE.json``. A benchmark that would
+  256), bf16, eager and compiled: ``bench-METHOD-ARCH-MODE.json``; the compiled dsmae
+  ViT-Tiny step is also profiled (``profile-bench-dsmae-vit_tiny-compiled.json``, a
+  chrome trace, and its ``profile_top`` operators). A benchmark that would
   not finish inside ``--budget`` seconds is skipped and says so.
 - ``pretrain-dsmae`` / ``pretrain-mae``: ``dsmae pretrain`` of the cifar10-vit-tiny preset
   (SPEC defaults) at batch 1024 on the CIFAR-10 folder ``--data`` for about ``--seconds``
@@ -64,6 +66,21 @@ MODES = {  # name: config overrides; "blocks" only for the first row (regional c
     "compiled": {"train.compile": True, "train.compile_scope": "model"},
     "compiled-blocks": {"train.compile": True, "train.compile_scope": "blocks"},
 }
+# the speed switches, each A/B'd against "compiled" on the first row (dsmae ViT-Tiny 32/2)
+SWITCHES = {
+    "compiled-bf16-residual": {"train.bf16_residual": True},
+    "compiled-fast-norm": {"train.fast_norm": True},
+    "compiled-bf16-residual-fast-norm": {"train.bf16_residual": True, "train.fast_norm": True},
+    "compiled-attention-flash": {"train.attention": "flash"},
+    "compiled-attention-efficient": {"train.attention": "efficient"},
+    "compiled-attention-cudnn": {"train.attention": "cudnn"},
+    "compiled-blocks-max-autotune": {
+        "train.compile_scope": "blocks",
+        "train.compile_mode": "max-autotune-no-cudagraphs",
+    },
+}
+CUDA_ONLY = ("compiled-attention-efficient", "compiled-attention-cudnn")
+PROFILED = "bench-dsmae-vit_tiny-compiled"  # the row whose steps are also profiled
 # --shrink: the same flow at toy sizes, for a CPU test
 TINY_MODEL = {
     "model.depth": 1,
@@ -273,10 +290,13 @@ def smoke_table(table: dict[str, dict[str, Any]]) -> str:
     return "\n".join([*lines, "", f"{passed} of {len(table)} commands passed"]) + "\n"
 
 
-def bench_plan(rows: str, shrink: bool) -> list[tuple[str, str, int, int, int, str]]:
+def bench_plan(
+    rows: str, shrink: bool, cuda: bool = True
+) -> list[tuple[str, str, int, int, int, str]]:
     """The benchmarks of a bench stage, in the order they run: "tiny" (the science model)
     and "small", each with dsmae and mae, eager and compiled; "small" ends with dsmae at
-    ViT-Tiny under regional compilation."""
+    ViT-Tiny under regional compilation, then with each of :data:`SWITCHES` (those of
+    :data:`CUDA_ONLY` only on CUDA)."""
     table = TINY_BENCH if shrink else BENCH
     chosen = table[:2] if rows == "tiny" else table[2:]
     plan = []
@@ -284,8 +304,16 @@ def bench_plan(rows: str, shrink: bool) -> list[tuple[str, str, int, int, int, s
         plan += [(method, arch, img, patch, batch, mode) for mode in ("eager", "compiled")]
     if rows == "small":
         method, arch, img, patch, batch = table[0]
-        plan.append((method, arch, img, patch, batch, "compiled-blocks"))
+        modes = ["compiled-blocks", *(m for m in SWITCHES if cuda or m not in CUDA_ONLY)]
+        plan += [(method, arch, img, patch, batch, mode) for mode in modes]
     return plan
+
+
+def _mode_overrides(mode: str) -> dict[str, Any]:
+    """The config of a bench mode: one of :data:`MODES`, or a switch on top of "compiled"."""
+    if mode in MODES:
+        return dict(MODES[mode])
+    return {**MODES["compiled"], **SWITCHES[mode]}
 
 
 def stage_bench(results: Path, args: argparse.Namespace) -> None:
@@ -293,11 +321,13 @@ def stage_bench(results: Path, args: argparse.Namespace) -> None:
 
     deadline = time.monotonic() + args.budget
     only = set(args.only.split(",")) if args.only else None
-    for method, arch, img, patch, batch, mode in bench_plan(args.rows, args.shrink):
+    cuda = args.device.startswith("cuda")
+    steps, warmup = (2, 1) if args.shrink else (10, 3)
+    for method, arch, img, patch, batch, mode in bench_plan(args.rows, args.shrink, cuda):
         name = f"bench-{method}-{arch}-{mode}"
         if only is not None and name.removeprefix("bench-") not in only:
             continue
-        overrides = dict(MODES[mode])
+        overrides = _mode_overrides(mode)
         if args.shrink:
             overrides.update(TINY_MODEL | (SHRUNK_COMPILE if mode != "eager" else {}))
         left = deadline - time.monotonic()
@@ -307,9 +337,10 @@ def stage_bench(results: Path, args: argparse.Namespace) -> None:
             continue
         started = time.monotonic()
         try:
+            profile = results / f"profile-{name}.json" if name == PROFILED else None
             result = run_bench(
-                method, arch, img, patch, batch, steps=10, warmup=3, device=args.device,
-                overrides=overrides,
+                method, arch, img, patch, batch, steps=steps, warmup=warmup, device=args.device,
+                overrides=overrides, profile=profile,
             )  # fmt: skip
         except Exception as err:  # one failure must not cost the other rows
             log.exception("%s failed", name)
@@ -317,17 +348,25 @@ def stage_bench(results: Path, args: argparse.Namespace) -> None:
         else:
             print(format_report(result), flush=True)
         result["wall_s"] = time.monotonic() - started
-        result["command"] = _bench_command(method, arch, img, patch, batch, args.device, overrides)
+        shape = (method, arch, img, patch, batch)
+        result["command"] = _bench_command(*shape, args.device, overrides, steps)
         _write(results / f"{name}.json", result)
         _release_gpu_memory()
 
 
 def _bench_command(
-    method: str, arch: str, img: int, patch: int, batch: int, device: str, overrides: dict
+    method: str,
+    arch: str,
+    img: int,
+    patch: int,
+    batch: int,
+    device: str,
+    overrides: dict,
+    steps: int,
 ) -> str:
     """The ``dsmae bench`` command line that measures the same thing."""
     argv = ["dsmae", "bench", "--method", method, "--arch", arch, "--img-size", str(img),
-            "--patch-size", str(patch), "--batch-size", str(batch), "--steps", "10",
+            "--patch-size", str(patch), "--batch-size", str(batch), "--steps", str(steps),
             "--device", device]  # fmt: skip
     for key, value in overrides.items():
         argv += ["--set", f"{key}={json.dumps(value)}"]

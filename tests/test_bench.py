@@ -175,3 +175,22 @@ def test_host_syncs_name_the_line_that_waits(monkeypatch):
     assert sites == [f"{__file__}:{line}"]
     assert bench.host_syncs(lambda: None, torch.device("cuda")) == []
     assert bench.host_syncs(step, torch.device("cpu")) is None
+
+
+def test_a_profile_writes_the_trace_and_says_where_the_time_goes(capsys, tmp_path, bench_args):
+    trace = tmp_path / "trace.json"
+    args = ["bench", "--method", "dsmae", *bench_args, "--batch-size", "2", "--steps", "1",
+            "--warmup", "0", "--profile", str(trace)]  # fmt: skip
+    assert main([*args, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["profile_trace"] == str(trace) and json.loads(trace.read_text())["traceEvents"]
+    top = r["profile_top"]
+    assert 0 < len(top) <= bench.PROFILE_TOP and any(e["op"] == "aten::mm" for e in top)
+    assert all(e["ms_per_step"] >= 0 and 0 <= e["share"] <= 1 for e in top)
+    assert sum(e["share"] for e in top) <= 1 + 1e-9
+    assert main(args) == 0
+    assert "where the time goes" in capsys.readouterr().out
+    bad = ["bench", "--method", "dsmae", *bench_args, "--batch-size", "2", "--profile",
+           str(tmp_path)]  # fmt: skip
+    assert main(bad) == 2
+    assert f"--profile {tmp_path} is a folder; give a file name" in capsys.readouterr().err

@@ -124,14 +124,28 @@ def test_the_whole_check_runs_offline_on_cpu(tmp_path):
     assert all(row["passed"] and row["error"] is None for row in smoke.values()), smoke
     assert "12 of 12 commands passed" in (results / "smoke.md").read_text()
     assert summary["env"]["matmul_tflops"] > 0
+    bench = summary["bench"]
+    assert bench["dsmae-vit_tiny-compiled-bf16-residual-fast-norm"]["bf16_residual"] is True
+    assert bench["dsmae-vit_tiny-compiled-bf16-residual-fast-norm"]["fast_norm"] is True
+    assert bench["dsmae-vit_tiny-compiled-attention-flash"]["attention"] == "flash"
+    autotuned = bench["dsmae-vit_tiny-compiled-blocks-max-autotune"]
+    assert (autotuned["compile_scope"], autotuned["compile_mode"]) == (
+        "blocks",
+        "max-autotune-no-cudagraphs",
+    )
+    profiled = bench["dsmae-vit_tiny-compiled"]
+    assert Path(profiled["profile_trace"]).is_file() and profiled["profile_top"]
     modes = {"eager", "compiled"}
+    switches = {"compiled-blocks", "compiled-bf16-residual", "compiled-fast-norm",
+                "compiled-bf16-residual-fast-norm", "compiled-attention-flash",
+                "compiled-blocks-max-autotune"}  # fmt: skip
     expected = {f"{m}-{a}-{mode}" for m in ("dsmae", "mae") for a in ("vit_tiny", "vit_small")
-                for mode in modes} | {"dsmae-vit_tiny-compiled-blocks"}  # fmt: skip
+                for mode in modes} | {f"dsmae-vit_tiny-{mode}" for mode in switches}  # fmt: skip
     assert set(summary["bench"]) == expected
     for name, result in summary["bench"].items():
         assert result["img_per_s"] > 0 and 0 < result["mfu"] < 1, name
         assert result["data_share"] > 0 and result["peak_mem_mb"] > 0, name
-        assert result["compile"] == name.endswith(("compiled", "compiled-blocks")), name
+        assert result["compile"] == ("compiled" in name), name
         assert result["command"].startswith("dsmae bench --method"), name
     runs = [summary[f"pretrain-{method}"] for method in ("dsmae", "mae")]
     assert runs[0]["epochs"] == runs[1]["epochs"]  # the paper's comparison: equal epochs

@@ -30,6 +30,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +54,7 @@ from dsmae.runtime import (
     use_amp,
     use_compile,
 )
+from dsmae.writes import atomic_write_bytes, check_output_file
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ CUDA_MATMUL_SIZE = 8192  # ... on a GPU: large enough to reach the tensor cores'
 PEAK_SECONDS = 3.0  # the peak search's time for one dtype, whatever the device
 # the step's speed switches (train.*), reported with every result for the A/B of each
 SPEED_SWITCHES = ("attention", "bf16_residual", "fast_norm")
+PROFILE_STEPS = 3  # steps a --profile trace holds
+PROFILE_TOP = 15  # operators listed by self time
 FLOP_COUNT_BATCH = 8  # images the FLOPs are counted on (FLOPs are linear in the batch)
 DATA_BATCHES = 4  # the synthetic data set holds this many batches
 TEACHER_MOMENTUM = 0.99
@@ -362,6 +366,7 @@ def run_bench(
     overrides: Mapping[str, Any] | None = None,
     matmul_size: int | None = None,
     parts_time: bool = False,
+    profile: str | Path | None = None,
 ) -> dict[str, Any]:
     """Benchmark one pre-training step of a model on a synthetic batch.
 
@@ -377,6 +382,9 @@ def run_bench(
         parts_time: also time each part alone (:func:`time_parts`, eager, on the whole
             batch) and report ``parts_ms``, their sum ``sum_parts_ms`` and
             ``overhead_vs_parts`` (``step_ms / sum_parts_ms - 1``) and ``parts_mfu``.
+        profile: also profile :data:`PROFILE_STEPS` more steps (:func:`profile_steps`),
+            write their trace to this file, and report ``profile_trace`` (its path) and
+            ``profile_top`` (the operators the time goes to).
 
     Returns:
         a JSON-ready dict: the settings (``method``, ``arch``, ``img_size``,
@@ -409,9 +417,68 @@ def run_bench(
         "train.seed": seed,
         **(overrides or {}),
     }
+    if profile is not None:  # refused before any work where it cannot be written
+        profile = check_output_file(profile, "--profile", "the profile trace")
     setup = _set_up(build_config(overrides=values), warmup)
     measured = _measure(setup, steps, matmul_size, parts_time)
-    return {**_settings(setup, steps), **_figures(setup, measured)}
+    result = {**_settings(setup, steps), **_figures(setup, measured)}
+    if profile is not None:
+        first = setup.warmup + steps + 1  # the steps after those timed and the sync count
+        top = profile_steps(setup.step.run, setup.device, Path(profile), first=first)
+        result |= {"profile_trace": str(profile), "profile_top": top}
+    return result
+
+
+def profile_steps(
+    run: Callable[[int], None],
+    device: torch.device,
+    trace: Path,
+    *,
+    first: int,
+    steps: int = PROFILE_STEPS,
+    top: int = PROFILE_TOP,
+) -> list[dict[str, Any]]:
+    """Profile ``steps`` calls ``run(first)``, ``run(first + 1)``, ... with
+    ``torch.profiler`` (the CPU, and CUDA where the step runs there) and write the trace
+    for chrome://tracing or Perfetto to ``trace``.
+
+    Returns:
+        the ``top`` operators by self time (on the GPU where there is one, else on the
+        CPU), each as ``op``, ``ms_per_step``, ``share`` (of all operators' self time)
+        and ``calls_per_step``: where the step's time goes.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as profiler:
+        for i in range(steps):
+            run(first + i)
+        synchronize(device)
+    atomic_write_bytes(trace, _chrome_trace(profiler), "profile trace")
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = profiler.key_averages()
+    total = sum(getattr(event, key) for event in events) or 1.0
+    ranked = sorted(events, key=lambda event: getattr(event, key), reverse=True)[:top]
+    return [
+        {
+            "op": event.key,
+            "ms_per_step": getattr(event, key) / 1e3 / steps,
+            "share": getattr(event, key) / total,
+            "calls_per_step": event.count / steps,
+        }
+        for event in ranked
+    ]
+
+
+def _chrome_trace(profiler: Any) -> bytes:
+    """The profiler's chrome trace, as the bytes ``export_chrome_trace`` writes."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trace.json"
+        profiler.export_chrome_trace(str(path))
+        return path.read_bytes()
 
 
 @dataclass
@@ -601,6 +668,14 @@ def format_report(result: Mapping[str, Any]) -> str:
         rows.append(("compilation (first step)", f"{r['compile_s']:.1f} s, not in the figures"))
     if r["host_syncs_per_step"] is not None:
         rows.append(("host syncs per step", str(r["host_syncs_per_step"])))
+    if "profile_top" in r:
+        rows += [
+            (f"where the time goes ({r['profile_trace']})", ""),
+            *(
+                (f"  {e['op'][:40]}", f"{e['ms_per_step']:.3f} ms/step  ({100 * e['share']:.1f}%)")
+                for e in r["profile_top"]
+            ),
+        ]
     if "parts_ms" in r:
         rows += [
             ("each part alone (eager)", ""),

@@ -397,6 +397,12 @@ def _add_bench(sub: Any) -> None:
     p.add_argument(
         "--parts", action="store_true", help="also time each part alone (student, teacher, heads)"
     )
+    p.add_argument(
+        "--profile",
+        metavar="TRACE.json",
+        help="also profile a few steps: their trace (chrome://tracing, Perfetto) to this file, "
+        "the operators the time goes to in the report",
+    )
     p.add_argument("--depth", type=int, help="encoder depth (default: from --arch)")
     p.add_argument("--embed-dim", type=int, help="encoder width (default: from --arch)")
     p.add_argument("--num-heads", type=int, help="encoder heads (default: from --arch)")
@@ -642,6 +648,7 @@ def _run_bench(args: argparse.Namespace) -> None:
         seed=args.seed,
         overrides=config_changes(args),
         parts_time=args.parts,
+        profile=args.profile,
     )
     print(to_json(result) if args.json else format_report(result))
 
