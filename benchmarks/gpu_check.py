@@ -1,7 +1,7 @@
 """The stages of ``benchmarks/gpu_check.sh``; each is run, and time-limited, on its own.
 
     python3 benchmarks/gpu_check.py STAGE RESULTS_DIR [--device cuda] [--seconds 120]
-        [--data FOLDER] [--rows tiny|small] [--budget S] [--shrink]
+        [--data FOLDER] [--rows rates|speed] [--budget S] [--shrink]
 
 Stages (each writes its own files into RESULTS_DIR, so one that fails leaves the others):
 
@@ -12,17 +12,19 @@ Stages (each writes its own files into RESULTS_DIR, so one that fails leaves the
 
 - ``env``: the machine, torch/timm versions and a bf16 8192^3 matmul (the MFU
   denominator): ``env.json``.
-- ``bench --rows tiny|small``: ``dsmae bench`` (:func:`dsmae.bench.run_bench`, in this
-  process) for dsmae and mae at ViT-Tiny 32/2 (batch 1024) or ViT-Small 96/6 (batch
-  256), bf16, eager and compiled: ``bench-METHOD-ARCH-MODE.json``; the compiled dsmae
-  ViT-Tiny step is also profiled (``profile-bench-dsmae-vit_tiny-compiled.json``, a
-  chrome trace, and its ``profile_top`` operators). A benchmark that would
-  not finish inside ``--budget`` seconds is skipped and says so.
+- ``bench --rows rates|speed``: ``dsmae bench`` (:func:`dsmae.bench.run_bench`, in this
+  process) in bf16 (:func:`bench_plan`): "rates", dsmae and mae at ViT-Tiny 32/2 (batch
+  1024) compiled, the step rates pre-training plans with, the dsmae step also profiled
+  (``profile-bench-dsmae-vit_tiny-compiled.json``, a chrome trace, and its
+  ``profile_top`` operators); "speed", the rest of the MFU table (ViT-Tiny eager,
+  ViT-Small 96/6 at batch 256 eager and compiled) and the A/B of each speed switch:
+  ``bench-METHOD-ARCH-MODE.json``. A benchmark that would not finish inside
+  ``--budget`` seconds is skipped and says so.
 - ``pretrain-dsmae`` / ``pretrain-mae``: ``dsmae pretrain`` of the cifar10-vit-tiny preset
-  (SPEC defaults) at batch 1024 on the CIFAR-10 folder ``--data`` for about ``--seconds``
-  of training: the epochs are chosen from the step rate that ``bench`` measured, so that
-  warm-up and cosine finish inside that time. ``pretrain-METHOD/`` and
-  ``pretrain-METHOD.json``.
+  (SPEC defaults) at batch 1024 on the CIFAR-10 folder ``--data``, both for the same
+  epochs, as many as take ``--seconds`` each on average at the rates ``bench --rows
+  rates`` measured (a method not measured yet is benchmarked first): warm-up and cosine
+  end on time. ``pretrain-METHOD/`` and ``pretrain-METHOD.json``.
 - ``eval``: the avg-pooled linear probe and k-NN (full train/test split) of both and of
   the random-init encoder, six ``dsmae`` commands at once: ``eval.json``.
 - ``summary``: ``summary.json`` and the markdown table ``summary.md``, printed.
@@ -293,20 +295,21 @@ def smoke_table(table: dict[str, dict[str, Any]]) -> str:
 def bench_plan(
     rows: str, shrink: bool, cuda: bool = True
 ) -> list[tuple[str, str, int, int, int, str]]:
-    """The benchmarks of a bench stage, in the order they run: "tiny" (the science model)
-    and "small", each with dsmae and mae, eager and compiled; "small" ends with dsmae at
-    ViT-Tiny under regional compilation, then with each of :data:`SWITCHES` (those of
-    :data:`CUDA_ONLY` only on CUDA)."""
+    """The benchmarks of a bench stage, in the order they run.
+
+    "rates": the science step (ViT-Tiny 32/2) of dsmae and mae compiled, as pre-training
+    runs it: the rates the pre-training stages plan with. "speed": the rest of the MFU
+    table, the science step eager, ViT-Small 96/6 eager and compiled, then dsmae at
+    ViT-Tiny under regional compilation and with each of :data:`SWITCHES` (those of
+    :data:`CUDA_ONLY` only on CUDA).
+    """
     table = TINY_BENCH if shrink else BENCH
-    chosen = table[:2] if rows == "tiny" else table[2:]
-    plan = []
-    for method, arch, img, patch, batch in chosen:
-        plan += [(method, arch, img, patch, batch, mode) for mode in ("eager", "compiled")]
-    if rows == "small":
-        method, arch, img, patch, batch = table[0]
-        modes = ["compiled-blocks", *(m for m in SWITCHES if cuda or m not in CUDA_ONLY)]
-        plan += [(method, arch, img, patch, batch, mode) for mode in modes]
-    return plan
+    if rows == "rates":
+        return [(*row, "compiled") for row in table[:2]]
+    plan = [(*row, "eager") for row in table[:2]]
+    plan += [(*row, mode) for row in table[2:] for mode in ("eager", "compiled")]
+    modes = ["compiled-blocks", *(m for m in SWITCHES if cuda or m not in CUDA_ONLY)]
+    return plan + [(*table[0], mode) for mode in modes]
 
 
 def _mode_overrides(mode: str) -> dict[str, Any]:
@@ -419,7 +422,7 @@ def measured_rates(results: Path, args: argparse.Namespace) -> dict[str, tuple[f
         if rate is None:
             log.info("no measured step rate for %s: benchmarking it first", method)
             only = f"{method}-{arch}-compiled"
-            changed = {"only": only, "rows": "tiny", "budget": 600.0}
+            changed = {"only": only, "rows": "rates", "budget": 600.0}
             stage_bench(results, argparse.Namespace(**{**vars(args), **changed}))
             rate, mode = step_rate(results, method, args.shrink)
         if rate is None:
@@ -668,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seconds", type=float, default=120.0, help="pre-training time")
-    parser.add_argument("--rows", choices=("tiny", "small"), default="tiny", help="bench rows")
+    parser.add_argument("--rows", choices=("rates", "speed"), default="rates", help="bench rows")
     parser.add_argument("--budget", type=float, default=150.0, help="bench stage seconds")
     parser.add_argument("--only", help="bench: only these, e.g. mae-vit_tiny-eager,...")
     parser.add_argument("--data", help="the CIFAR-10 folder (train/ and test/)")

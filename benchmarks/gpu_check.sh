@@ -14,14 +14,15 @@
 #   smoke           every dsmae command once, quickstart-sized: eager fp32, then pretrain and
 #                   finetune in bf16 compiled; a pass/fail table naming each error
 #   env             GPU, versions, a bf16 8192^3 matmul (the MFU denominator)
-#   bench tiny      dsmae bench, ViT-Tiny 32/2 b1024, dsmae and mae, bf16, eager and
-#                   compiled: img/s, MFU, peak memory, data share, compile time, host syncs
+#   rates           dsmae bench, ViT-Tiny 32/2 b1024, dsmae and mae, bf16 compiled: img/s,
+#                   MFU, peak memory, data share, compile time, host syncs; a profile
 #   pretrain-dsmae  pre-training on CIFAR-10 (50k): dsmae and mae for the same epochs,
 #   pretrain-mae    --seconds each on average at their measured rates (never assumed ones)
 #   eval            avg-pooled linear probe and k-NN of both and of random init
-#   bench small     the same at ViT-Small 96/6 b256, then regional compilation (Tiny)
+#   speed           the rest of the MFU table (Tiny eager, ViT-Small 96/6 b256 eager and
+#                   compiled), then regional compilation and each speed switch (Tiny)
 #   summary         summary.json, summary.md (printed last)
-# --budget (seconds, default 540) bounds the whole run: the last bench stage gets what is
+# --budget (seconds, default 540) bounds the whole run: the speed stage gets what is
 # left. --stages runs only those named (comma-separated labels above; "pretrain" for both).
 # --shrink runs the same flow at toy sizes (the CPU test: --device cpu --shrink).
 set -uo pipefail
@@ -30,7 +31,7 @@ results=${1:?$usage}
 shift
 archive=""
 if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then archive=$1; shift; fi
-device=cuda seconds=120 budget=540 shrink=() stages=smoke,env,bench-tiny,pretrain,eval,bench-small,summary
+device=cuda seconds=120 budget=540 shrink=() stages=smoke,env,rates,pretrain,eval,speed,summary
 while [ $# -gt 0 ]; do
   case $1 in
     --device) device=$2; shift 2 ;;
@@ -70,7 +71,7 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,dr
   --format=csv,noheader | tee "$results/nvidia-smi.txt"
 wanted smoke && stage smoke 150 smoke "${common[@]}"
 wanted env && stage env 60 env "${common[@]}"
-wanted bench-tiny && stage bench-tiny 180 bench "${common[@]}" --rows tiny --budget 150
+wanted rates && stage rates 180 bench "${common[@]}" --rows rates --budget 150
 if [ -n "$archive" ] && { wanted pretrain || wanted eval; }; then
   data=$results/data
   mkdir -p "$data" && tar xzf "$archive" -C "$data"
@@ -85,10 +86,10 @@ if [ -n "$archive" ] && { wanted pretrain || wanted eval; }; then
   rm -rf "$data"
 fi
 left=$(( budget - $(elapsed) - 20 ))
-if wanted bench-small && [ "$left" -gt 20 ]; then
-  stage bench-small $(( left + 15 )) bench "${common[@]}" --rows small --budget "$left"
-elif wanted bench-small; then
-  echo "== bench-small skipped: $left s left of --budget $budget"
+if wanted speed && [ "$left" -gt 20 ]; then
+  stage speed $(( left + 15 )) bench "${common[@]}" --rows speed --budget "$left"
+elif wanted speed; then
+  echo "== speed skipped: $left s left of --budget $budget"
 fi
 wanted summary && stage summary 60 summary
 echo "gpu_check took $(elapsed) s; results in $results"

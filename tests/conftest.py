@@ -183,7 +183,7 @@ TINY_RUN = TinyRun(
 )
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_run() -> TinyRun:
     """The tiny pre-training on 128 real digits (:class:`TinyRun`)."""
     return TINY_RUN

@@ -50,7 +50,7 @@ def test_a_method_without_a_measured_rate_is_benchmarked_before_it_pre_trains(
         (results_dir / f"bench-{args.only}.json").write_text('{"img_per_s": 300.0}')
 
     monkeypatch.setattr(check, "stage_bench", bench)
-    args = check.argparse.Namespace(shrink=True, device="cpu", only=None, rows="tiny",
+    args = check.argparse.Namespace(shrink=True, device="cpu", only=None, rows="rates",
                                     budget=1.0)  # fmt: skip
     rates = check.measured_rates(results, args)
     assert benched == ["mae-vit_tiny-compiled"]
@@ -113,7 +113,7 @@ def test_the_whole_check_runs_offline_on_cpu(tmp_path):
     assert not (tmp_path / "installer-called").exists()
     assert not (ROOT / ".venv-gpu-check").exists()
 
-    labels = ("smoke", "env", "bench-tiny", "pretrain-dsmae", "pretrain-mae", "eval", "bench-small")
+    labels = ("smoke", "env", "rates", "pretrain-dsmae", "pretrain-mae", "eval", "speed")
     for label in labels:
         assert (results / f"{label}.rc").read_text().strip() == "0", label
     summary = json.loads((results / "summary.json").read_text())

@@ -97,15 +97,13 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Runs]:
+def runs(tmp_path_factory, tiny_run) -> dict[str, Runs]:
     """method -> its :class:`Runs`, trained once for the module."""
-    from conftest import TINY_RUN
-
     root, found = tmp_path_factory.mktemp("gpu-paths"), {}
     for method in METHODS:
-        fp32 = _pretrain(TINY_RUN, root / f"{method}-fp32", method)
+        fp32 = _pretrain(tiny_run, root / f"{method}-fp32", method)
         bf16 = root / f"{method}-bf16"
-        compiled = _watched(TINY_RUN, bf16, method, *_bf16_compiled("model"))
+        compiled = _watched(tiny_run, bf16, method, *_bf16_compiled("model"))
         found[method] = Runs(fp32, bf16, compiled)
     return found
 
@@ -274,7 +272,7 @@ def test_each_speed_switch_trains_within_bf16_noise_as_one_graph(runs, tiny_run,
     assert f"{switch.split('=')[0].split('.')[1]}: " in (tmp_path / "run/config.yaml").read_text()
 
 
-def test_an_attention_kernel_the_device_lacks_is_refused_by_name(tiny_run, tmp_path, capsys):
+def test_a_kernel_or_backend_the_machine_lacks_is_refused_by_name(tiny_run, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(tiny_run.args("--set", "train.attention=efficient", "--out", str(out))) == 2
     err = capsys.readouterr().err
@@ -284,3 +282,8 @@ def test_an_attention_kernel_the_device_lacks_is_refused_by_name(tiny_run, tmp_p
     assert "train.attention='fast' is not one of: auto, flash, efficient, cudnn, math" in (
         capsys.readouterr().err
     )
+    compiled = ["--set", "train.compile=true", "--set", "train.compile_backend=tensorrt_nope"]
+    assert main(tiny_run.args(*compiled, "--out", str(out))) == 2
+    err = capsys.readouterr().err
+    assert "train.compile_backend='tensorrt_nope' is not one of this torch's backends:" in err
+    assert "aot_eager" in err and "inductor" in err

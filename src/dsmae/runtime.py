@@ -65,7 +65,7 @@ def compile_model(model: nn.Module, train: TrainConfig) -> nn.Module:
     Raises:
         ConfigError: a backend that this torch does not have.
     """
-    backends = torch._dynamo.list_backends(exclude_tags=())
+    backends = torch.compiler.list_backends(exclude_tags=())
     if train.compile_backend not in backends:
         raise ConfigError(
             f"train.compile_backend={train.compile_backend!r} is not one of this torch's "
