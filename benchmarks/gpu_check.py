@@ -25,8 +25,11 @@ Stages (each writes its own files into RESULTS_DIR, so one that fails leaves the
   epochs, as many as take ``--seconds`` each on average at the rates ``bench --rows
   rates`` measured (a method not measured yet is benchmarked first): warm-up and cosine
   end on time. ``pretrain-METHOD/`` and ``pretrain-METHOD.json``.
+- ``equal-time``: mae pre-trained for the wall time dsmae's pre-training took
+  (``--time-budget``), for the equal-time reading: ``pretrain-mae-equal-time/`` and
+  ``pretrain-mae-equal-time.json``.
 - ``eval``: the avg-pooled linear probe and k-NN (full train/test split) of both and of
-  the random-init encoder, six ``dsmae`` commands at once: ``eval.json``.
+  the random-init encoder, and the k-NN of the equal-time mae, all at once: ``eval.json``.
 - ``summary``: ``summary.json`` and the markdown table ``summary.md``, printed.
 
 ``--shrink`` runs the same flow with tiny models and batches, compiled steps on Dynamo's
@@ -43,6 +46,7 @@ import logging
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -82,6 +86,8 @@ SWITCHES = {
     },
 }
 CUDA_ONLY = ("compiled-attention-efficient", "compiled-attention-cudnn")
+PRETRAIN_STAGES = ("pretrain-dsmae", "pretrain-mae", "equal-time")
+EQUAL_TIME = "mae at dsmae's time"  # the rows of mae pre-trained for dsmae's wall time
 PROFILED = "bench-dsmae-vit_tiny-compiled"  # the row whose steps are also profiled
 # --shrink: the same flow at toy sizes, for a CPU test
 TINY_MODEL = {
@@ -438,37 +444,14 @@ def stage_pretrain(results: Path, args: argparse.Namespace, method: str) -> None
     """``method``'s pre-training for the epochs that dsmae and mae, both for the same
     epochs (the paper compares equal epochs), take in ``--seconds`` each on average at
     their measured rates (:func:`measured_rates`)."""
-    if not args.data:
-        raise SystemExit("pretrain needs --data (the CIFAR-10 folder)")
     batch = 16 if args.shrink else SCIENCE["batch"]
     rates = measured_rates(results, args)
     rate, mode = rates[method]
-    train_images = _count_images(Path(args.data) / "train")
+    train_images = _count_images(Path(_data(args)) / "train")
     together = shared_rate([found for found, _ in rates.values()])
     epochs, warmup = schedule(args.seconds, together, batch, train_images)
-    out = results / f"pretrain-{method}"
-    argv = [
-        sys.executable, "-m", "dsmae", "pretrain", "--preset", SCIENCE["preset"],
-        "--method", method, "--data", args.data, "--batch-size", str(batch),
-        "--epochs", str(epochs), "--set", f"train.warmup_epochs={warmup}",
-        "--set", "monitor.knn_every=0", "--set", "monitor.images_every=0",
-        "--set", "train.checkpoint_every=0", "--set", "train.checkpoint_minutes=0",
-        "--set", "train.log_every=20", "--device", args.device, "--out", str(out),
-    ]  # fmt: skip
-    compiled = mode.startswith("compiled")
-    argv += ["--set", f"train.compile={str(compiled).lower()}"]
-    if compiled:
-        argv += [
-            "--set",
-            f"train.compile_scope={'blocks' if mode == 'compiled-blocks' else 'model'}",
-        ]
-    if args.shrink:
-        argv += [a for key, value in TINY_MODEL.items() for a in ("--set", f"{key}={value}")]
-        argv += ["--img-size", "16", "--patch-size", "4", "--set", "train.log_every=2"]
-        argv += _shrunk_compile(args.shrink)
-    print("$", shlex.join(argv[2:]), flush=True)
-    started = time.monotonic()
-    done = subprocess.run(argv, check=False)
+    argv = _pretrain_argv(args, method, mode, batch, results / f"pretrain-{method}")
+    argv += ["--epochs", str(epochs), "--set", f"train.warmup_epochs={warmup}"]
     record = {
         "method": method,
         "planned_seconds": args.seconds,
@@ -479,12 +462,82 @@ def stage_pretrain(results: Path, args: argparse.Namespace, method: str) -> None
         "warmup_epochs": warmup,
         "batch_size": batch,
         "train_images": train_images,
+    }
+    _run_pretrain(results, f"pretrain-{method}", argv, record)
+
+
+def stage_equal_time(results: Path, args: argparse.Namespace) -> None:
+    """mae pre-trained for the wall time dsmae's pre-training took, set-up and compilation
+    included (``--time-budget``, which counts them too: the epochs are those that fit, the
+    schedules end on time), for the k-NN at equal time."""
+    dsmae = _read(results / "pretrain-dsmae.json") or {}
+    if dsmae.get("returncode") != 0 or not math.isfinite(dsmae.get("run_s", math.nan)):
+        raise SystemExit("equal-time needs dsmae's pre-training (the pretrain stage) first")
+    batch = 16 if args.shrink else SCIENCE["batch"]
+    rate, mode = measured_rates(results, args)["mae"]
+    train_images = _count_images(Path(_data(args)) / "train")
+    budget = max(1, math.ceil(dsmae["run_s"]))
+    _, warmup = schedule(budget, rate, batch, train_images)  # the share of the likely epochs
+    name = "pretrain-mae-equal-time"
+    argv = _pretrain_argv(args, "mae", mode, batch, results / name)
+    argv += ["--time-budget", f"{budget}s", "--set", f"train.warmup_epochs={warmup}"]
+    record = {
+        "method": "mae",
+        "time_budget_s": budget,
+        "bench_img_per_s": rate,
+        "step_mode": mode,
+        "warmup_epochs": warmup,
+        "batch_size": batch,
+        "train_images": train_images,
+    }
+    _run_pretrain(results, name, argv, record)
+
+
+def _data(args: argparse.Namespace) -> str:
+    if not args.data:
+        raise SystemExit("pre-training needs --data (the CIFAR-10 folder)")
+    return args.data
+
+
+def _pretrain_argv(
+    args: argparse.Namespace, method: str, mode: str, batch: int, out: Path
+) -> list[str]:
+    """The ``python -m dsmae pretrain`` command of the science model for ``method``, its
+    step run as ``mode`` (the bench mode whose rate it was planned with), into ``out``;
+    the caller adds how long it runs."""
+    argv = [
+        sys.executable, "-m", "dsmae", "pretrain", "--preset", SCIENCE["preset"],
+        "--method", method, "--data", _data(args), "--batch-size", str(batch),
+        "--set", "monitor.knn_every=0", "--set", "monitor.images_every=0",
+        "--set", "train.checkpoint_every=0", "--set", "train.checkpoint_minutes=0",
+        "--set", "train.log_every=20", "--device", args.device, "--out", str(out),
+    ]  # fmt: skip
+    compiled = mode.startswith("compiled")
+    argv += ["--set", f"train.compile={str(compiled).lower()}"]
+    if compiled:
+        scope = "blocks" if mode == "compiled-blocks" else "model"
+        argv += ["--set", f"train.compile_scope={scope}"]
+    if args.shrink:
+        argv += [a for key, value in TINY_MODEL.items() for a in ("--set", f"{key}={value}")]
+        argv += ["--img-size", "16", "--patch-size", "4", "--set", "train.log_every=2"]
+        argv += _shrunk_compile(args.shrink)
+    return argv
+
+
+def _run_pretrain(results: Path, name: str, argv: list[str], record: dict[str, Any]) -> None:
+    """Run the pre-training ``argv`` and write ``record`` with its exit status, wall time,
+    command and training figures to ``NAME.json``."""
+    print("$", shlex.join(argv[2:]), flush=True)
+    started = time.monotonic()
+    done = subprocess.run(argv, check=False)
+    record |= {
         "returncode": done.returncode,
         "wall_s": time.monotonic() - started,
         "command": shlex.join(["dsmae", *argv[3:]]),
     }
-    record.update(_training_figures(out))
-    _write(results / f"pretrain-{method}.json", record)
+    record.update(_training_figures(results / name))
+    record.setdefault("epochs", record.get("epochs_done"))  # a budgeted run's: those it chose
+    _write(results / f"{name}.json", record)
     print(json.dumps(record, indent=2))
 
 
@@ -496,8 +549,8 @@ def _count_images(folder: Path) -> int:
 
 def _training_figures(out: Path) -> dict[str, Any]:
     """From a run's metrics.jsonl: the last loss, the steady img/s (median of the lines
-    after the first), the compile time and the training time (set-up and compilation
-    excluded)."""
+    after the first), the compile time, the training time (set-up and compilation
+    excluded) and the run's time (included)."""
     from dsmae.metrics import read_metrics
 
     path = out / "metrics.jsonl"
@@ -519,6 +572,7 @@ def _training_figures(out: Path) -> dict[str, Any]:
         "setup_s": setup_s,
         "compile_s": compile_s,
         "train_s": last.get("wall_s", math.nan) - setup_s - compile_s,
+        "run_s": last.get("wall_s", math.nan),  # since the run started, to its last step
         "peak_mem_mb": last.get("peak_mem_mb"),
     }
 
@@ -530,6 +584,9 @@ def stage_eval(results: Path, args: argparse.Namespace) -> None:
         if checkpoint.is_file():
             jobs[(method, "linprobe")] = ["linprobe", "--checkpoint", str(checkpoint)]
             jobs[(method, "knn")] = ["knn", "--checkpoint", str(checkpoint)]
+    equal_time = results / "pretrain-mae-equal-time" / "last.pt"
+    if equal_time.is_file():
+        jobs[(EQUAL_TIME, "knn")] = ["knn", "--checkpoint", str(equal_time)]
     if jobs:  # the random-init baseline: the same ViT, from the first checkpoint
         first = next(iter(jobs.values()))[2]
         jobs[("random init", "linprobe")] = ["linprobe", "--checkpoint", first, "--random-init"]
@@ -543,7 +600,8 @@ def stage_eval(results: Path, args: argparse.Namespace) -> None:
         full = [sys.executable, "-m", "dsmae", *argv, "--pool", "avg", "--device", args.device]
         if key[1] == "linprobe":
             full += extra
-        log_file = (results / f"eval-{key[0].replace(' ', '-')}-{key[1]}.log").open("w")
+        slug = re.sub(r"[^a-z0-9]+", "-", key[0])
+        log_file = (results / f"eval-{slug}-{key[1]}.log").open("w")
         child = subprocess.Popen(full, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         running[key] = (child, full)
     table: dict[str, dict[str, Any]] = {}
@@ -570,7 +628,7 @@ def summarise(results: Path) -> tuple[dict[str, Any], str]:
     }
     for path in sorted(results.glob("bench-*.json"), key=lambda p: p.stat().st_mtime):
         summary["bench"][path.stem.removeprefix("bench-")] = _read(path)  # in the order run
-    for method in ("dsmae", "mae"):
+    for method in ("dsmae", "mae", "mae-equal-time"):
         summary[f"pretrain-{method}"] = _read(results / f"pretrain-{method}.json")
     summary["eval"] = _read(results / "eval.json")
     summary["stages"] = {
@@ -632,8 +690,9 @@ def _table(summary: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     evals = summary["eval"] or {}
-    for method in ("dsmae", "mae", "random init"):
-        run = summary.get(f"pretrain-{method}") or {}
+    runs = {"dsmae": "dsmae", "mae": "mae", EQUAL_TIME: "mae-equal-time", "random init": ""}
+    for method, name in runs.items():
+        run = summary.get(f"pretrain-{name}") or {}
         e = evals.get(method, {})
         probe = (e.get("linprobe") or {}).get("top1")
         knn = (e.get("knn") or {}).get("top1")
@@ -665,8 +724,7 @@ def stage_summary(results: Path, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "stage",
-        choices=("smoke", "env", "bench", "pretrain-dsmae", "pretrain-mae", "eval", "summary"),
+        "stage", choices=("smoke", "env", "bench", *PRETRAIN_STAGES, "eval", "summary")
     )
     parser.add_argument("results", type=Path)
     parser.add_argument("--device", default="cuda")
@@ -679,11 +737,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args.results.mkdir(parents=True, exist_ok=True)
-    if args.stage.startswith("pretrain-"):
+    if args.stage in ("pretrain-dsmae", "pretrain-mae"):
         stage_pretrain(args.results, args, args.stage.removeprefix("pretrain-"))
     else:
         stages = {"smoke": stage_smoke, "env": stage_env, "bench": stage_bench,
-                  "eval": stage_eval, "summary": stage_summary}  # fmt: skip
+                  "equal-time": stage_equal_time, "eval": stage_eval,
+                  "summary": stage_summary}  # fmt: skip
         stages[args.stage](args.results, args)
     return 0
 

@@ -18,6 +18,7 @@
 #                   MFU, peak memory, data share, compile time, host syncs; a profile
 #   pretrain-dsmae  pre-training on CIFAR-10 (50k): dsmae and mae for the same epochs,
 #   pretrain-mae    --seconds each on average at their measured rates (never assumed ones)
+#   equal-time      mae for the wall time dsmae took (--time-budget): k-NN at equal time
 #   eval            avg-pooled linear probe and k-NN of both and of random init
 #   speed           the rest of the MFU table (Tiny eager, ViT-Small 96/6 b256 eager and
 #                   compiled), then regional compilation and each speed switch (Tiny)
@@ -31,7 +32,7 @@ results=${1:?$usage}
 shift
 archive=""
 if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then archive=$1; shift; fi
-device=cuda seconds=120 budget=540 shrink=() stages=smoke,env,rates,pretrain,eval,speed,summary
+device=cuda seconds=120 budget=540 shrink=() stages=smoke,env,rates,pretrain,equal-time,eval,speed,summary
 while [ $# -gt 0 ]; do
   case $1 in
     --device) device=$2; shift 2 ;;
@@ -72,7 +73,7 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,dr
 wanted smoke && stage smoke 150 smoke "${common[@]}"
 wanted env && stage env 60 env "${common[@]}"
 wanted rates && stage rates 180 bench "${common[@]}" --rows rates --budget 150
-if [ -n "$archive" ] && { wanted pretrain || wanted eval; }; then
+if [ -n "$archive" ] && { wanted pretrain || wanted equal-time || wanted eval; }; then
   data=$results/data
   mkdir -p "$data" && tar xzf "$archive" -C "$data"
   folder=$(dirname "$(find "$data" -maxdepth 3 -type d -name train | head -1)")
@@ -82,6 +83,8 @@ if [ -n "$archive" ] && { wanted pretrain || wanted eval; }; then
     wanted pretrain && stage "pretrain-$method" $(( 2 * ${seconds%.*} + 150 )) \
       "pretrain-$method" "${common[@]}" --data "$folder" --seconds "$seconds"
   done
+  wanted equal-time && stage equal-time $(( 2 * ${seconds%.*} + 150 )) equal-time \
+    "${common[@]}" --data "$folder"
   wanted eval && stage eval 150 eval "${common[@]}"
   rm -rf "$data"
 fi

@@ -3,6 +3,7 @@ and no proxy, as it must run on a GPU node that reaches no registry."""
 
 import importlib.util
 import json
+import math
 import os
 import stat
 import subprocess
@@ -113,7 +114,8 @@ def test_the_whole_check_runs_offline_on_cpu(tmp_path):
     assert not (tmp_path / "installer-called").exists()
     assert not (ROOT / ".venv-gpu-check").exists()
 
-    labels = ("smoke", "env", "rates", "pretrain-dsmae", "pretrain-mae", "eval", "speed")
+    labels = ("smoke", "env", "rates", "pretrain-dsmae", "pretrain-mae", "equal-time", "eval",
+              "speed")  # fmt: skip
     for label in labels:
         assert (results / f"{label}.rc").read_text().strip() == "0", label
     summary = json.loads((results / "summary.json").read_text())
@@ -161,6 +163,12 @@ def test_the_whole_check_runs_offline_on_cpu(tmp_path):
             assert result["pool"] == "avg" and 0 <= result["top1"] <= 100
             assert (result["num_train"], result["num_test"]) == (120, 60)
     assert summary["eval"]["random init"]["linprobe"]["random_init"] is True
+    equal_time = summary["pretrain-mae-equal-time"]
+    assert equal_time["returncode"] == 0 and equal_time["epochs_done"] >= 1
+    assert equal_time["time_budget_s"] == math.ceil(runs[0]["run_s"])  # dsmae's wall time
+    assert equal_time["epochs"] == equal_time["epochs_done"] >= 1
+    assert 0 <= summary["eval"]["mae at dsmae's time"]["knn"]["top1"] <= 100
+    assert "| mae at dsmae's time |" in (results / "summary.md").read_text()
     assert set(summary["projection_500_epochs_min"]) >= {"pretrain dsmae"}
     table = (results / "summary.md").read_text()
     assert table in done.stdout  # printed at the end
