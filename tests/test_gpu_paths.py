@@ -4,9 +4,10 @@
 GPU time is rare, so what a GPU run does by default (bf16 autocast, a compiled step) runs
 here first, tiny. Compiled steps use the ``aot_eager`` backend (``train.compile_backend``):
 Dynamo's tracing, guards and graph breaks and AOTAutograd's joint forward/backward graph
-are those Inductor gets on a GPU, at a fraction of a CPU compilation's time; one test
-compiles with Inductor itself. The tolerances below are bf16's: 8 bits of mantissa give
-each rounding a relative error of up to 2**-8, and a few training steps compound them.
+are those Inductor gets on a GPU, at a fraction of a CPU compilation's time; the GPU's
+default step (dsmae, bf16, one graph) compiles with Inductor itself in ``test_bench.py``.
+The tolerances below are bf16's: 8 bits of mantissa give each rounding a relative error
+of up to 2**-8, and a few training steps compound them.
 """
 
 import json
@@ -26,7 +27,9 @@ SCOPES = ("model", "blocks")
 # fine-tuning sees only the encoder, a timm ViT of the same shape whatever the method:
 # one method of each regime (a denoising student with a teacher; MAE's masked student)
 ENCODER_REGIMES = ("dsmae", "mae")
-LOSS_REL = 0.03  # a bf16 loss against fp32's, after the same steps: measured <= 0.6%
+# a bf16 loss against fp32's after the same steps: measured at most 0.10% over the tiny
+# run's 8 steps, for every method and both scopes
+LOSS_REL = 0.01
 TOP1_POINTS = 5.0  # a top-1 (%) on the 449 test digits: a few images may change sides
 FEATURE_REL = 0.05  # features of bf16-trained weights: max |difference| / max |feature|
 AOT_EAGER = ("--set", "train.compile_backend=aot_eager")
