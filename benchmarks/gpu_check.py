@@ -181,7 +181,7 @@ def smoke_plan(work: Path, device: str, shrink: bool) -> list[tuple[str, list[st
         "--results", str(work / "experiment"), "--device", device,
         *[a for key, value in TINY_MODEL.items() for a in ("--set", f"{key}={value}")],
         "--set", "model.patch_size=8", "--set", "train.batch_size=32",
-        "--set", "monitor.knn_every=0", "--set", "monitor.images_every=0",
+        "--set", "monitor.knn_every=0", "--set", "monitor.images_every=0", *EAGER,
     ]  # fmt: skip
     on = ["--checkpoint", checkpoint, "--device", device]
     # a GPU node may lack the onnx extra (and no package can be installed there)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: the code path users run, on one H100 / H200, in about 6 minutes.
+# The GPU check: the code path users run, on one H100 / H200, in about 10 minutes (--stages
+# splits it over calls; RESULTS_DIR keeps what earlier stages wrote).
 #
 #   benchmarks/gpu_check.sh RESULTS_DIR [CIFAR10_ARCHIVE] [--device cuda] [--seconds 120]
 #       [--budget 540] [--stages smoke,env,...] [--shrink]
