@@ -164,8 +164,7 @@ def smoke_plan(work: Path, device: str, shrink: bool) -> list[tuple[str, list[st
     fp32, but for pre-training and fine-tuning, which run again in bf16 compiled."""
     images, run = _digit_folders(work), work / "pretrain"
     checkpoint = str(run / "last.pt")
-    model = [a for key, value in TINY_MODEL.items() for a in ("--set", f"{key}={value}")]
-    model = [*model, "--set", "model.patch_size=4"] if shrink else []
+    model = [*_sets(TINY_MODEL), "--set", "model.patch_size=4"] if shrink else []
     compiled = [*BF16_COMPILED, *_shrunk_compile(shrink)]
     quick = ["--preset", "quickstart", "--set", "data.subset=256", "--epochs", "2",
              "--set", "probe.after_pretrain=false", "--device", device, *model]  # fmt: skip
@@ -179,7 +178,7 @@ def smoke_plan(work: Path, device: str, shrink: bool) -> list[tuple[str, list[st
         "experiment", "table3", "--datasets", "cifar10", "--archs", "vit_tiny", "--epochs",
         "1", "--subset", "64", "--probe-epochs", "2", "--data", f"cifar10={images}",
         "--results", str(work / "experiment"), "--device", device,
-        *[a for key, value in TINY_MODEL.items() for a in ("--set", f"{key}={value}")],
+        *_sets(TINY_MODEL),
         "--set", "model.patch_size=8", "--set", "train.batch_size=32",
         "--set", "monitor.knn_every=0", "--set", "monitor.images_every=0", *EAGER,
     ]  # fmt: skip
@@ -210,9 +209,12 @@ def smoke_plan(work: Path, device: str, shrink: bool) -> list[tuple[str, list[st
 
 def _shrunk_compile(shrink: bool) -> list[str]:
     """``--set`` arguments of :data:`SHRUNK_COMPILE` where ``shrink``."""
-    if not shrink:
-        return []
-    return [a for key, value in SHRUNK_COMPILE.items() for a in ("--set", f"{key}={value}")]
+    return _sets(SHRUNK_COMPILE) if shrink else []
+
+
+def _sets(values: dict[str, Any]) -> list[str]:
+    """Dotted config values as ``--set KEY=VALUE`` arguments."""
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 
 def _digit_folders(work: Path, train: int = 20, test: int = 5) -> Path:
@@ -518,7 +520,7 @@ def _pretrain_argv(
         scope = "blocks" if mode == "compiled-blocks" else "model"
         argv += ["--set", f"train.compile_scope={scope}"]
     if args.shrink:
-        argv += [a for key, value in TINY_MODEL.items() for a in ("--set", f"{key}={value}")]
+        argv += _sets(TINY_MODEL)
         argv += ["--img-size", "16", "--patch-size", "4", "--set", "train.log_every=2"]
         argv += _shrunk_compile(args.shrink)
     return argv

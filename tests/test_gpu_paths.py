@@ -290,3 +290,4 @@ def test_a_kernel_or_backend_the_machine_lacks_is_refused_by_name(tiny_run, tmp_
     err = capsys.readouterr().err
     assert "train.compile_backend='tensorrt_nope' is not one of this torch's backends:" in err
     assert "aot_eager" in err and "inductor" in err
+    assert not out.exists()  # refused before the folder is made, as the kernel

@@ -47,6 +47,7 @@ from dsmae.engine import (
 from dsmae.flops import PARTS, count_step_flops, part_steps
 from dsmae.models import PretrainModel
 from dsmae.runtime import (
+    check_step_settings,
     compile_model,
     generator,
     resolve_device,
@@ -506,6 +507,7 @@ def _set_up(cfg: Config, warmup: int) -> _Setup:
     m, t = cfg.model, cfg.train
     dev = resolve_device(t.device)
     amp, compiled = use_amp(dev, t.amp), use_compile(dev, t.compile)
+    check_step_settings(dev, t)
     model = build_training_model(cfg, dev)
     forward = compile_model(model, t) if compiled else model
     shape = (DATA_BATCHES * t.batch_size, m.in_chans, m.img_size, m.img_size)

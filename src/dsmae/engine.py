@@ -61,7 +61,7 @@ from dsmae.run_folder import (
 from dsmae.runtime import (
     attention_kernel,
     autocast,
-    check_attention,
+    check_step_settings,
     compile_model,
     generator,
     progress,
@@ -383,7 +383,7 @@ def _setup(cfg: Config, resume: str | None, force: bool, overwrite: bool) -> _Ru
     restore a checkpoint."""
     out = Path(cfg.out)
     proc, device = distributed.setup(cfg.train.device, cfg.train.dist_timeout_minutes)
-    check_attention(device, cfg.train.attention)  # before the folder is touched
+    check_step_settings(device, cfg.train)  # before the folder is touched
     lock = None
     if proc.is_main:
         check_writable(out)
@@ -533,13 +533,8 @@ def build_training_model(cfg: Config, device: torch.device) -> PretrainModel:
     """The model of ``cfg`` as a training step runs it, in train mode on ``device``: weights
     drawn after ``torch.manual_seed(train.seed)`` (identical on every process), gradient
     checkpointing, and the precision switches (``train.fast_norm``, ``train.bf16_residual``:
-    :mod:`dsmae.models.precision`).
-
-    Raises:
-        ConfigError: an attention kernel that ``device`` does not have.
-    """
+    :mod:`dsmae.models.precision`)."""
     t = cfg.train
-    check_attention(device, t.attention)
     torch.manual_seed(t.seed)
     with fast_norms(t.fast_norm):
         model = build_model(cfg.model).to(device).train()
@@ -701,22 +696,14 @@ def _time_steps(run: _Run) -> tuple[int, float]:
     included) and return how many were timed and the seconds a step took."""
     total = min(BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS, run.total_steps)
     warmup = min(BUDGET_WARMUP_STEPS, total - 1)
-    batches: Generator[torch.Tensor, None, None] | None = None
-    try:
-        for step in range(total):
-            epoch, in_epoch = divmod(step, run.steps_per_epoch)
-            if batches is None or in_epoch == 0:
-                _close(batches)
-                batches = _epoch_batches(run, epoch, in_epoch)
-            if step == warmup:
+    synchronize(run.device)
+    begun = time.perf_counter()
+    with contextlib.closing(_steps(run, 0, total)) as steps:
+        for taken in steps:
+            if taken.step == warmup - 1:  # the timed steps start after this one
                 synchronize(run.device)
                 begun = time.perf_counter()
-            _set_lr(run, step)
-            _, finite = _take_step(run, step, next(batches))
-            _update_teacher(run, step, epoch, finite)
-        synchronize(run.device)
-    finally:
-        _close(batches)
+    synchronize(run.device)
     return total - warmup, (time.perf_counter() - begun) / (total - warmup)
 
 
@@ -761,31 +748,54 @@ def _train(
     stop_step = run.steps_per_epoch * min(until_epoch or epochs, epochs)
     report = _Report(run, started)
     run.health.checked_step = run.step
-    batches: Generator[torch.Tensor, None, None] | None = None
-    try:
-        with report.bar:
-            while run.step < stop_step:
-                step = run.step
-                epoch, in_epoch = divmod(step, run.steps_per_epoch)
-                if batches is None or in_epoch == 0:
-                    _close(batches)
-                    batches = _epoch_batches(run, epoch, in_epoch)
-                lr = _set_lr(run, step)
-                losses, finite = _take_step(run, step, next(batches))
-                momentum = _update_teacher(run, step, epoch, finite)
-                run.step = step + 1
-                report.stepped(run, step)
-                if run.step % run.cfg.train.log_every == 0 or run.step == run.total_steps:
-                    losses = report.metrics_line(run, epoch, lr, momentum, losses)
-                _end_epoch_or_save(run, epoch, in_epoch, losses, report)
-                stop = _stop_requested(run, signals)  # after the epoch's teacher update
-                if stop is not None:
-                    _stop(run, stop, report.metrics)
-    finally:
-        _close(batches)  # a stream's readers end here, however the loop ends
+    # closing the steps ends a stream's readers, however the loop ends
+    with report.bar, contextlib.closing(_steps(run, run.step, stop_step)) as steps:
+        for taken in steps:
+            run.step = taken.step + 1
+            report.stepped(run, taken.step)
+            losses = taken.losses
+            if run.step % run.cfg.train.log_every == 0 or run.step == run.total_steps:
+                losses = report.metrics_line(run, taken.epoch, taken.lr, taken.momentum, losses)
+            _end_epoch_or_save(run, taken.epoch, taken.in_epoch, losses, report)
+            stop = _stop_requested(run, signals)  # after the epoch's teacher update
+            if stop is not None:
+                _stop(run, stop, report.metrics)
     if run.step < run.total_steps:
         return _pause(run, started, report.metrics)
     return _finish(run, started, report.metrics)
+
+
+@dataclass
+class _Taken:
+    """One optimizer step just taken (:func:`_steps`): where it is, its learning rate and
+    teacher momentum, its losses (0-d tensors on the device) and whether it stepped."""
+
+    step: int
+    epoch: int
+    in_epoch: int
+    lr: float
+    momentum: float
+    losses: dict[str, torch.Tensor]
+    finite: torch.Tensor
+
+
+def _steps(run: _Run, first: int, stop: int) -> Generator[_Taken, None, None]:
+    """Take the steps ``first`` to ``stop - 1`` one by one, each when the next is asked
+    for: its epoch's batches (opened at the epoch's first step), its learning rate, the
+    step and the teacher's per-step update. Closing this closes the batches."""
+    batches: Generator[torch.Tensor, None, None] | None = None
+    try:
+        for step in range(first, stop):
+            epoch, in_epoch = divmod(step, run.steps_per_epoch)
+            if batches is None or in_epoch == 0:
+                _close(batches)
+                batches = _epoch_batches(run, epoch, in_epoch)
+            lr = _set_lr(run, step)
+            losses, finite = _take_step(run, step, next(batches))
+            momentum = _update_teacher(run, step, epoch, finite)
+            yield _Taken(step, epoch, in_epoch, lr, momentum, losses, finite)
+    finally:
+        _close(batches)
 
 
 def _close(batches: Generator[torch.Tensor, None, None] | None) -> None:

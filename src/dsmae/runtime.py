@@ -51,7 +51,8 @@ def use_compile(device: torch.device, compile: bool | None) -> bool:
 
 
 def compile_model(model: nn.Module, train: TrainConfig) -> nn.Module:
-    """The module that a training step calls, compiled as ``train`` says.
+    """The module that a training step calls, compiled as ``train`` says (its backend
+    checked beforehand: :func:`check_step_settings`).
 
     Args:
         model: e.g. a DSMAE, a classifier, or a DistributedDataParallel around one.
@@ -61,17 +62,7 @@ def compile_model(model: nn.Module, train: TrainConfig) -> nn.Module:
             blocks share one compiled graph, which compiles several times faster) and
             ``model`` returned. ``compile_backend`` and ``compile_mode`` are
             ``torch.compile``'s ``backend`` and ``mode`` ("default": none given).
-
-    Raises:
-        ConfigError: a backend that this torch does not have.
     """
-    backends = torch.compiler.list_backends(exclude_tags=())
-    if train.compile_backend not in backends:
-        raise ConfigError(
-            f"train.compile_backend={train.compile_backend!r} is not one of this torch's "
-            f"backends: {', '.join(sorted(backends))}",
-            "train.compile_backend",
-        )
     options: dict[str, Any] = {"backend": train.compile_backend}
     if train.compile_mode != "default":
         options["mode"] = train.compile_mode
@@ -107,17 +98,27 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 _CUDA_ONLY_KERNELS = ("efficient", "cudnn")
 
 
-def check_attention(device: torch.device, kernel: str) -> None:
-    """Refuse an attention kernel that ``device`` does not have.
+def check_step_settings(device: torch.device, train: TrainConfig) -> None:
+    """Refuse, before any work, what the config asks of a training step that this machine
+    does not have: an attention kernel off CUDA that only CUDA has, or (where the step is
+    compiled) a ``torch.compile`` backend this torch lacks.
 
     Raises:
-        ConfigError: ``efficient`` or ``cudnn`` off CUDA.
+        ConfigError: naming ``train.attention`` or ``train.compile_backend``.
     """
+    kernel = train.attention
     if kernel in _CUDA_ONLY_KERNELS and device.type != "cuda":
         raise ConfigError(
             f"train.attention={kernel!r} needs CUDA; on {device.type} use one of: "
             f"{', '.join(k for k in ATTENTION_KERNELS if k not in _CUDA_ONLY_KERNELS)}",
             "train.attention",
+        )
+    backends = torch.compiler.list_backends(exclude_tags=())
+    if use_compile(device, train.compile) and train.compile_backend not in backends:
+        raise ConfigError(
+            f"train.compile_backend={train.compile_backend!r} is not one of this torch's "
+            f"backends: {', '.join(sorted(backends))}",
+            "train.compile_backend",
         )
 
 

@@ -80,7 +80,15 @@ from dsmae.evaluation.results import (
 from dsmae.metrics import MetricsLog
 from dsmae.preemption import leave_stopping_to
 from dsmae.run_folder import check_metrics_folder
-from dsmae.runtime import autocast, compile_model, generator, progress, use_amp, use_compile
+from dsmae.runtime import (
+    autocast,
+    check_step_settings,
+    compile_model,
+    generator,
+    progress,
+    use_amp,
+    use_compile,
+)
 from dsmae.schedules import lr_at
 from dsmae.seeds import finetune_epoch_seed, process_seed
 
@@ -365,6 +373,7 @@ def finetune(
     cfg = checkpoint.config if cfg is None else cfg
     proc, device = distributed.setup(cfg.train.device, cfg.train.dist_timeout_minutes)
     try:
+        check_step_settings(device, cfg.train)
         if proc.is_main:
             pool = cfg.finetune.pool
             warn_if_unwritable(result_path(checkpoint.path, "finetune", random_init, pool))
