@@ -36,13 +36,13 @@ from dsmae.bench import run_bench
 from dsmae.checkpoint import load_checkpoint, load_weights
 from dsmae.config import ProbeConfig, build_config, config_from_dict
 from dsmae.data.pipeline import eval_batch, load_split
-from dsmae.engine import pretrain
 from dsmae.evaluation.frozen import pooled_features
 from dsmae.evaluation.knn import knn_accuracy
 from dsmae.evaluation.linprobe import train_linear_probe
 from dsmae.export import encoder_from_checkpoint
 from dsmae.health import effective_rank, feature_std, teacher_student_cosine
 from dsmae.models import build_model, patch_tokens
+from dsmae.pretrain import pretrain
 from dsmae.runtime import generator, keep_freed_memory
 
 log = logging.getLogger("equal_budget")

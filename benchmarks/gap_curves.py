@@ -258,7 +258,7 @@ def claim(study: Study) -> Task | None:
 def train(study: Study, task: Task) -> dict[str, Any]:
     """Pre-train (or resume) ``task``'s run to its epoch."""
     from dsmae.checkpoint import load_checkpoint
-    from dsmae.engine import pretrain
+    from dsmae.pretrain import pretrain
 
     cfg = study.config(task.variant, task.seed)
     result = pretrain(cfg, resume="auto", until_epoch=task.epoch)

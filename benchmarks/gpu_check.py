@@ -124,7 +124,8 @@ def stage_env(results: Path, args: argparse.Namespace) -> None:
     import timm
     import torch
 
-    from dsmae.bench import device_name, matmul_peak_gflops
+    from dsmae.bench import device_name
+    from dsmae.matmul_peak import matmul_peak_gflops
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -544,7 +545,7 @@ def _run_pretrain(results: Path, name: str, argv: list[str], record: dict[str, A
 
 
 def _count_images(folder: Path) -> int:
-    from dsmae.data.sources import find_image_files
+    from dsmae.data.folder_layout import find_image_files
 
     return len(find_image_files(folder))
 

@@ -2,29 +2,25 @@
 hand count: ``test_flops.py``)."""
 
 import json
-import time
 
 import pytest
 import torch
 
 from dsmae import bench
-from dsmae.bench import PARTS, bench_step, matmul_peak_gflops, time_calls
+from dsmae.bench import PARTS, prepare, time_calls
 from dsmae.cli import main
 from dsmae.config import build_config
-from dsmae.engine import build_optimizer
+from dsmae.pretrain.step import PretrainStep
 
 
-def test_matmul_peak_and_step_timing(counted_tiny):
-    peak = matmul_peak_gflops(torch.device("cpu"), torch.float32, size=128, repeats=1)
-    assert peak > 0
-    model = counted_tiny.build("dsmae")
+def test_step_timing(counted_tiny):
     overrides = {f"model.{k}": v for k, v in counted_tiny.options.items()}
     cfg = build_config(overrides={**overrides, "train.batch_size": 4, "train.ema_every": "step",
-                                  "data.mean": [0.5], "data.std": [0.25]})  # fmt: skip
-    optimizer = build_optimizer(model, cfg.train, torch.device("cpu"))
+                                  "train.device": "cpu", "train.compile": False})  # fmt: skip
+    setup = prepare(cfg, warmup=1)
+    step, model = setup.step, setup.model
+    assert isinstance(step.take_step, PretrainStep)  # pre-training's own step, not a copy
     teacher_before = next(model.teacher.parameters()).clone()
-    data = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
-    step = bench_step(model, optimizer, data, cfg)
     images, corruption = step.inputs(0)
     assert images.shape == (4, 1, 8, 8) and corruption.mask.shape == (4, 16)
     times, first = time_calls(step.run, torch.device("cpu"), steps=3, warmup=1)
@@ -80,36 +76,6 @@ def test_bench_compiled_reports_the_compilation_apart(capsys, monkeypatch, bench
     assert r["compile"] is True and r["compile_scope"] == "model" and r["dtype"] == "bfloat16"
     assert (r["compile_backend"], r["compile_mode"]) == ("inductor", "default")
     assert r["warmup"] == 1 and r["compile_s"] > 0  # the compiling step is never timed
-
-
-def test_the_peak_search_stops_in_time_and_keeps_the_best_size(monkeypatch):
-    timed = []
-
-    def slow_matmul(device, dtype, size):  # 1 ms at side 128, x8 per doubling
-        timed.append(size)
-        time.sleep(1e-3 * (size / 128) ** 3)
-        return {128: 5.0, 256: 9.0, 512: 7.0}.get(size, 1.0)
-
-    monkeypatch.setattr(bench, "matmul_peak_gflops", slow_matmul)
-    cpu = torch.device("cpu")
-    # 128 (1 ms), 256 (8 ms), 512 (64 ms); 1024 would take 512 ms, past the 0.3 s
-    peak = bench.matmul_peak(cpu, torch.bfloat16, max_size=4096, seconds=0.3)
-    assert timed == [128, 256, 512] and (peak.gflops, peak.size) == (9.0, 256)
-    timed.clear()
-    assert bench.matmul_peak(cpu, torch.float32, max_size=64).size == 64 and timed == [64]
-
-
-def test_a_bf16_step_is_measured_against_the_faster_of_its_dtypes(monkeypatch):
-    rates = {torch.bfloat16: 2.5, torch.float32: 120.0}  # a CPU without bf16 units
-    monkeypatch.setattr(bench, "matmul_peak_gflops", lambda device, dtype, size: rates[dtype])
-    cpu = torch.device("cpu")
-    peak, peaks = bench.step_peak(cpu, amp=True, max_size=128)
-    assert set(peaks) == {"bfloat16", "float32"}
-    assert (peak.gflops, peak.dtype) == (120.0, torch.float32)
-    rates[torch.bfloat16] = 900.0  # a GPU: the tensor cores' bf16 peak
-    assert bench.step_peak(cpu, amp=True, max_size=128)[0].dtype == torch.bfloat16
-    peak, peaks = bench.step_peak(cpu, amp=False, max_size=64, fixed=True)
-    assert list(peaks) == ["float32"] and peak.size == 64
 
 
 @pytest.mark.parametrize("method", ["mae", "dsmae-ly", "dsmae-lz"])

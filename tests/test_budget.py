@@ -1,5 +1,5 @@
 """``dsmae.budget``: durations as written on the command line, and how many epochs fit a
-wall-clock budget (hand computations). The engine's use of it is in ``test_engine.py``."""
+wall-clock budget (hand computations). The loop's use of it is in ``pretrain/test_loop.py``."""
 
 import pytest
 

@@ -326,6 +326,20 @@ def test_knn_command(digits_run, capsys):
     assert cls["pool"] == "cls" and cls["random_init"]
 
 
+def test_knn_takes_the_checkpoints_vote_unless_a_flag_gives_one(digits_run, tmp_path, capsys):
+    state = load_checkpoint(digits_run / "last.pt")
+    state["config"]["monitor"].update(knn_k=5, knn_temperature=0.5)  # saved with the run
+    torch.save(state, tmp_path / "last.pt")
+    command = ["knn", "--checkpoint", str(tmp_path / "last.pt"), "--device", "cpu"]
+    assert main(command) == 0
+    saved = json.loads((tmp_path / "last.knn.json").read_text())
+    assert (saved["k"], saved["temperature"]) == (5, 0.5)
+    assert main([*command, "--k", "7", "--temperature", "0.1"]) == 0
+    saved = json.loads((tmp_path / "last.knn.json").read_text())
+    assert (saved["k"], saved["temperature"]) == (7, 0.1)
+    assert "k=7" in capsys.readouterr().out
+
+
 def test_export_command(digits_run, tmp_path, capsys):
     out = tmp_path / "exported"
     assert main(["export", "--checkpoint", str(digits_run / "last.pt"), "--out", str(out)]) == 0
@@ -371,7 +385,7 @@ def test_export_push_without_the_hub_is_one_line_and_exit_2(digits_run, tmp_path
 def test_features_command(digits_run, cifar_folder, tmp_path, capsys):
     import numpy as np
 
-    from dsmae.data.sources import find_image_files
+    from dsmae.data.folder_layout import find_image_files
 
     folder = cifar_folder / "test"  # any folder: RGB photos into a grey 8x8 digits model
     out = tmp_path / "feats.npy"

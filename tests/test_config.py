@@ -162,24 +162,26 @@ def _saved(tmp_path, cfg: Config) -> str:
 
 
 def test_a_saved_configs_lr_follows_a_new_batch_and_base_lr(tmp_path):
-    saved = _saved(tmp_path, build_config("quickstart"))  # batch 64, base_lr 3e-3 -> lr 7.5e-4
+    quickstart = build_config("quickstart")  # batch 64, base_lr 8e-3 -> lr 2e-3
+    saved = _saved(tmp_path, quickstart)
     cfg = build_config(files=[saved], overrides={"train.batch_size": 128, "train.base_lr": 0.01})
     assert cfg.train.lr == 0.01 * 128 / 256 and cfg.train.micro_batch == 128
     assert build_config(files=[saved], overrides={"train.batch_size": 32}).train.lr == (
-        3e-3 * 32 / 256
+        quickstart.train.base_lr * 32 / 256
     )
     unchanged = build_config(files=[saved])
     assert unchanged == build_config("quickstart")  # a saved config gives back its run's
 
 
 def test_a_base_lr_that_would_change_nothing_is_refused_with_the_reason(tmp_path):
-    own_lr = _saved(tmp_path, build_config("quickstart", overrides={"train.lr": 0.002}))
+    # an lr of the user's own: not the quickstart's derived 8e-3 * 64 / 256 = 0.002
+    own_lr = _saved(tmp_path, build_config("quickstart", overrides={"train.lr": 0.004}))
     with pytest.raises(ConfigError, match=r"train\.base_lr: changing it does nothing while "
-                       r"train\.lr=0\.002 is set") as refused:  # fmt: skip
+                       r"train\.lr=0\.004 is set") as refused:  # fmt: skip
         build_config(files=[own_lr], overrides={"train.base_lr": 0.01})
     assert refused.value.key == "train.base_lr"
     # the user's own lr stays with a new batch; and can be derived again on request
-    assert build_config(files=[own_lr], overrides={"train.batch_size": 32}).train.lr == 0.002
+    assert build_config(files=[own_lr], overrides={"train.batch_size": 32}).train.lr == 0.004
     again = build_config(files=[own_lr], overrides={"train.base_lr": 0.01, "train.lr": None})
     assert again.train.lr == 0.01 * 64 / 256
 
@@ -210,14 +212,13 @@ def test_the_measured_normalisation_is_measured_again_on_new_data(tmp_path):
 
 
 def test_a_checkpoints_finetune_lr_follows_its_base_lr_and_batch():
-    from dsmae.config import override_config
-
     cfg = build_config("quickstart")  # as a checkpoint holds it: finetune.lr resolved
     assert cfg.finetune.lr == 1e-3 * 128 / 256
-    changed = override_config(cfg, (), {"finetune.base_lr": 0.5})
+    changed = build_config(overrides={"finetune.base_lr": 0.5}, base=cfg)
     assert (changed.finetune.base_lr, changed.finetune.lr) == (0.5, 0.5 * 128 / 256)
-    assert override_config(cfg, (), {"finetune.batch_size": 64}).finetune.lr == 1e-3 * 64 / 256
-    assert override_config(cfg, (), {"data.source": "cifar10"}).data.mean == cfg.data.mean
+    halved = build_config(overrides={"finetune.batch_size": 64}, base=cfg)
+    assert halved.finetune.lr == 1e-3 * 64 / 256
+    assert build_config(overrides={"data.source": "cifar10"}, base=cfg).data.mean == cfg.data.mean
     for key in ("finetune.base_lr", "train.base_lr", "probe.base_lr"):
         with pytest.raises(ConfigError, match=rf"{key}: must be positive, got -0.5"):
-            override_config(cfg, (), {key: -0.5})
+            build_config(overrides={key: -0.5}, base=cfg)

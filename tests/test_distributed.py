@@ -83,14 +83,14 @@ def test_wrap_is_the_model_itself_in_one_process():
 def test_one_failing_rank_ends_every_rank_quickly(tmp_path, tiny_run, fault_driver):
     driver = fault_driver(
         """
-        import dsmae.engine
-        real_step, calls = dsmae.engine.train_step, []
+        from dsmae.pretrain import step
+        real_step, calls = step.train_step, []
         def failing_step(*args, **kwargs):
             calls.append(1)
             if os.environ["RANK"] == "1" and len(calls) == 3:
                 raise RuntimeError("rank 1 fails on purpose")
             return real_step(*args, **kwargs)
-        dsmae.engine.train_step = failing_step
+        step.train_step = failing_step
         """,
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -109,12 +109,12 @@ def test_under_a_time_budget_every_rank_takes_the_same_epochs(tmp_path, run_args
     # 50 epochs and rank 1 a few; they must agree (the fewest), or the run could not end
     driver = fault_driver(
         """
-        import dsmae.engine
-        real_time_steps = dsmae.engine._time_steps
+        from dsmae.pretrain import time_budget
+        real_time_steps = time_budget._time_steps
         def rank_timed_steps(run):
             steps, _ = real_time_steps(run)
             return steps, 0.001 if os.environ["RANK"] == "0" else 0.1
-        dsmae.engine._time_steps = rank_timed_steps
+        time_budget._time_steps = rank_timed_steps
         """,
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -36,7 +36,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 @pytest.fixture(scope="module")
 def cifar_run(cifar_folder, tmp_path_factory) -> Path:
     """A tiny DSMAE run on real CIFAR-10 photos (RGB, 16x16, patch 4); its checkpoint."""
-    from dsmae.engine import pretrain
+    from dsmae.pretrain import pretrain
 
     overrides = {
         "data.source": str(cifar_folder), "data.subset": 128, "data.hflip": True,

@@ -12,7 +12,9 @@ import dsmae
 from dsmae.checkpoint import Checkpoint
 from dsmae.config import ConfigError
 from dsmae.data.augment import normalize, to_unit_float
-from dsmae.data.sources import DataError, find_image_files, load_images
+from dsmae.data.folder_layout import find_image_files
+from dsmae.data.images import DataError
+from dsmae.data.sources import open_source
 from dsmae.evaluation.frozen import encoded, pooled_features
 from dsmae.export import export_encoder
 from dsmae.features import folder_features
@@ -31,7 +33,7 @@ def exported(digits_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def digits() -> torch.Tensor:
     """The real 8x8 digits of the test split: (449, 1, 8, 8) uint8."""
-    return load_images("digits", "test", root=".", channels=1).images
+    return open_source("digits", "test", root=".", channels=1).images
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def test_images_are_what_the_encoder_saw_in_pretraining(checkpoint, digits, phot
         encoded(encoder, digits, cfg, "avg", cpu),
     )
     # a folder: decoded as pre-training decodes a folder data set, then normalised
-    trained_on = load_images(str(photos.parent), "test", root=".", channels=1, size=8).images
+    trained_on = open_source(str(photos.parent), "test", root=".", channels=1, size=8).images
     x = normalize(to_unit_float(trained_on), cfg.data.mean, cfg.data.std)
     with torch.no_grad():
         expected = pooled_features(encoder, x, "avg")

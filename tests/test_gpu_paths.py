@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from dsmae import bench
+from dsmae import matmul_peak
 from dsmae.cli import main
 
 METHODS = ("dsmae", "dsmae-ly", "dsmae-lz", "mae")
@@ -71,19 +71,19 @@ class Compiled:
 
 def _watched(tiny_run, out: Path, method: str, *extra: str) -> Compiled:
     """:func:`_pretrain` from a fresh Dynamo, counting what it compiles."""
-    from dsmae import engine
+    from dsmae.pretrain import loop
 
     torch._dynamo.reset()
     counters.clear()
     by_epoch: list[int] = []
-    end_of_epoch = engine._end_of_epoch
+    end_of_epoch = loop._end_of_epoch
 
     def counted(*args, **kwargs):
         end_of_epoch(*args, **kwargs)
         by_epoch.append(counters["stats"]["unique_graphs"])
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine, "_end_of_epoch", counted)
+        patch.setattr(loop, "_end_of_epoch", counted)
         _pretrain(tiny_run, out, method, *extra)
     stats = counters["stats"]
     breaks = dict(counters["graph_break"])
@@ -224,7 +224,7 @@ def test_finetune_in_bf16_compiled_both_scopes_matches_fp32(runs, method, tmp_pa
 @pytest.mark.parametrize(("method", "scope"), [("dsmae", "blocks"), ("mae", "model")])
 def test_bench_in_bf16_compiled(method, scope, bench_args, capsys, monkeypatch):
     # the third case, dsmae compiled as one graph, runs with Inductor in test_bench.py
-    monkeypatch.setattr(bench, "PEAK_SECONDS", 0.2)
+    monkeypatch.setattr(matmul_peak, "PEAK_SECONDS", 0.2)
     args = ["bench", "--method", method, *bench_args, "--batch-size", "2", "--steps", "1",
             "--warmup", "0", "--json", *_bf16_compiled(scope)]  # fmt: skip
     assert main(args) == 0

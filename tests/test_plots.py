@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsmae.data.sources import DataError
+from dsmae.data.images import DataError
 from dsmae.plots import plot_run
 
 

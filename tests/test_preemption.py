@@ -132,12 +132,12 @@ def test_a_signal_while_last_pt_is_written_lets_the_run_end_and_skips_the_probe(
 ):
     driver = fault_driver(
         """
-        import dsmae.engine
-        real_finish = dsmae.engine._finish
+        from dsmae.pretrain import loop
+        real_finish = loop._finish
         def signalled_finish(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGTERM)  # after the last step: only recorded
             return real_finish(*args, **kwargs)
-        dsmae.engine._finish = signalled_finish
+        loop._finish = signalled_finish
         """
     )
     out = tmp_path / "run"

@@ -3,8 +3,8 @@
 import pytest
 
 from dsmae.config import build_config
-from dsmae.engine import pretrain
 from dsmae.metrics import read_metrics
+from dsmae.pretrain import pretrain
 
 
 @pytest.mark.parametrize("method", ["dsmae", "mae"])

@@ -6,6 +6,7 @@
 >>> out.loss.backward(); model.update_teacher(dsmae.momentum_at(step, total_steps))
 >>> encoder = dsmae.load_encoder("runs/dsmae/last.pt")  # or an export folder: a timm ViT
 >>> feats = dsmae.extract_features("runs/dsmae/last.pt", "photos/")  # (N, D), as in training
+>>> dsmae.pretrain(dsmae.build_config("quickstart"))  # what ``dsmae pretrain`` runs
 
 The names below are imported on first use (PEP 562), so that ``import dsmae`` (and the
 ``dsmae`` command's ``--help``) does not wait for torch and timm.
@@ -17,7 +18,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dsmae.config import ARCHS, METHODS, Config, ConfigError, ModelConfig
+    from dsmae import pretrain
+    from dsmae.config import ARCHS, METHODS, Config, ConfigError, ModelConfig, build_config
     from dsmae.export import export_encoder, load_encoder
     from dsmae.features import extract_features
     from dsmae.models import DSMAE, MAE, PretrainModel, PretrainOutput
@@ -40,11 +42,15 @@ _LAZY = {
     "PretrainModel": "dsmae.models",
     "PretrainOutput": "dsmae.models",
     "momentum_at": "dsmae.schedules",
+    "build_config": "dsmae.config",
 }
+_PACKAGES = ("pretrain",)  # public subpackages, imported on first use too
 
 
 def __getattr__(name: str) -> Any:
     """Import a public name from its module on first use (then it is an attribute)."""
+    if name in _PACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")  # also sets the attribute
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(_LAZY[name]), name)
@@ -53,7 +59,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+    return sorted({*globals(), *_LAZY, *_PACKAGES})
 
 
 def build(method: str = "dsmae", **options: Any) -> PretrainModel:
@@ -88,8 +94,10 @@ __all__ = [
     "PretrainOutput",
     "__version__",
     "build",
+    "build_config",
     "export_encoder",
     "extract_features",
     "load_encoder",
     "momentum_at",
+    "pretrain",
 ]

@@ -1,13 +1,13 @@
 """``dsmae bench``: throughput, memory, FLOPs and MFU of one full pre-training step.
 
-One step is what the engine does per batch, with the engine's own functions: gather a
-batch from a uint8 data set held where the model is, augment it there and draw its
-corruption (:func:`dsmae.engine.draw_step`, :func:`dsmae.engine.load_batch`), forward,
-backward and optimizer step (:func:`dsmae.engine.train_step`), and the teacher's EMA
-update where it runs every step; bf16 autocast and ``torch.compile`` on CUDA, fp32 and
-eager on CPU, unless asked otherwise. The data set is synthetic (seeded uniform uint8
-pixels), so no data is needed. Steps are timed one by one after a few warm-up steps; the
-median is reported, and the data part (gather, augmentation, draws) is also timed alone.
+One step is pre-training's own :class:`~dsmae.pretrain.step.PretrainStep`, built by its
+own set-up (:func:`~dsmae.pretrain.setup.training_step`): gather a batch from a uint8 data
+set held where the model is, draw its corruption and augment it there, forward, backward
+and optimizer step, and the teacher's EMA update where its schedule moves it; bf16
+autocast and ``torch.compile`` on CUDA, fp32 and eager on CPU, unless asked otherwise.
+The data set is synthetic (seeded uniform uint8 pixels), so no data is needed. Steps are
+timed one by one after a few warm-up steps; the median is reported, and the data part
+(gather, augmentation, draws) is also timed alone.
 
 FLOPs are counted by PyTorch's ``FlopCounterMode`` (matmul-like ops only: every linear
 layer, the patch-embedding convolution and attention's two batched matmuls), per
@@ -35,203 +35,55 @@ from typing import Any
 
 import torch
 
+from dsmae import distributed
 from dsmae.config import Config, ConfigError, build_config, fill_data_stats
-from dsmae.engine import (
-    Corruption,
-    build_optimizer,
-    build_training_model,
-    draw_step,
-    load_batch,
-    train_step,
-)
 from dsmae.flops import PARTS, count_step_flops, part_steps
-from dsmae.models import PretrainModel
-from dsmae.runtime import (
-    check_step_settings,
-    compile_model,
-    generator,
-    resolve_device,
-    synchronize,
-    use_amp,
-    use_compile,
+from dsmae.matmul_peak import (
+    CUDA_MATMUL_SIZE,
+    MATMUL_SIZE,
+    MatmulPeak,
+    dtype_name,
+    step_peak,
 )
+from dsmae.models import PretrainModel
+from dsmae.pretrain.setup import build_optimizer, build_training_model, training_step
+from dsmae.pretrain.step import Batches, Corruption, PretrainStep
+from dsmae.runtime import check_step_settings, generator, resolve_device, synchronize
 from dsmae.writes import atomic_write_bytes, check_output_file
 
 log = logging.getLogger(__name__)
 
-MATMUL_SIZE = 4096  # the largest square matmul the peak search times (CPU)
-CUDA_MATMUL_SIZE = 8192  # ... on a GPU: large enough to reach the tensor cores' peak
-PEAK_SECONDS = 3.0  # the peak search's time for one dtype, whatever the device
 # the step's speed switches (train.*), reported with every result for the A/B of each
 SPEED_SWITCHES = ("attention", "bf16_residual", "fast_norm")
 PROFILE_STEPS = 3  # steps a --profile trace holds
 PROFILE_TOP = 15  # operators listed by self time
 FLOP_COUNT_BATCH = 8  # images the FLOPs are counted on (FLOPs are linear in the batch)
-DATA_BATCHES = 4  # the synthetic data set holds this many batches
-TEACHER_MOMENTUM = 0.99
+DATA_BATCHES = 4  # the synthetic data set holds this many batches: an epoch of the bench
 
 
 # ----------------------------------------------------------------------------- timing
 
 
-def matmul_peak_gflops(
-    device: torch.device, dtype: torch.dtype, size: int = MATMUL_SIZE, repeats: int = 5
-) -> float:
-    """The best GFLOP/s of ``repeats`` (at least 5) timed ``size x size @ size x size``
-    matmuls in ``dtype`` (``2 * size**3`` FLOPs each), after two untimed ones.
-
-    Timed with CUDA events on CUDA, the wall clock elsewhere.
-    """
-    repeats = max(repeats, 5)
-    rng = generator(0, device)
-    a = torch.randn(size, size, generator=rng, device=device).to(dtype)
-    b = torch.randn(size, size, generator=rng, device=device).to(dtype)
-    out = torch.empty(size, size, device=device, dtype=dtype)
-    for _ in range(2):
-        torch.mm(a, b, out=out)
-    synchronize(device)
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            with torch.cuda.device(device):  # events record on the current device's stream
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                torch.mm(a, b, out=out)
-                end.record()
-                end.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
-        else:
-            begin = time.perf_counter()
-            torch.mm(a, b, out=out)
-            seconds = time.perf_counter() - begin
-        best = min(best, seconds)
-    return 2 * size**3 / best / 1e9
-
-
-@dataclass(frozen=True)
-class MatmulPeak:
-    """The best rate of square matmuls in one dtype, and the size that reached it."""
-
-    gflops: float
-    size: int
-    dtype: torch.dtype
-
-    def as_json(self) -> dict[str, Any]:
-        return {"gflops": self.gflops, "size": self.size}
-
-
-def matmul_peak(
-    device: torch.device, dtype: torch.dtype, max_size: int, seconds: float = PEAK_SECONDS
-) -> MatmulPeak:
-    """The best :func:`matmul_peak_gflops` over square matmuls of side 128, 256, ... up to
-    ``max_size`` (or ``max_size`` alone where it is smaller), in about ``seconds``.
-
-    A size runs only while its predicted time (8 times the size before, the cost of a
-    matmul growing as its side cubed) fits in what is left of ``seconds``: a dtype that
-    is slow on ``device`` (bf16 on a CPU without bf16 units, 0.6 GFLOP/s) stops at a small
-    size instead of taking minutes. The first size always runs.
-    """
-    deadline = time.perf_counter() + seconds
-    size, best = min(128, max_size), None
-    while True:
-        started = time.perf_counter()
-        rate = matmul_peak_gflops(device, dtype, size=size)
-        spent = time.perf_counter() - started
-        if best is None or rate > best.gflops:
-            best = MatmulPeak(rate, size, dtype)
-        if 2 * size > max_size or time.perf_counter() + 8 * spent > deadline:
-            return best
-        size *= 2
-
-
-def step_peak(
-    device: torch.device, amp: bool, max_size: int, fixed: bool = False
-) -> tuple[MatmulPeak, dict[str, MatmulPeak]]:
-    """The MFU denominator of a step, and the peak of each dtype it runs in.
-
-    An fp32 step runs in fp32. A bf16-autocast step runs its matmuls in bf16 and the rest
-    (norms, softmax, losses, and matmuls autocast leaves alone) in fp32: no FLOP of it
-    runs faster than the faster of the two peaks, so that one is the denominator and MFU
-    stays <= 100% on a device where bf16 is the slower (most CPUs).
-
-    Args:
-        max_size: the largest matmul side to try; with ``fixed``, the only one.
-    """
-    dtypes = (torch.bfloat16, torch.float32) if amp else (torch.float32,)
-    peaks = {}
-    for dtype in dtypes:
-        log.info("timing %s matmuls up to %d^3 for the peak rate", _dtype_name(dtype), max_size)
-        if fixed:
-            gflops = matmul_peak_gflops(device, dtype, size=max_size)
-            peaks[_dtype_name(dtype)] = MatmulPeak(gflops, max_size, dtype)
-        else:
-            peaks[_dtype_name(dtype)] = matmul_peak(device, dtype, max_size)
-    return max(peaks.values(), key=lambda peak: peak.gflops), peaks
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 @dataclass
 class BenchStep:
-    """One pre-training step of a benchmark, split as the engine runs it.
+    """``dsmae pretrain``'s own step (:class:`~dsmae.pretrain.step.PretrainStep`) on the
+    synthetic data set, by step index: ``inputs(i)`` is its data part alone (gather,
+    draws, augmentation), ``run(i)`` the whole step (with the teacher's update where the
+    schedule moves it)."""
 
-    ``inputs(step)`` gathers, augments and corrupts a batch (the data part);
-    ``run(step)`` is the whole step: ``inputs``, ``train_step`` and, where the teacher
-    moves every step, its EMA update.
-    """
+    take_step: PretrainStep
+    batches: Batches
 
-    inputs: Callable[[int], tuple[torch.Tensor, Corruption]]
-    run: Callable[[int], None]
+    def _uint8(self, step: int) -> torch.Tensor:
+        """The images of ``step``: the data set holds :data:`DATA_BATCHES` batches, an epoch."""
+        epoch, in_epoch = divmod(step, DATA_BATCHES)
+        return next(self.batches.epoch(epoch, in_epoch, in_epoch + 1))
 
+    def inputs(self, step: int) -> tuple[torch.Tensor, Corruption]:
+        return self.take_step.inputs(step, self._uint8(step))
 
-def bench_step(
-    model: PretrainModel,
-    optimizer: torch.optim.Optimizer,
-    data: torch.Tensor,
-    cfg: Config,
-    *,
-    amp: bool = False,
-    forward: torch.nn.Module | None = None,
-    momentum: float = TEACHER_MOMENTUM,
-) -> BenchStep:
-    """The step of ``dsmae pretrain`` on ``data``.
-
-    Args:
-        model: a pre-training model in train mode.
-        data: (M, C, H, W) uint8 images on the model's device; M a multiple of the batch.
-        cfg: the run's config (batch size, micro-batch, augmentation, seed, EMA rhythm).
-        forward: the module the step calls (default ``model``; e.g. compiled).
-    """
-    device, t = data.device, cfg.train
-    b, size = t.batch_size, cfg.model.img_size
-    mean = torch.tensor(cfg.data.mean, device=device)
-    std = torch.tensor(cfg.data.std, device=device)
-    order = torch.randperm(len(data), generator=generator(t.seed, device), device=device)
-
-    def inputs(step: int) -> tuple[torch.Tensor, Corruption]:
-        corruption = draw_step(model, cfg, step, device)
-        start = (step * b) % len(data)
-        return load_batch(data, order[start : start + b], corruption, size, mean, std), corruption
-
-    def run(step: int) -> None:
-        images, corruption = inputs(step)
-        out = train_step(
-            model if forward is None else forward,
-            optimizer,
-            images,
-            micro_batch=t.micro_batch,
-            mask=corruption.mask,
-            eps=corruption.eps,
-            amp=amp,
-            attention=t.attention,
-        )
-        if t.ema_every == "step":
-            model.update_teacher(momentum, apply=out["finite"])
-
-    return BenchStep(inputs, run)
+    def run(self, step: int) -> None:
+        self.take_step(step, self._uint8(step))
 
 
 def time_calls(
@@ -420,7 +272,7 @@ def run_bench(
     }
     if profile is not None:  # refused before any work where it cannot be written
         profile = check_output_file(profile, "--profile", "the profile trace")
-    setup = _set_up(build_config(overrides=values), warmup)
+    setup = prepare(build_config(overrides=values), warmup)
     measured = _measure(setup, steps, matmul_size, parts_time)
     result = {**_settings(setup, steps), **_figures(setup, measured)}
     if profile is not None:
@@ -483,7 +335,7 @@ def _chrome_trace(profiler: Any) -> bytes:
 
 
 @dataclass
-class _Setup:
+class BenchSetup:
     """A benchmark ready to run: its config (data statistics filled), the model in train
     mode, its step on the synthetic data, and how the step runs."""
 
@@ -500,19 +352,20 @@ class _Setup:
         return torch.bfloat16 if self.amp else torch.float32
 
 
-def _set_up(cfg: Config, warmup: int) -> _Setup:
-    """Build the model as pre-training does (:func:`~dsmae.engine.build_training_model`),
-    the synthetic uint8 data set (:data:`DATA_BATCHES` batches of seeded uniform pixels), the
-    optimizer and the step."""
+def prepare(cfg: Config, warmup: int) -> BenchSetup:
+    """The step of ``dsmae pretrain`` for ``cfg``, built by pre-training's own set-up
+    (:func:`~dsmae.pretrain.setup.training_step`: the model, optimizer, compilation and
+    schedules of a run whose epoch is :data:`DATA_BATCHES` steps), on a synthetic uint8
+    data set of seeded uniform pixels."""
     m, t = cfg.model, cfg.train
     dev = resolve_device(t.device)
-    amp, compiled = use_amp(dev, t.amp), use_compile(dev, t.compile)
     check_step_settings(dev, t)
+    cfg = fill_data_stats(cfg, [0.5] * m.in_chans, [0.29] * m.in_chans)  # uniform pixels
     model = build_training_model(cfg, dev)
-    forward = compile_model(model, t) if compiled else model
+    optimizer = build_optimizer(model, t, dev)
+    step, compiled = training_step(cfg, model, optimizer, distributed.Process(), dev, DATA_BATCHES)
     shape = (DATA_BATCHES * t.batch_size, m.in_chans, m.img_size, m.img_size)
     data = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator(t.seed)).to(dev)
-    cfg = fill_data_stats(cfg, [0.5] * m.in_chans, [0.29] * m.in_chans)  # uniform pixels
     log.info(
         "bench %s %s (depth %d, width %d), %d px, patch %d, batch %d on %s, %s%s",
         m.method,
@@ -523,13 +376,12 @@ def _set_up(cfg: Config, warmup: int) -> _Setup:
         m.patch_size,
         t.batch_size,
         dev,
-        "bfloat16" if amp else "float32",
+        "bfloat16" if step.amp else "float32",
         f", torch.compile ({t.compile_scope})" if compiled else "",
     )
-    optimizer = build_optimizer(model, t, dev)
-    step = bench_step(model, optimizer, data, cfg, amp=amp, forward=forward)
     warmup = max(warmup, 1) if compiled else warmup  # the first step compiles
-    return _Setup(cfg, dev, amp, compiled, warmup, model, step)
+    bench_step = BenchStep(step, Batches(data, cfg, step.share))
+    return BenchSetup(cfg, dev, step.amp, compiled, warmup, model, bench_step)
 
 
 @dataclass
@@ -547,7 +399,7 @@ class _Measured:
     peaks: dict[str, MatmulPeak]  # the peak of each dtype the step runs in
 
 
-def _measure(setup: _Setup, steps: int, matmul_size: int | None, parts_time: bool) -> _Measured:
+def _measure(setup: BenchSetup, steps: int, matmul_size: int | None, parts_time: bool) -> _Measured:
     """Count the FLOPs, time the steps, the data part alone and (``parts_time``) each part
     alone, find the host syncs and the matmul peak: the raw numbers of a benchmark."""
     s, dev, warmup = setup, setup.device, setup.warmup
@@ -580,7 +432,7 @@ def _measure(setup: _Setup, steps: int, matmul_size: int | None, parts_time: boo
     )
 
 
-def _settings(setup: _Setup, steps: int) -> dict[str, Any]:
+def _settings(setup: BenchSetup, steps: int) -> dict[str, Any]:
     """The settings half of a :func:`run_bench` result."""
     m = setup.cfg.model
     return {
@@ -596,13 +448,13 @@ def _settings(setup: _Setup, steps: int) -> dict[str, Any]:
         "steps": steps,
         "warmup": setup.warmup,
         "device": device_name(setup.device),
-        "dtype": _dtype_name(setup.dtype),
+        "dtype": dtype_name(setup.dtype),
         "torch": torch.__version__,
         **{key: getattr(setup.cfg.train, key) for key in SPEED_SWITCHES},
     }
 
 
-def _figures(setup: _Setup, measured: _Measured) -> dict[str, Any]:
+def _figures(setup: BenchSetup, measured: _Measured) -> dict[str, Any]:
     """The measured half of a :func:`run_bench` result, from :func:`_measure`'s numbers."""
     r, batch, scope = measured, setup.cfg.train.batch_size, setup.cfg.train.compile_scope
     step_s, peak = r.step_s, r.peak.gflops
@@ -619,7 +471,7 @@ def _figures(setup: _Setup, measured: _Measured) -> dict[str, Any]:
         "achieved_gflops": achieved,
         "matmul_peak_gflops": peak,
         "matmul_size": r.peak.size,
-        "matmul_dtype": _dtype_name(r.peak.dtype),
+        "matmul_dtype": dtype_name(r.peak.dtype),
         "matmul_peaks": {name: found.as_json() for name, found in r.peaks.items()},
         "mfu": achieved / peak,
         "compile": setup.compiled,

@@ -7,7 +7,7 @@ to the most epochs whose steps, checkpoints and monitors end within the budget
 rate's warm-up and cosine and the teacher's momentum schedule are then those of a run of
 that many epochs, which end on time; the choice is recorded in the run's config (and so in
 its checkpoints), and a resumed run keeps it. The pure arithmetic lives here; the timing,
-in the training engine.
+in :mod:`dsmae.pretrain.time_budget`.
 """
 
 from __future__ import annotations

@@ -28,7 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsmae.config import Config, ConfigError, available_presets, build_config, fill_data_stats
+from dsmae.config import (
+    ARCHS,
+    Config,
+    ConfigError,
+    available_presets,
+    build_config,
+    fill_data_stats,
+)
 from dsmae.writes import WriteError, atomic_write_text, unwritable_reason, written
 
 if TYPE_CHECKING:
@@ -172,7 +179,7 @@ def _finished(path: Path, cfg: Config) -> Checkpoint | None:
             not belong in this grid.
     """
     from dsmae.checkpoint import Checkpoint
-    from dsmae.resume import settings_differences
+    from dsmae.pretrain.resume import settings_differences
 
     if not path.is_file():
         return None
@@ -200,7 +207,7 @@ def run_cell(cell: Cell, cfg: Config) -> dict[str, dict[str, float]]:
     is run again and replaces it.
     """
     from dsmae.checkpoint import Checkpoint
-    from dsmae.engine import pretrain
+    from dsmae.pretrain import pretrain
 
     path = Path(cfg.out) / "last.pt"
     checkpoint = _finished(path, cfg)
@@ -235,14 +242,15 @@ def _linprobe(checkpoint: Checkpoint, cfg: Config, pool: str) -> float:
     """The linear probe of a cell with the grid's probe settings and ``pool``, on the
     checkpoint's data, with the grid's ``train.device`` and ``train.seed``."""
     from dsmae.evaluation.linprobe import linprobe
-    from dsmae.evaluation.results import evaluation_config, evaluation_settings, result_path
+    from dsmae.evaluation.results import evaluation_settings, result_path
 
     probe = dataclasses.replace(cfg.probe, pool=pool)
     settings = evaluation_settings(probe, cfg.data.source)
     top1 = _cached_top1(result_path(checkpoint.path, "linprobe", pool=pool), settings)
     if top1 is None:  # the grid's evaluation settings, even for a cell pre-trained under others
         changes = {"train.device": cfg.train.device, "train.seed": cfg.train.seed}
-        probed = dataclasses.replace(evaluation_config(checkpoint.config, changes), probe=probe)
+        tested = build_config(overrides=changes, base=checkpoint.config)
+        probed = dataclasses.replace(tested, probe=probe)
         top1 = linprobe(checkpoint, probed).top1
     return top1
 
@@ -372,8 +380,7 @@ def table_markdown(
 
 
 def _column_order(column: tuple[str, str]) -> tuple[int, int]:
-    order = ("vit_tiny", "vit_small", "vit_base")
-    return DATASETS.index(column[0]), order.index(column[1])
+    return DATASETS.index(column[0]), list(ARCHS).index(column[1])
 
 
 def _method_order(method: str) -> int:

@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save
 from timm.models.vision_transformer import VisionTransformer
 
 from dsmae.checkpoint import Checkpoint, CheckpointError, check_encoder_size, load_weights
-from dsmae.config import Config, ConfigError, ModelConfig
+from dsmae.config import ARCHS, Config, ConfigError, ModelConfig, Pool, check_pool_argument
 from dsmae.writes import (
     WriteError,
     atomic_write_bytes,
@@ -57,12 +57,8 @@ from dsmae.writes import (
 )
 
 # our architectures as timm names (their depth, width and heads; see config.ARCHS)
-TIMM_NAMES = {
-    "vit_tiny": "vit_tiny_patch16_224",
-    "vit_small": "vit_small_patch16_224",
-    "vit_base": "vit_base_patch16_224",
-}
-TIMM_POOLS = {"avg": "avg", "cls": "token"}  # our pool -> timm's global_pool
+TIMM_NAMES = {arch: f"{arch}_patch16_224" for arch in ARCHS}
+TIMM_POOLS: dict[Pool, str] = {"avg": "avg", "cls": "token"}  # our pool -> timm's global_pool
 WEIGHTS_FILE, CONFIG_FILE, ONNX_FILE = "model.safetensors", "config.json", "encoder.onnx"
 ONNX_OPSET = 18
 ONNX_INSTALL = 'pip install "dsmae[onnx]"'
@@ -158,8 +154,7 @@ def export_encoder(
         WriteError: a file could not be written (e.g. a full disk); nothing half-written
             is left.
     """
-    if pool not in TIMM_POOLS:
-        raise ConfigError(f"pool must be one of {', '.join(TIMM_POOLS)}, not {pool!r}")
+    check_pool_argument(pool)
     if onnx:
         require_onnx("--onnx")
     out = Path(out)

@@ -23,13 +23,10 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 from dsmae.checkpoint import Checkpoint
-from dsmae.config import POOLS, Config, ConfigError
-from dsmae.data.sources import (
-    DataError,
-    decode_files,
-    find_image_files,
-    image_array,
-)
+from dsmae.config import Config, ConfigError, check_pool_argument
+from dsmae.data.decoding import decode_files, image_array
+from dsmae.data.folder_layout import find_image_files
+from dsmae.data.images import DataError
 from dsmae.evaluation import frozen
 from dsmae.export import load_encoder
 from dsmae.runtime import resolve_device
@@ -132,7 +129,7 @@ def extract_features(
         images: a tensor, (N, C, H, W) or (C, H, W), uint8 in 0..255 or float in [0, 1]
             (resized to the encoder's size as the evaluations do); PIL images or image
             files (one, or a list); or a folder (every image under it, recursively, in
-            sorted order: ``dsmae.data.sources.find_image_files``).
+            sorted order: ``dsmae.data.folder_layout.find_image_files``).
         pool: "avg" (the mean of the patch tokens, what DSMAE trains) or "cls" ([CLS]),
             both after the final norm. None: the source's own: an export's or a timm
             model's pooling (what its forward returns, and its ``encoder.onnx``), a
@@ -150,8 +147,8 @@ def extract_features(
         DataError: no images, images that cannot be read, or do not fit the encoder.
         CheckpointError, FileNotFoundError: see :func:`dsmae.load_encoder`.
     """
-    if pool is not None and pool not in POOLS:
-        raise ConfigError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}", "pool")
+    if pool is not None:
+        check_pool_argument(pool)
     check_batch_size(batch_size)
     target = resolve_device(str(device))
     encoder, seen = open_encoder(source, teacher=teacher)

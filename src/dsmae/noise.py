@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-NoiseMode = Literal["add", "replace"]
+from dsmae.config.choices import NoiseMode
 
 
 def pixel_mask(mask: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
 from dsmae.config import ConfigError
-from dsmae.data.sources import DataError
+from dsmae.data.images import DataError
 from dsmae.metrics import read_metrics
 from dsmae.writes import check_output_file, written
 

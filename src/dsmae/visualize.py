@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from dsmae.checkpoint import checkpoint_config, load_checkpoint, load_weights
 from dsmae.config import Config, ConfigError
 from dsmae.data.augment import denormalize, normalize, to_unit_float
-from dsmae.data.sources import decode_files
+from dsmae.data.decoding import decode_files
 from dsmae.losses import PATCH_NORM_EPS
 from dsmae.models import PretrainModel, build_model
 from dsmae.noise import pixel_mask

@@ -25,11 +25,13 @@ from dsmae import distributed
 from dsmae.checkpoint import load_checkpoint, save_checkpoint
 from dsmae.cli import main
 from dsmae.config import ConfigError, build_config
+from dsmae.data.decoding import decode_files
+from dsmae.data.images import DataError
 from dsmae.data.shard_writer import write_shards
 from dsmae.data.shards import ShardStream, buffer_shuffle, decode_image, open_stream, shard_urls
-from dsmae.data.sources import DataError, decode_files, is_shard_source, load_images
-from dsmae.engine import pretrain
+from dsmae.data.sources import is_shard_source, open_source
 from dsmae.preemption import PREEMPTED_EXIT
+from dsmae.pretrain import pretrain
 
 IMAGES, SHARD_SIZE = 256, 32  # 8 shards of real digits
 SETTINGS = {
@@ -56,7 +58,7 @@ for _key, _value in SETTINGS.items():
 @pytest.fixture(scope="module")
 def digits_folder(tmp_path_factory) -> Path:
     """256 real 8x8 digits as grey PNG files in one sub-folder per class."""
-    digits = load_images("digits", "train", root=".")
+    digits = open_source("digits", "train", root=".")
     folder = tmp_path_factory.mktemp("digits")
     for i in range(IMAGES):
         path = folder / str(int(digits.labels[i])) / f"{i:04d}.png"
@@ -118,7 +120,7 @@ def test_shard_patterns_urls_and_pipes_are_shards_and_data_sets_and_folders_are_
 
 def test_shards_are_never_loaded_whole(shards):
     with pytest.raises(DataError, match=r"streamed for pre-training only.*test split"):
-        load_images(shards, "test", root=".")
+        open_source(shards, "test", root=".")
 
 
 def test_a_stream_needs_its_epoch_length_and_refuses_a_subset(shards):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dsmae.checkpoint import Checkpoint
-from dsmae.data.sources import ImageTensors
+from dsmae.data.images import ImageTensors
 from dsmae.evaluation.frozen import extract_features, frozen_features
 from dsmae.evaluation.results import LabelledSplits
 

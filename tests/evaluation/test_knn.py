@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from dsmae.checkpoint import Checkpoint
+from dsmae.config import build_config
 from dsmae.evaluation.frozen import frozen_features
 from dsmae.evaluation.knn import knn_accuracy, knn_eval, knn_predict
-from dsmae.evaluation.results import evaluation_config, labelled_splits
+from dsmae.evaluation.results import labelled_splits
 
 # Hand-built 2-D example: the query points along +x, so the cosine similarity of a
 # training feature (c, s) with c**2 + s**2 = 1 is simply c.
@@ -229,7 +230,7 @@ def test_runs_on_cuda_and_matches_cpu():
 def test_knn_eval_takes_its_vote_and_pooling_from_the_config(digits_run, tmp_path):
     checkpoint = Checkpoint.read(shutil.copy(digits_run / "last.pt", tmp_path / "last.pt"))
     changes = {"monitor.knn_k": 5, "monitor.knn_temperature": 0.5, "probe.pool": "cls"}
-    cfg = evaluation_config(checkpoint.config, changes)
+    cfg = build_config(base=checkpoint.config, overrides=changes)
     result = knn_eval(checkpoint, cfg)
     assert (result.k, result.temperature, result.pool, result.num_test) == (5, 0.5, "cls", 449)
     saved = json.loads((tmp_path / "last.knn-cls.json").read_text())
@@ -246,10 +247,10 @@ def test_a_k_beyond_the_training_images_is_said_and_the_k_used_recorded(
     digits_run, tmp_path, caplog
 ):
     checkpoint = Checkpoint.read(shutil.copy(digits_run / "last.pt", tmp_path / "last.pt"))
-    cfg = evaluation_config(checkpoint.config, {"monitor.knn_k": 5000})
+    cfg = build_config(base=checkpoint.config, overrides={"monitor.knn_k": 5000})
     result = knn_eval(checkpoint, cfg)
     assert result.k == 1348 == result.num_train  # every training image votes
     assert "k=5000 exceeds the 1348 training images" in caplog.text
     assert json.loads((tmp_path / "last.knn.json").read_text())["k"] == 1348
-    everyone = evaluation_config(checkpoint.config, {"monitor.knn_k": 1348})
+    everyone = build_config(base=checkpoint.config, overrides={"monitor.knn_k": 1348})
     assert knn_eval(checkpoint, everyone).top1 == result.top1

@@ -9,9 +9,9 @@ import torch
 
 from dsmae.checkpoint import Checkpoint
 from dsmae.cli import main
-from dsmae.config import ConfigError, ProbeConfig
+from dsmae.config import ConfigError, ProbeConfig, build_config
 from dsmae.evaluation.linprobe import ProbeResult, linprobe, train_linear_probe
-from dsmae.evaluation.results import evaluation_config, evaluation_settings
+from dsmae.evaluation.results import evaluation_settings
 
 # the module itself (``dsmae.evaluation`` exports its ``linprobe`` function under that name)
 linprobe_module = importlib.import_module("dsmae.evaluation.linprobe")
@@ -21,7 +21,8 @@ def _probe(path, probe: ProbeConfig, seed: int = 0, random_init: bool = False) -
     """``linprobe`` of the checkpoint at ``path`` with ``probe``, on the checkpoint's data,
     seeded by ``seed``."""
     checkpoint = Checkpoint.read(path)
-    cfg = evaluation_config(checkpoint.config, {"train.device": "auto", "train.seed": seed})
+    changes = {"train.device": "auto", "train.seed": seed}
+    cfg = build_config(base=checkpoint.config, overrides=changes)
     return linprobe(checkpoint, dataclasses.replace(cfg, probe=probe), random_init=random_init)
 
 
@@ -163,7 +164,10 @@ def test_mae_recipe_is_repeatable_from_its_seed(own_checkpoint):
 def test_unknown_recipe_is_refused(own_checkpoint):
     checkpoint = Checkpoint.read(own_checkpoint)
     with pytest.raises(ConfigError, match=r"probe\.recipe"):
-        linprobe(checkpoint, evaluation_config(checkpoint.config, {"probe.recipe": "sgd"}))
+        build_config(base=checkpoint.config, overrides={"probe.recipe": "sgd"})
+    sgd = dataclasses.replace(checkpoint.config.probe, recipe="sgd")  # not built: not validated
+    with pytest.raises(ConfigError, match=r"probe\.recipe='sgd' is not one of: fast, mae"):
+        linprobe(checkpoint, dataclasses.replace(checkpoint.config, probe=sgd))
 
 
 def test_recipe_flag_reaches_the_probe(own_checkpoint, lars_made, capsys):

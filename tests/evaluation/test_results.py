@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from dsmae.config import ConfigError, FinetuneConfig, ProbeConfig, build_config
-from dsmae.data.sources import DataError, ImageTensors
+from dsmae.data.images import DataError, ImageTensors
 from dsmae.evaluation.finetune import FinetuneResult
 from dsmae.evaluation.knn import KnnResult
 from dsmae.evaluation.linprobe import ProbeResult
 from dsmae.evaluation.results import (
     EvalResult,
     best_epoch,
-    evaluation_config,
     evaluation_settings,
     labelled_splits,
     result_path,
@@ -82,22 +81,23 @@ def test_settings_leave_out_how_and_when_an_evaluation_runs():
     assert "workers" not in finetune and finetune["pool"] == "avg"
 
 
-def test_evaluation_config_sets_dotted_keys_and_refuses_impossible_ones():
+def test_a_checkpoints_config_takes_dotted_keys_and_refuses_impossible_ones():
     cfg = build_config("quickstart")
-    changed = evaluation_config(cfg, {"probe.epochs": 5, "data.source": "/x", "train.seed": 3})
+    changes = {"probe.epochs": 5, "data.source": "/x", "train.seed": 3}
+    changed = build_config(base=cfg, overrides=changes)
     assert (changed.probe.epochs, changed.data.source, changed.train.seed) == (5, "/x", 3)
     assert changed.data.mean == cfg.data.mean and changed.model == cfg.model
     assert cfg.probe.epochs != 5 and cfg.data.source == "digits"  # the original is untouched
-    assert evaluation_config(cfg, {}) == cfg
+    assert build_config(base=cfg, overrides={}) == cfg
     for changes, key in (({"probe.epochs": 0}, "probe.epochs"), ({"monitor.knn_k": -1},
                          "monitor.knn_k"), ({"probe.base_lr": -0.1}, "probe.base_lr")):  # fmt: skip
         with pytest.raises(ConfigError, match=rf"^{key}: must be") as refused:
-            evaluation_config(cfg, changes)
+            build_config(base=cfg, overrides=changes)
         assert refused.value.key == key  # for the command line to name its flag
     with pytest.raises(ConfigError, match=r"unknown config key 'probe\.epoch'"):
-        evaluation_config(cfg, {"probe.epoch": 3})
+        build_config(base=cfg, overrides={"probe.epoch": 3})
     with pytest.raises(ConfigError, match=r"model\.depth: fixed by the checkpoint"):
-        evaluation_config(cfg, {"model.depth": 3})
+        build_config(base=cfg, overrides={"model.depth": 3})
 
 
 def test_labelled_splits_count_what_a_result_was_measured_on(tmp_path):

@@ -14,7 +14,8 @@ import torch
 
 from dsmae.config import DataConfig, ModelConfig
 from dsmae.data.augment import crop_flip_resize, normalize, resize, to_unit_float
-from dsmae.data.sources import ImageTensors, load_images
+from dsmae.data.images import ImageTensors
+from dsmae.data.sources import open_source
 from dsmae.runtime import generator
 from dsmae.seeds import epoch_order_seed
 
@@ -28,7 +29,7 @@ def load_split(data: DataConfig, model: ModelConfig, split: str) -> ImageTensors
     random crop only ever up-samples. ``data.subset`` keeps a fixed random sample of the
     pre-training images.
     """
-    tensors = load_images(
+    tensors = open_source(
         data.source,
         split,
         root=data.root,

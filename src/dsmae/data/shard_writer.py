@@ -16,14 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from dsmae.config import ConfigError
-from dsmae.data.sources import (
-    DataError,
-    find_images,
-    folder_class,
-    folder_classes,
-    no_images,
-    split_folders,
-)
+from dsmae.data.folder_layout import find_image_files, folder_class, folder_classes, split_folders
+from dsmae.data.images import DataError
 from dsmae.writes import atomic_write_bytes, written
 
 log = logging.getLogger(__name__)
@@ -69,9 +63,7 @@ def write_shards(
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder")
     split, all_splits = split_folders(folder, "pretrain")
-    paths = find_images(split)
-    if not paths:
-        raise no_images(split)
+    paths = find_image_files(split)
     labels, classes = _labels(paths, split, all_splits)
     _check_out(out, overwrite)
     order = np.random.default_rng(seed).permutation(len(paths))

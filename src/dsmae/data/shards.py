@@ -53,8 +53,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dsmae.config import Config, ConfigError
+from dsmae.data.decoding import image_array, image_error
+from dsmae.data.folder_layout import IMAGE_EXTENSIONS
+from dsmae.data.images import DataError
 from dsmae.data.pipeline import epoch_order
-from dsmae.data.sources import IMAGE_EXTENSIONS, DataError, image_array, image_error
 from dsmae.preemption import leave_stopping_to
 
 log = logging.getLogger(__name__)
@@ -125,7 +127,7 @@ def buffer_shuffle(items: Iterable[T], size: int, rng: random.Random) -> Iterato
 def decode_image(data: bytes, mode: str, size: int) -> np.ndarray:
     """An encoded image (any format and mode an image folder may hold) -> (C, size, size)
     uint8: converted to ``mode`` ("L" or "RGB"), its shorter side resized to ``size`` and
-    the centre cropped, exactly as :mod:`dsmae.data.sources` reads image folders.
+    the centre cropped, exactly as :mod:`dsmae.data.image_folders` reads image folders.
 
     Raises:
         Exception: whatever PIL raises for a file it cannot read.

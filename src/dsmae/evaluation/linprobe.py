@@ -25,7 +25,7 @@ from timm.optim import Lars
 from torch import nn
 
 from dsmae.checkpoint import Checkpoint
-from dsmae.config import Config, ConfigError, ProbeConfig
+from dsmae.config import Config, ProbeConfig, ProbeRecipe
 from dsmae.data.augment import crop_boxes, random_flips
 from dsmae.data.pipeline import augmented_batch, eval_batch
 from dsmae.evaluation.frozen import frozen_features, pooled_features
@@ -260,7 +260,7 @@ def _fast_probe(src: ProbeData, probe: ProbeConfig, seed: int) -> tuple[float, l
     )
 
 
-RECIPES: dict[str, Callable[[ProbeData, ProbeConfig, int], tuple[float, list[float]]]] = {
+RECIPES: dict[ProbeRecipe, Callable[[ProbeData, ProbeConfig, int], tuple[float, list[float]]]] = {
     "fast": _fast_probe,
     "mae": train_mae_probe,
 }
@@ -291,13 +291,12 @@ def linprobe(
     ``train.device``, seeded by ``train.seed``.
 
     Raises:
-        ConfigError: an unknown ``recipe``.
+        ConfigError: an impossible ``probe`` section (e.g. an unknown ``recipe``).
         DataError: a split without class labels.
     """
     cfg = checkpoint.config if cfg is None else cfg
     probe = cfg.probe
-    if probe.recipe not in RECIPES:
-        raise ConfigError(f"probe.recipe must be one of {sorted(RECIPES)}, not {probe.recipe!r}")
+    probe.validate()  # a config built without build_config (e.g. dataclasses.replace)
     warn_if_unwritable(result_path(checkpoint.path, "linprobe", random_init, probe.pool))
     encoder = checkpoint.encoder(random_init=random_init, seed=cfg.train.seed)
     src = load_probe_data(encoder, cfg)

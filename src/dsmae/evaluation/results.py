@@ -5,11 +5,12 @@ Every protocol is one call of the same shape::
     result = protocol(checkpoint, cfg, random_init=False)  # -> an EvalResult
 
 ``checkpoint`` is a :class:`~dsmae.checkpoint.Checkpoint` (read once), ``cfg`` the
-checkpoint's config with the evaluation's changes (:func:`evaluation_config`; None: the
-checkpoint's own), from which each protocol reads its section (``probe``, ``monitor``'s
-k-NN values or ``finetune``), ``data`` (the labelled data set, :func:`labelled_splits`)
-and ``train.device``/``train.seed``. The result is an :class:`EvalResult`, written beside
-the checkpoint as ``<stem>.<protocol>[-cls][-random-init].json`` (:meth:`EvalResult.save`).
+checkpoint's config with the evaluation's changes (:func:`~dsmae.config.build_config`,
+the checkpoint's as its ``base``; None: the checkpoint's own), from which each protocol
+reads its section (``probe``, ``monitor``'s k-NN values or ``finetune``), ``data`` (the
+labelled data set, :func:`labelled_splits`) and ``train.device``/``train.seed``. The
+result is an :class:`EvalResult`, written beside the checkpoint as
+``<stem>.<protocol>[-cls][-random-init].json`` (:meth:`EvalResult.save`).
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from dsmae.checkpoint import Checkpoint
-from dsmae.config import Config, DataConfig, ModelConfig, override_config
+from dsmae.config import DataConfig, ModelConfig
+from dsmae.data.images import DataError, ImageTensors
 from dsmae.data.pipeline import load_split
-from dsmae.data.sources import DataError, ImageTensors
 from dsmae.writes import WriteError, atomic_write_text, unwritable_reason
 
 log = logging.getLogger(__name__)
@@ -154,17 +155,6 @@ def evaluation_settings(section: Any, data: str) -> dict[str, Any]:
     result as ``settings``; a cached result is reused only for equal settings."""
     fields = dataclasses.asdict(section)
     return {**{k: v for k, v in fields.items() if k not in _NOT_SETTINGS}, "data": data}
-
-
-def evaluation_config(cfg: Config, changes: Mapping[str, Any]) -> Config:
-    """``cfg`` (a checkpoint's) with ``changes`` (dotted keys such as ``"probe.epochs"``),
-    resolved and validated as :func:`~dsmae.config.override_config` does: an impossible
-    value is refused before any work, naming its key.
-
-    Raises:
-        ConfigError: an unknown key, a model key, or an impossible value.
-    """
-    return override_config(cfg, (), changes)
 
 
 @dataclass

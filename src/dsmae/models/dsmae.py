@@ -18,7 +18,7 @@ import copy
 
 import torch
 
-from dsmae.config import ModelConfig
+from dsmae.config import DSMAE_METHODS, ModelConfig
 from dsmae.losses import combine_losses, feature_loss
 from dsmae.masking import split_indices
 from dsmae.models.decoder import PixelDecoder
@@ -27,8 +27,6 @@ from dsmae.models.regressor import FeatureRegressor
 from dsmae.models.vit import patch_tokens
 from dsmae.noise import add_patch_noise
 from dsmae.patches import gather_tokens, scatter_tokens
-
-METHODS = ("dsmae", "dsmae-ly", "dsmae-lz")  # the methods this module builds
 
 
 class DSMAE(PretrainModel):
@@ -40,9 +38,9 @@ class DSMAE(PretrainModel):
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
-        if cfg.method not in METHODS:
+        if cfg.method not in DSMAE_METHODS:
             raise ValueError(
-                f"DSMAE builds {', '.join(METHODS)}, not {cfg.method!r}: use "
+                f"DSMAE builds {', '.join(DSMAE_METHODS)}, not {cfg.method!r}: use "
                 "dsmae.models.build_model"
             )
         super().__init__(cfg)

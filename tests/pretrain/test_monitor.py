@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import dsmae.monitor
 from dsmae.config import build_config
 from dsmae.metrics import MetricsLog, read_metrics
 from dsmae.models import DSMAE, build_model
-from dsmae.monitor import HEALTH_IMAGES, Monitor
+from dsmae.pretrain import monitor
+from dsmae.pretrain.monitor import HEALTH_IMAGES, Monitor
 
 HEALTH = ("health_feature_std", "health_effective_rank")
 
@@ -41,13 +41,13 @@ def _config(tiny: dict, tmp_path: Path, source: str = "digits", **overrides):
 def _count_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The splits the monitor asks ``load_split`` for, in order."""
     asked: list[str] = []
-    real = dsmae.monitor.load_split
+    real = monitor.load_split
 
     def load_split(data, model, split):
         asked.append(split)
         return real(data, model, split)
 
-    monkeypatch.setattr(dsmae.monitor, "load_split", load_split)
+    monkeypatch.setattr(monitor, "load_split", load_split)
     return asked
 
 
@@ -122,7 +122,7 @@ def test_health_runs_without_a_knn_split_and_on_small_data(tmp_path, monkeypatch
     monitor = Monitor(cfg, torch.device("cpu"))
     model = build_model(cfg.model)
     with (
-        caplog.at_level(logging.INFO, logger="dsmae.monitor"),
+        caplog.at_level(logging.INFO, logger="dsmae.pretrain.monitor"),
         MetricsLog(tmp_path / "metrics") as metrics,
     ):
         for epoch in (1, 2):

@@ -19,7 +19,8 @@ from typing import Any
 
 from dsmae.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, training_state
 from dsmae.config import Config, ConfigError, fill_data_stats, resumable_keys
-from dsmae.run_folder import checkpoints_in, run_id_of
+from dsmae.pretrain.run_folder import run_id_of
+from dsmae.pretrain.saving import checkpoints_in
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from dsmae.config import Config
+from dsmae.data.images import DataError, ImageTensors
 from dsmae.data.pipeline import eval_batch, load_split
-from dsmae.data.sources import DataError, ImageTensors
 from dsmae.evaluation.frozen import extract_features
 from dsmae.evaluation.knn import knn_accuracy
 from dsmae.health import effective_rank, feature_std, teacher_student_cosine

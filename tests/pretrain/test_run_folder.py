@@ -5,17 +5,11 @@ import os
 
 import pytest
 
-from dsmae import resume
 from dsmae.cli import main
 from dsmae.metrics import read_metrics
-from dsmae.run_folder import (
-    LOCK_FILE,
-    RunFolderError,
-    checkpoint_run_id,
-    cut_metrics,
-    lock_folder,
-    run_id_of,
-)
+from dsmae.pretrain import resume
+from dsmae.pretrain.run_folder import LOCK_FILE, RunFolderError, cut_metrics, lock_folder, run_id_of
+from dsmae.pretrain.saving import checkpoint_run_id
 
 
 @pytest.fixture

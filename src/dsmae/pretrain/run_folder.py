@@ -21,21 +21,18 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import IO
 
-import torch
-
 from dsmae.config import ConfigError
+from dsmae.pretrain.saving import checkpoints_in
 from dsmae.writes import WriteError, atomic_write_text, unwritable_reason, written
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE, RUN_FILE = ".lock", "run.json"
-CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pt")
 
 
 class RunFolderError(ConfigError):
@@ -82,23 +79,6 @@ def run_id_of(out: Path) -> str | None:
         return json.loads((out / RUN_FILE).read_text())["run_id"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def checkpoint_run_id(path: Path) -> str | None:
-    """The run id stored in a checkpoint, read without loading its tensors (memory-mapped);
-    None when it has none or cannot be read."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # an unreadable file belongs to nobody; resume reports it
-        return None
-    return state.get("run_id") if isinstance(state, dict) else None
-
-
-def checkpoints_in(out: Path) -> list[tuple[int, Path]]:
-    """The periodic checkpoints of ``out`` as (step, path), oldest first."""
-    found = [(int(m.group(1)), p) for p in out.glob("checkpoint-*.pt")
-             if (m := CHECKPOINT_PATTERN.fullmatch(p.name))]  # fmt: skip
-    return sorted(found)
 
 
 def start_run(out: Path, overwrite: bool, run_id: str | None = None) -> str:
@@ -153,44 +133,6 @@ def check_metrics_folder(out: Path, flag: str = "--out") -> None:
     why = unwritable_reason(out)
     if why is not None:
         raise WriteError(f"could not write metrics {out / 'metrics.jsonl'}: {why}")
-
-
-def move_aside_if_foreign(path: Path, run_id: str) -> Path | None:
-    """Before this run (``run_id``) writes ``path``: where a file of another run (or of
-    none known) is there, rename it to ``<stem>.run-<its id>.pt`` (a name that resume and
-    pruning never take for a checkpoint of theirs), so that it is never replaced. Returns
-    where it went; None when there was nothing to move.
-
-    Raises:
-        WriteError: it could not be renamed (then nothing is written over it).
-    """
-    if not path.exists():
-        return None
-    owner = checkpoint_run_id(path)
-    if owner == run_id:
-        return None
-    label = owner or "unknown"
-    aside = path.with_name(f"{path.stem}.run-{label}{path.suffix}")
-    number = 1
-    while aside.exists():
-        number += 1
-        aside = path.with_name(f"{path.stem}.run-{label}-{number}{path.suffix}")
-    with written("checkpoint", path):
-        path.rename(aside)
-    log.warning("%s belongs to another run (%s): moved aside to %s", path, label, aside.name)
-    return aside
-
-
-def prune_checkpoints(out: Path, run_id: str, keep: int) -> list[Path]:
-    """Delete this run's periodic checkpoints beyond the newest ``keep`` (0: keep all);
-    other runs' are never touched. Returns the deleted paths."""
-    if not keep:
-        return []
-    mine = [p for _, p in checkpoints_in(out) if checkpoint_run_id(p) == run_id]
-    doomed = mine[: max(len(mine) - keep, 0)]
-    for path in doomed:
-        path.unlink(missing_ok=True)
-    return doomed
 
 
 def cut_metrics(out: Path, step: int) -> None:

@@ -1,4 +1,4 @@
-"""The pre-training loop (``dsmae.engine``): what a run writes, its schedules, teacher,
+"""The pre-training loop (``dsmae.pretrain``): what a run writes, its schedules, teacher,
 resumption and monitors, and what a fault costs: non-finite steps are skipped, counted and
 stop a diverging run; a full disk and an unwritable folder are messages."""
 
@@ -13,13 +13,15 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dsmae
-from dsmae import engine
 from dsmae.checkpoint import load_checkpoint
 from dsmae.cli import main
 from dsmae.config import Config, build_config, model_config
-from dsmae.engine import build_optimizer, pretrain, step_unless_non_finite, train_step
 from dsmae.metrics import read_metrics
 from dsmae.models import DSMAE
+from dsmae.pretrain import pretrain, time_budget
+from dsmae.pretrain import step as pretrain_step
+from dsmae.pretrain.setup import build_optimizer
+from dsmae.pretrain.step import step_unless_non_finite, train_step
 from dsmae.schedules import lr_at, momentum_at
 
 
@@ -240,7 +242,7 @@ def _digits_model(tiny: dict) -> DSMAE:
 
 def _nan_noise_at(monkeypatch, bad_steps) -> None:
     """Make the noise of the given optimizer steps (0-based) NaN: a NaN loss and gradient."""
-    real = engine.draw_step
+    real = pretrain_step.draw_step
 
     def draw_step(model, cfg, step, device):
         corruption = real(model, cfg, step, device)
@@ -248,7 +250,7 @@ def _nan_noise_at(monkeypatch, bad_steps) -> None:
             corruption.eps = torch.full_like(corruption.eps, math.nan)
         return corruption
 
-    monkeypatch.setattr(engine, "draw_step", draw_step)
+    monkeypatch.setattr(pretrain_step, "draw_step", draw_step)
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch, caplog, run_args):
@@ -365,13 +367,13 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, capsys
 
 def _step_time(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     """Make a budget's timed steps (still taken, and undone) report ``seconds`` a step."""
-    real = engine._time_steps
+    real = time_budget._time_steps
 
     def timed(run):
         steps, _ = real(run)
         return steps, seconds
 
-    monkeypatch.setattr(engine, "_time_steps", timed)
+    monkeypatch.setattr(time_budget, "_time_steps", timed)
 
 
 def _budgeted(tiny: dict, out: Path, budget: str = "10s", epochs: int = 100) -> Config:
@@ -379,7 +381,7 @@ def _budgeted(tiny: dict, out: Path, budget: str = "10s", epochs: int = 100) -> 
 
 
 def test_a_budgeted_run_is_the_run_of_the_epochs_it_chose(tmp_path, tiny, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="dsmae.engine")
+    caplog.set_level(logging.INFO, logger="dsmae.pretrain")
     _step_time(monkeypatch, 0.05)  # 4 steps an epoch: about 0.2 s an epoch of the 10 s
     result = pretrain(_budgeted(tiny, tmp_path / "budget"))
     epochs = result.config.train.epochs

@@ -9,12 +9,11 @@ import sys
 import pytest
 import torch
 
-from dsmae import resume
 from dsmae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dsmae.cli import main
 from dsmae.config import ConfigError, build_config, config_from_dict
-from dsmae.engine import pretrain
-from dsmae.resume import (
+from dsmae.pretrain import pretrain, resume
+from dsmae.pretrain.resume import (
     RESUMABLE_CHANGES,
     ResumePoint,
     config_differences,
