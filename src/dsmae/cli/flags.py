@@ -99,7 +99,8 @@ RANDOM_INIT_FLAG: Flag = ("--random-init", {
 })  # fmt: skip
 POOL_FLAG: Flag = ("--pool", {
     "choices": POOLS,
-    "help": "avg: mean of the patch tokens (default, what DSMAE trains); cls: the [CLS] token",
+    "help": "avg: mean of the patch tokens (what DSMAE trains); cls: the [CLS] token "
+    "(default: avg; for linprobe and knn, the checkpoint's probe.pool, avg unless set)",
 })  # fmt: skip
 
 
