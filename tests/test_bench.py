@@ -10,10 +10,14 @@ from dsmae import bench
 from dsmae.bench import PARTS, prepare, time_calls
 from dsmae.cli import main
 from dsmae.config import build_config
+from dsmae.pretrain import step as pretrain_step
 from dsmae.pretrain.step import PretrainStep
 
 
-def test_step_timing(counted_tiny):
+def test_step_timing(counted_tiny, monkeypatch):
+    orders = []  # the epoch orders made: each is moved to the device, a wait on a GPU
+    real_order = pretrain_step.epoch_order
+    monkeypatch.setattr(pretrain_step, "epoch_order", lambda *a: orders.append(a) or real_order(*a))
     overrides = {f"model.{k}": v for k, v in counted_tiny.options.items()}
     cfg = build_config(overrides={**overrides, "train.batch_size": 4, "train.ema_every": "step",
                                   "train.device": "cpu", "train.compile": False})  # fmt: skip
@@ -27,6 +31,7 @@ def test_step_timing(counted_tiny):
     assert len(times) == 3 and all(t > 0 for t in times) and first > 0
     assert not torch.equal(next(model.teacher.parameters()), teacher_before)  # EMA ran
     assert time_calls(step.inputs, torch.device("cpu"), steps=1, warmup=0)[1] is None
+    assert len(orders) == 1  # made once, at set-up: never inside a timed step
 
 
 def test_bench_json_end_to_end(capsys, monkeypatch, counted_tiny, bench_args):

@@ -182,13 +182,21 @@ class Batches:
             return _streamed(self.stream, epoch, start, stop)
         return self._gathered(epoch, start, stop)
 
-    def _gathered(self, epoch: int, start: int, stop: int) -> Generator[torch.Tensor, None, None]:
-        """The order lives where the images do, so with the data set on the GPU the
-        gather, the augmentation and the draws never wait for the device."""
-        order = epoch_order(len(self.images), self.seed, epoch).to(self.images.device)
+    def order(self, epoch: int) -> torch.Tensor:
+        """The data set's order in ``epoch`` ((N,) int64), where the images are: moved
+        there once an epoch, so with the data set on the GPU the gathers, the augmentation
+        and the draws never wait for the device."""
+        return epoch_order(len(self.images), self.seed, epoch).to(self.images.device)
+
+    def gather(self, order: torch.Tensor, step: int) -> torch.Tensor:
+        """This process's images of step ``step`` of an epoch in ``order``."""
         b = self.batch_size
+        return self.images[order[step * b : (step + 1) * b][self.share]]
+
+    def _gathered(self, epoch: int, start: int, stop: int) -> Generator[torch.Tensor, None, None]:
+        order = self.order(epoch)
         for step in range(start, stop):
-            yield self.images[order[step * b : (step + 1) * b][self.share]]
+            yield self.gather(order, step)
 
 
 def _streamed(
