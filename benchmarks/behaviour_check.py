@@ -81,9 +81,10 @@ TINY = (
     "--set", "train.checkpoint_every=1", "--set", "monitor.knn_every=2",
     "--set", "monitor.images_every=2", "--set", "probe.epochs=3",
     "--set", "probe.warmup_epochs=1", "--set", "finetune.workers=0",
-    # the quickstart recipe of before issue 21, which that issue changed: what is checked
-    # here is the code, on the same recipe before and after
+    # the quickstart recipe and MLP of before issue 21, which that issue changed: what is
+    # checked here is the code, on the same recipe before and after
     "--set", "train.base_lr=3e-3", "--set", "train.ema_every=epoch",
+    "--set", "model.mlp_ratio=4",
 )  # fmt: skip
 EMA_EVERY_STEP = ("--set", "train.ema_every=step")
 METHODS = ("dsmae", "dsmae-ly", "dsmae-lz", "mae")

@@ -169,6 +169,7 @@ TINY_RUN = TinyRun(
                 for k in ("embed_dim", "num_heads", "decoder_depth", "regressor_depth")
             },
             "model.patch_size": 4,
+            "model.mlp_ratio": 4.0,  # the quickstart's before issue 21 (its preset now: 2)
         }
     ),
     run=MappingProxyType(

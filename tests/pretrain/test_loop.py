@@ -289,6 +289,16 @@ def test_gradient_clipping_bounds_the_applied_gradient(tiny):
     assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= 1e-3 * 1.0001
 
 
+def test_without_clipping_the_step_reports_the_norm_of_the_gradients_it_applied(tiny):
+    model = _digits_model(tiny)
+    cfg = build_config(overrides={"train.device": "cpu"})
+    optimizer = build_optimizer(model, cfg.train, torch.device("cpu"))
+    out = train_step(model, optimizer, torch.randn(4, 1, 8, 8),
+                     generator=torch.Generator().manual_seed(0))  # fmt: skip
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert torch.allclose(out["grad_norm"], torch.linalg.vector_norm(grads), rtol=1e-5)
+
+
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
 def test_a_non_finite_step_changes_no_weight(amp, tiny):
     model = _digits_model(tiny)

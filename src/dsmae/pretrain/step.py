@@ -13,7 +13,6 @@ number of processes with the same global batch, takes the same steps.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Generator
 from dataclasses import dataclass
 
@@ -114,8 +113,11 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     with attention_kernel(attention):
         totals = _accumulate_gradients(model, images, micro_batch, mask, eps, generator, amp)
-    params = [p for p in model.parameters() if p.grad is not None]
-    totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
+    if grad_clip > 0:
+        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:  # the norm alone: clipping at infinity would multiply every gradient by 1
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        totals["grad_norm"] = torch.nn.utils.get_total_norm(grads)
     totals["finite"] = torch.isfinite(totals["grad_norm"])
     step_unless_non_finite(optimizer, totals["finite"])
     return totals
