@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from runs import run_config, setting_values
 
 from dsmae.bench import run_bench
 from dsmae.checkpoint import load_checkpoint, load_weights
-from dsmae.config import ProbeConfig, build_config, config_from_dict
+from dsmae.config import ProbeConfig, config_from_dict
 from dsmae.data.pipeline import eval_batch, load_split
 from dsmae.evaluation.frozen import pooled_features
 from dsmae.evaluation.knn import knn_accuracy
@@ -56,30 +57,25 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dsmae-epoch-none": {"train.ema_every": "epoch", "model.target_norm": "none"},
 }
 HEALTH_IMAGES = 256  # the fixed sample of pre-training images the health is measured on
-# A small ViT: 32x32 CIFAR images in 4x4 patches (64 tokens), 6 blocks of width 128.
-IMG, PATCH, BATCH, MICRO = 32, 4, 128, 32
-MODEL = {
-    "model.depth": 6,
-    "model.embed_dim": 128,
-    "model.num_heads": 4,
-    "model.decoder_depth": 2,
-    "model.regressor_depth": 2,
-}
-TRAIN = {
-    "model.img_size": IMG,
-    "model.patch_size": PATCH,
-    "train.batch_size": BATCH,
-    "train.micro_batch": MICRO,  # faster per image than 128 at once on a 2-core CPU
-    "train.base_lr": 1.5e-3,
-    "train.warmup_epochs": 1,
-    "train.device": "cpu",
-    "train.checkpoint_every": 1,  # keep every epoch, for the same-epochs comparison
+# The model and its training: the CPU setting of the CIFAR-10 studies (a 6-block width-128
+# ViT on 32x32 images in 4x4 patches, batch 128 in micro-batches of 32; runs.py); what this
+# study adds: a checkpoint every epoch (for the same-epochs comparison), no monitors.
+SETTING = "cifar-cpu"
+STUDY = {
+    "train.checkpoint_every": 1,
     "train.checkpoint_minutes": 0,
     "train.keep_checkpoints": 0,
     "train.log_every": 20,
     "monitor.knn_every": 0,
     "monitor.images_every": 0,
 }
+BATCH = setting_values(SETTING)["train.batch_size"]
+IMG = setting_values(SETTING)["model.img_size"]
+
+
+def study_config(**overrides: Any) -> Any:
+    """A run of this study: the setting, :data:`STUDY`, then ``overrides`` (dotted)."""
+    return run_config(SETTING, {**STUDY, **overrides})
 
 
 def extract(archive: Path, cache: Path) -> Path:
@@ -95,16 +91,12 @@ def extract(archive: Path, cache: Path) -> Path:
 
 def epochs_in_budget(method: str, seconds: float, images: int) -> tuple[int, float]:
     """Epochs of ``images`` that ``method`` trains in ``seconds``, from a timed step."""
+    values = setting_values(SETTING)
+    shape = (values["model.img_size"], values["model.patch_size"], BATCH)
+    model = {k: v for k, v in values.items() if k.startswith("model.")}
+    micro = {"train.micro_batch": values["train.micro_batch"]}
     result = run_bench(
-        method,
-        "vit_tiny",
-        IMG,
-        PATCH,
-        BATCH,
-        steps=4,
-        warmup=2,
-        device="cpu",
-        overrides={**MODEL, "train.micro_batch": MICRO},
+        method, "vit_tiny", *shape, steps=4, warmup=2, device="cpu", overrides={**model, **micro}
     )
     rate = result["img_per_s"]
     return max(1, int(0.95 * seconds * rate / images)), rate
@@ -187,18 +179,10 @@ def main() -> None:
             rates[method] = epochs_in_budget(method, args.minutes * 60, args.subset)
         epochs, rate = rates[method]
         log.info("%s: %.1f img/s -> %d epochs of %d images", variant, rate, epochs, args.subset)
-        cfg = build_config(
-            overrides={
-                **MODEL,
-                **TRAIN,
-                "model.method": method,
-                **changes,
-                "data.source": str(folder),
-                "data.subset": args.subset,
-                "train.epochs": epochs,
-                "out": str(args.out / variant),
-            }
-        )
+        cfg = study_config(
+            **{"model.method": method, **changes, "data.source": str(folder),
+               "data.subset": args.subset, "train.epochs": epochs, "out": str(args.out / variant)}
+        )  # fmt: skip
         started = time.perf_counter()
         result = pretrain(cfg)
         runs[variant] = {
@@ -211,11 +195,9 @@ def main() -> None:
             "last_loss": result.last_metrics.get("loss"),
         }
 
-    probe_cfg = build_config(overrides={**MODEL, **TRAIN, "data.source": str(folder)})
+    probe_cfg = study_config(**{"data.source": str(folder)})
     data = tuple(load_split(probe_cfg.data, probe_cfg.model, s) for s in ("train", "test"))
-    sample_cfg = build_config(
-        overrides={**MODEL, **TRAIN, "data.source": str(folder), "data.subset": args.subset}
-    )
+    sample_cfg = study_config(**{"data.source": str(folder), "data.subset": args.subset})
     pretraining = load_split(sample_cfg.data, sample_cfg.model, "pretrain").images
     sample = pretraining[torch.randperm(len(pretraining), generator=generator(0))[:HEALTH_IMAGES]]
     same = min(r["epochs"] for r in runs.values())
@@ -234,8 +216,8 @@ def main() -> None:
         "subset": args.subset,
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "model": MODEL,
-        "train": TRAIN,
+        "setting": setting_values(SETTING),
+        "study": STUDY,
         "runs": runs,
         "random_init": baseline,
     }

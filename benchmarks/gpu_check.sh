@@ -10,7 +10,7 @@
 # tensorboard, matplotlib, scikit-learn and tqdm (a GPU node's usual stack).
 #
 # Stages, each with its own time limit and its own files in RESULTS_DIR, so one that fails
-# or runs out of time leaves the others (benchmarks/gpu_check.py says what each does), in
+# or runs out of time leaves the others (benchmarks/gpu_check/ says what each does), in
 # the order that secures the most important figures first:
 #   smoke           every dsmae command once, quickstart-sized: eager fp32, then pretrain and
 #                   finetune in bf16 compiled; a pass/fail table naming each error
@@ -57,13 +57,13 @@ common=(--device "$device" "${shrink[@]}")
 elapsed() { echo $(( $(date +%s) - start )); }
 wanted() { [[ ",$stages," == *",$1,"* ]]; }
 
-# stage LABEL LIMIT_SECONDS STAGE ARGS...: run one stage of gpu_check.py under its own
+# stage LABEL LIMIT_SECONDS STAGE ARGS...: run one stage of benchmarks/gpu_check under its own
 # time limit; its exit status goes to RESULTS_DIR/LABEL.rc (124: out of time)
 stage() {
   local label=$1 limit=$2
   shift 2
   echo "== $label (at most ${limit} s; $(elapsed) s so far)"
-  timeout -k 10 "$limit" "$python" benchmarks/gpu_check.py "$1" "$results" "${@:2}"
+  timeout -k 10 "$limit" "$python" benchmarks/gpu_check "$1" "$results" "${@:2}"
   local rc=$?
   echo "$rc" > "$results/$label.rc"
   [ "$rc" = 0 ] || echo "== $label ended with status $rc"

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from runs import pretrain_args
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = "43dcd2f"  # the issue's "before": the quickstart as it was on 2026-11-27
@@ -69,7 +70,7 @@ def run_quickstart(src: Path, out: Path) -> dict[str, Any]:
     its pre-training seconds and images/s (the last metrics line), the command's wall
     time and the pre-trained encoder's linear-probe top-1."""
     env = {**os.environ, "PYTHONPATH": str(src)}
-    command = [sys.executable, "-m", "dsmae", "pretrain", "--preset", "quickstart"]
+    command = [sys.executable, "-m", "dsmae", *pretrain_args(preset="quickstart")]
     started = time.perf_counter()
     subprocess.run([*command, "--out", str(out)], env=env, check=True, capture_output=True)
     wall = time.perf_counter() - started

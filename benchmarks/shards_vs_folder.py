@@ -26,17 +26,19 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from runs import pretrain_args
+
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 BATCH = 128
-MODEL = [
-    "--arch", "vit_tiny", "--img-size", "32", "--patch-size", "4", "--batch-size", str(BATCH),
-    "--set", "model.depth=4", "--set", "model.embed_dim=96", "--set", "model.num_heads=3",
-    "--set", "model.decoder_depth=1", "--set", "model.regressor_depth=1",
-    "--set", "train.warmup_epochs=1", "--set", "train.log_every=5",
-    "--set", "train.checkpoint_every=0", "--set", "monitor.knn_every=0",
-    "--set", "monitor.images_every=0", "--device", "cpu",
-]  # fmt: skip
+# the same run on both sources: a 4-block width-96 ViT on 32x32 images in 4x4 patches
+RUN = {
+    "model.arch": "vit_tiny", "model.img_size": 32, "model.patch_size": 4,
+    "train.batch_size": BATCH, "model.depth": 4, "model.embed_dim": 96, "model.num_heads": 3,
+    "model.decoder_depth": 1, "model.regressor_depth": 1, "train.warmup_epochs": 1,
+    "train.log_every": 5, "train.checkpoint_every": 0, "monitor.knn_every": 0,
+    "monitor.images_every": 0, "train.device": "cpu",
+}  # fmt: skip
 
 
 def extract(archive: Path, folder: Path, images: int) -> None:
@@ -98,14 +100,14 @@ def main() -> None:
     pattern = f"{shards}/shard-{{000000..{count - 1:06d}}}.tar"
     images = sum(1 for _ in folder.rglob("*.jpg"))
     sources = {
-        "folder": ["--data", str(folder)],
-        "shards": ["--data", pattern, "--set", f"data.samples_per_epoch={images}"],
+        "folder": {"data.source": str(folder)},
+        "shards": {"data.source": pattern, "data.samples_per_epoch": images},
     }
     print(f"{images} CIFAR-10 images, {count} shards; batch {BATCH}, {args.epochs} epochs, CPU")
     for name, data in sources.items():
         run = work / f"run-{name}"
-        dsmae("pretrain", *MODEL, *data, "--epochs", str(args.epochs), "--out", str(run),
-              "--overwrite")  # fmt: skip
+        settings = {**RUN, **data, "train.epochs": args.epochs, "out": str(run)}
+        dsmae(*pretrain_args(overrides=settings), "--overwrite")
         figures = throughput(run, images // BATCH)
         print(
             f"{name:>7}: {figures['steady_img_per_s']:7.0f} img/s steady, "

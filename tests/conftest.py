@@ -195,12 +195,13 @@ def tiny_run() -> TinyRun:
 
 
 def digits_run_into(out: Path, method: str = "dsmae") -> Path:
-    """The tiny run of ``method`` (warm-up 1 epoch, the k-NN monitor every epoch) through
+    """The tiny run of ``method`` (warm-up 1 epoch, every monitor every epoch) through
     ``dsmae.pretrain`` into ``out``; returns the run folder (last.pt, metrics.jsonl, ...)."""
     from dsmae.config import build_config
     from dsmae.pretrain import pretrain
 
-    more = {"model.method": method, "train.warmup_epochs": 1, "monitor.knn_every": 1}
+    more = {"model.method": method, "train.warmup_epochs": 1, "monitor.knn_every": 1,
+            "monitor.every": 1}  # fmt: skip
     cfg = build_config(TINY_RUN.preset, overrides={**TINY_RUN.overrides, **more, "out": str(out)})
     return pretrain(cfg).out
 

@@ -1,7 +1,7 @@
 """``dsmae export`` and ``dsmae.load_encoder``: an export is laid out as timm lays out its
 Hub models, loads with timm alone (``local-dir:``, ``hf-hub:``) and gives the same
 features; it holds tensors and JSON only; ``--onnx`` gives them in onnxruntime;
-``--push-to-hub`` uploads a folder that timm loads. The README's "Use the encoder
+``--push-to-hub`` uploads a folder that timm loads. The docs' "Use the encoder
 elsewhere" snippets run here as written."""
 
 import json
@@ -30,7 +30,7 @@ from dsmae.export import (
 )
 from dsmae.features import Preprocessing, image_tensor
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+EXPORT_PAGE = Path(__file__).resolve().parents[1] / "docs" / "export.md"
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +217,28 @@ def test_load_encoder_reads_the_first_export_layout(digits_run, tmp_path):
         ({"architecture": "resnet50"}, "architecture 'resnet50' is not a ViT that dsmae"),
         ({"model_args": {"depth": "12"}}, "model_args.depth must be a positive number"),
         ({"model_args": None}, "no model_args mapping"),
+        (
+            {"model_args": {"img_size": 65536, "patch_size": 1}},
+            "model_args.img_size / patch_size describe pos_embed [1, 4294967297, 32]",
+        ),
+        ({"model_args": {"num_heads": 5}}, "model_args.num_heads 5 does not divide embed_dim 32"),
+        ({"model_args": {"patch_size": 3}}, "model_args.patch_size 3 does not divide img_size 8"),
+        ({"model_args": {"mlp_ratio": float("inf")}}, "model_args.mlp_ratio must be a positiv"),
+        ({"pretrained_cfg": {"mean": [float("nan")], "std": [0.3]}}, "mean must be 1 finite"),
+        ({"pretrained_cfg": {"mean": [0.5], "std": [0.0]}}, "std must be 1 finite number(s)"),
     ],
-    ids=["huge", "not-a-vit", "a-string", "no-args"],
+    ids=[
+        "huge",
+        "not-a-vit",
+        "a-string",
+        "no-args",
+        "terabytes",
+        "heads",
+        "patch",
+        "mlp-inf",
+        "nan-mean",
+        "zero-std",
+    ],
 )
 def test_load_encoder_refuses_an_export_it_cannot_build_before_building_it(
     digits_run, tmp_path, change, message
@@ -229,7 +249,7 @@ def test_load_encoder_refuses_an_export_it_cannot_build_before_building_it(
     config = json.loads((out / "config.json").read_text())
     for key, value in change.items():
         if isinstance(value, dict):
-            config[key].update(value)
+            config[key].update(value)  # JSON writes a NaN or infinity as NaN / Infinity
         else:
             config[key] = value
     (out / "config.json").write_text(json.dumps(config))
@@ -237,6 +257,14 @@ def test_load_encoder_refuses_an_export_it_cannot_build_before_building_it(
     with pytest.raises(CheckpointError, match=re.escape(message)):
         dsmae.load_encoder(out)  # a 51 GB model would take minutes and all the memory
     assert time.monotonic() - started < 5
+
+
+def test_load_encoder_refuses_a_config_that_is_no_json_object(digits_run, tmp_path):
+    out = export_encoder(digits_run / "last.pt", tmp_path / "e")
+    for text, message in (("{not", "is not JSON"), ("[1]", "expected a JSON object, got list")):
+        (out / "config.json").write_text(text)
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            dsmae.load_encoder(out)
 
 
 def test_load_encoder_of_a_checkpoint_pools_as_its_export(digits_run):
@@ -412,19 +440,17 @@ def test_a_push_the_hub_refuses_is_one_clear_error(digits_run, tmp_path, refusin
         push_to_hub(tmp_path, "someone/digits")
 
 
-# ------------------------------------------------------------------ the README
+# ------------------------------------------------------------------ the docs
 
 
-def readme_snippets(section: str) -> list[str]:
-    """The python blocks of the README section headed ``## {section}``."""
-    text = README.read_text()
-    start = text.index(f"## {section}\n")
-    end = text.find("\n## ", start + 1)
-    body = text[start : end if end != -1 else len(text)]
-    return re.findall(r"```python\n(.*?)```", body, flags=re.DOTALL)
+def page_snippets(page: Path) -> list[str]:
+    """The python blocks of a documentation page."""
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
 
 
-def test_the_readme_snippets_run_as_written(cifar_run, photos, cifar_folder, tmp_path, monkeypatch):
+def test_the_export_page_snippets_run_as_written(
+    cifar_run, photos, cifar_folder, tmp_path, monkeypatch
+):
     export = export_encoder(cifar_run, tmp_path / "exported", onnx=True)
     hub = FakeHub(tmp_path / "hub")
     hub.install(monkeypatch)
@@ -434,15 +460,15 @@ def test_the_readme_snippets_run_as_written(cifar_run, photos, cifar_folder, tmp
         "photos/": str(cifar_folder / "test"), "USER/REPO": "someone/dsmae-cifar",
         "photo.jpg": str(photos[0]), "photo2.jpg": str(photos[1]),
     }  # fmt: skip
-    snippets = readme_snippets("Use the encoder elsewhere")
-    assert f"opset {ONNX_OPSET}" in README.read_text()
+    snippets = page_snippets(EXPORT_PAGE)
+    assert f"opset {ONNX_OPSET}" in EXPORT_PAGE.read_text()
     assert len(snippets) == 4  # timm local-dir, timm hf-hub, ONNX, extract_features
     results = []
     for snippet in snippets:
         for written, real in where.items():
             snippet = snippet.replace(written, real)
         namespace: dict = {}
-        exec(compile(snippet, str(README), "exec"), namespace)
+        exec(compile(snippet, str(EXPORT_PAGE), "exec"), namespace)
         results.append(namespace)
     local, hf, onnx, ours = results
     expected = dsmae.extract_features(cifar_run, photos[:2], device="cpu")

@@ -2,6 +2,8 @@
 an encoder, each image made what the encoder saw in pre-training; and ``dsmae features``
 (``folder_features``), which writes them for a folder."""
 
+import os
+
 import numpy as np
 import pytest
 import timm
@@ -164,6 +166,25 @@ def test_folder_features_writes_rows_and_their_files_in_order(checkpoint, tmp_pa
     assert not np.allclose(np.load(teacher[0]), feats)  # the EMA teacher's own weights
     # the command's rows are the API's
     assert np.array_equal(feats, dsmae.extract_features(checkpoint, folder).numpy())
+
+
+def test_a_file_name_that_is_no_utf8_is_listed_as_its_bytes(checkpoint, tmp_path, capsys):
+    from dsmae.cli import main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, name in enumerate((b"caf\xe9.png", b"plain.png")):  # a Latin-1 name, then UTF-8
+        path = os.path.join(os.fsencode(folder), name)
+        Image.fromarray(np.full((12, 10, 3), 60 * i, dtype=np.uint8)).save(os.fsdecode(path))
+    out = tmp_path / "f.npy"
+    command = ["features", "--checkpoint", str(checkpoint.path), "--data", str(folder),
+               "--out", str(out), "--device", "cpu"]  # fmt: skip
+    assert main(command) == 0, capsys.readouterr().err
+    listed = (tmp_path / "f.files.txt").read_bytes().splitlines()
+    assert listed == [b"caf\xe9.png", b"plain.png"]  # the names on disk, byte for byte
+    names = (tmp_path / "f.files.txt").read_text(errors="surrogateescape").splitlines()
+    assert [(folder / n).is_file() for n in names] == [True, True]
+    assert np.load(out).shape == (2, 32)
 
 
 def test_folder_features_skips_unreadable_images_and_lists_the_others(checkpoint, photos, tmp_path):

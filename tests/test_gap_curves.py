@@ -1,4 +1,4 @@
-"""``benchmarks/gap_curves.py``: the curves study's whole flow, shrunk (its ``smoke``
+"""``benchmarks/gap_curves``: the curves study's whole flow, shrunk (its ``smoke``
 setting), with two worker processes sharing one queue: every pre-training and evaluation
 once, the table, the JSON and the figure; run again, it redoes nothing."""
 
@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _study(folder: Path, out: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "benchmarks/gap_curves.py"), "run", "--setting",
+    command = [sys.executable, str(ROOT / "benchmarks/gap_curves"), "run", "--setting",
                "smoke", "--data", str(folder), "--out", str(out), "--epochs", "4",
                "--checkpoints", "2", "4", "--spread-epoch", "2", "--seeds", "2",
                "--figure", str(out / "copy.png")]  # fmt: skip

@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from dsmae.health import RANKME_EPS, effective_rank, feature_std, teacher_student_cosine
+from dsmae.health import (
+    RANKME_EPS,
+    effective_rank,
+    feature_std,
+    gradient_share,
+    teacher_student_cosine,
+    term_gradients,
+)
 
 
 def _rankme(p: list[float]) -> float:
@@ -95,3 +102,32 @@ def test_shapes_are_checked():
         effective_rank(torch.ones(2, 3, 4))
     with pytest.raises(ValueError, match="same shape"):
         teacher_student_cosine(torch.ones(2, 3), torch.ones(3, 3))
+
+
+def test_term_gradients_by_hand():
+    """y = a . w + 0 * v and z = |w|^2 / 2 + 3 v: their gradients over (w, v), flattened."""
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    v = torch.tensor([0.5], requires_grad=True)
+    a = torch.tensor([3.0, 4.0])
+    passes = []
+
+    def terms() -> dict[str, torch.Tensor]:
+        passes.append(1)
+        return {"y": (a * w).sum(), "z": 0.5 * (w * w).sum() + 3 * v.sum()}
+
+    grads = term_gradients(terms, [w, v])
+    assert len(passes) == 2  # a graph of each term's own, each walked back once
+    assert grads["y"].tolist() == [3.0, 4.0, 0.0]  # v does not reach y: zeros
+    assert grads["z"].tolist() == [1.0, -2.0, 3.0]
+    assert w.grad is None and v.grad is None  # nothing accumulated
+
+
+def test_gradient_share_by_hand():
+    share = gradient_share(torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.0, 0.6, 0.8]))
+    assert share["grad_norm_y"] == pytest.approx(5.0)
+    assert share["grad_norm_z"] == pytest.approx(1.0)
+    assert share["grad_ratio_z_y"] == pytest.approx(0.2)
+    assert share["grad_cosine_y_z"] == pytest.approx(2.4 / 5.0)  # (4 * 0.6) / (5 * 1)
+    assert gradient_share(torch.tensor([3.0, 4.0]), None) == {"grad_norm_y": 5.0}
+    orthogonal = gradient_share(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))
+    assert orthogonal["grad_cosine_y_z"] == 0.0 and orthogonal["grad_ratio_z_y"] == 2.0

@@ -373,14 +373,25 @@ def test_the_command_refuses_an_unreachable_tracker_in_one_line_before_the_first
 
 
 @contextmanager
-def _local_server(status: int) -> Iterator[str]:
-    """An http://127.0.0.1 server that answers every request with ``status``; its address."""
+def _local_server(status: int, api: str = "same") -> Iterator[str]:
+    """An http://127.0.0.1 server that answers every request with ``status``; its address.
+    ``api``: what it does on ``/api/...`` paths (an MLflow server's API): "same", "fail"
+    (HTTP 500) or "hang" (takes the request and never answers)."""
+    release = threading.Event()
 
     class Answer(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            self.send_response(status)
+            code = status
+            if self.path.startswith("/api/") and api != "same":
+                if api == "hang":
+                    release.wait(60)
+                    return
+                code = 500
+            self.send_response(code)
             self.send_header("Content-Length", "0")
             self.end_headers()
+
+        do_POST = do_GET
 
         def log_message(self, *args: object) -> None:
             pass
@@ -390,6 +401,7 @@ def _local_server(status: int) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{server.server_port}"
     finally:
+        release.set()
         server.shutdown()
         server.server_close()
 
@@ -563,3 +575,21 @@ def test_a_tracker_failing_mid_run_never_stops_the_pretraining(
     assert failed.startswith(f"{label} failed (connection refused): training goes on")
     assert unsent.startswith(f"not sent to {label} (run {_ids(out)['mlflow']}): ")
     assert f"{len(records) - 2} scalar lines" in unsent
+
+
+@pytest.mark.parametrize("api", ["fail", "hang"])
+def test_an_mlflow_server_whose_api_fails_or_hangs_stops_the_run_within_seconds(
+    tmp_path, monkeypatch, capsys, api
+):
+    pytest.importorskip("mlflow")
+    _no_proxy(monkeypatch)
+    with _local_server(200, api) as url:  # its front page answers
+        check_reachable(url, "MLflow tracking", "log.mlflow", timeout=5)
+        out = tmp_path / "run"
+        started = time.monotonic()
+        assert main([*TINY, "--out", str(out), "--set", f"log.mlflow={url}"]) == 2
+        assert time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert err.startswith("dsmae pretrain: error: log.mlflow") and err.count("\n") == 1
+    assert "answers, but its API does not" in err and "Traceback" not in err
+    assert not (out / "metrics.jsonl").exists() and list(out.glob("*.pt")) == []

@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from dsmae.losses import combine_losses, feature_loss, normalize_patches, pixel_loss
+from dsmae.losses import (
+    block_average_target,
+    combine_losses,
+    feature_loss,
+    normalize_patches,
+    pixel_loss,
+)
 
 
 def test_normalize_patches_by_hand():
@@ -71,3 +77,17 @@ def test_combine():
     assert combine_losses(None, lz, 0.6) is lz
     with pytest.raises(ValueError):
         combine_losses(None, None, 0.5)
+
+
+def test_block_average_target_by_hand():
+    """data2vec's vision target: the mean of the blocks, then a layer norm without affine
+    over the features of each token."""
+    a = torch.tensor([[[1.0, 2.0, 3.0, 6.0]]])  # (1, 1, 4)
+    b = torch.tensor([[[3.0, 2.0, 1.0, 2.0]]])
+    # mean [2, 2, 2, 4]: its own mean 2.5, population variance (3 * 0.25 + 2.25) / 4 = 0.75
+    want = torch.tensor([[[-0.5, -0.5, -0.5, 1.5]]]) / math.sqrt(0.75 + 1e-5)
+    torch.testing.assert_close(block_average_target([a, b]), want)
+    # one block: only its layer norm
+    torch.testing.assert_close(block_average_target([b]), (b - 2.0) / math.sqrt(0.5 + 1e-5))
+    with pytest.raises(ValueError, match="at least one block"):
+        block_average_target([])

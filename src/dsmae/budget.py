@@ -7,37 +7,17 @@ to the most epochs whose steps, checkpoints and monitors end within the budget
 rate's warm-up and cosine and the teacher's momentum schedule are then those of a run of
 that many epochs, which end on time; the choice is recorded in the run's config (and so in
 its checkpoints), and a resumed run keeps it. The pure arithmetic lives here; the timing,
-in :mod:`dsmae.pretrain.time_budget`.
+in :mod:`dsmae.pretrain.time_budget`; the budget's duration is read by
+:func:`dsmae.config.checks.parse_duration`.
 """
 
 from __future__ import annotations
 
 import math
-import re
 
 from dsmae.config import ConfigError
 
-UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smh])+")
-_PART = re.compile(r"(\d+(?:\.\d+)?)([smh])")
 MARGIN = 0.03  # the share of the time left that is kept free, for the rate's drift
-
-
-def parse_duration(text: str, key: str = "train.time_budget") -> float:
-    """Seconds of a duration written as ``90s``, ``10m``, ``2h`` or ``1h30m``.
-
-    Raises:
-        ConfigError: naming ``key``, for anything else or a zero duration.
-    """
-    compact = str(text).replace(" ", "").lower()
-    if not _DURATION.fullmatch(compact):
-        raise ConfigError(
-            f"{key}: write a duration such as 90s, 10m, 2h or 1h30m, got {text!r}", key
-        )
-    seconds = sum(float(n) * UNITS[unit] for n, unit in _PART.findall(compact))
-    if seconds <= 0:
-        raise ConfigError(f"{key}: must be a positive duration, got {text!r}", key)
-    return seconds
 
 
 def epochs_in_budget(

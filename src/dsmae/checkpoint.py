@@ -17,8 +17,6 @@ unpickled is refused, and the code never runs.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from dsmae.config import Config, ConfigError, config_from_dict, validate
 from dsmae.models.vit import create_encoder
-from dsmae.writes import WriteError, written
+from dsmae.writes import WriteError, replacing, written
 
 FORMAT = 1
 SMALL_MODEL = 10_000_000  # parameters: any config may describe a model up to this size
@@ -40,7 +38,8 @@ class CheckpointError(OSError):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` through a temporary file and a rename (never half-written).
+    """Write ``state`` to ``path`` through a temporary file and a rename (never half-written;
+    :func:`~dsmae.writes.replacing`).
 
     Raises:
         WriteError: the folder cannot be created or written (read-only, full disk: also
@@ -48,21 +47,14 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
             temporary file is removed and whatever was at ``path`` is kept.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
         with written("checkpoint", path):
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            with replacing(path, "checkpoint") as f:
                 torch.save({"format": FORMAT, **state}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
     except WriteError as err:
         kept = f"; the previous {path.name} is intact" if path.is_file() else ""
         raise WriteError(f"{err}{kept}") from err.__cause__
-    finally:
-        with contextlib.suppress(OSError):  # e.g. the folder never existed
-            tmp.unlink(missing_ok=True)
     return path
 
 

@@ -48,6 +48,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from dsmae.checkpoint import Checkpoint, CheckpointError, check_encoder_size, load_weights
 from dsmae.config import ARCHS, Config, ConfigError, ModelConfig, Pool, check_pool_argument
+from dsmae.config.checks import shown
 from dsmae.writes import (
     WriteError,
     atomic_write_bytes,
@@ -399,11 +400,18 @@ def read_export_config(folder: Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: there is none: not an export.
+        CheckpointError: it is no JSON object.
     """
     config_file = folder / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}: not a dsmae export")
-    return json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{config_file} is not JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def load_encoder(path: str | Path, num_classes: int = 0, **timm_kwargs: Any) -> VisionTransformer:
@@ -470,22 +478,72 @@ def _check_export(config: dict[str, Any], folder: Path) -> None:
     for key in (*SIZED_ARGS, "mlp_ratio"):
         value = args.get(key)
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not number or value <= 0 or (key != "mlp_ratio" and not isinstance(value, int)):
+        if (
+            not number
+            or not 0 < value < math.inf
+            or (key != "mlp_ratio" and not isinstance(value, int))
+        ):
             raise CheckpointError(
-                f"{where}: model_args.{key} must be a positive number, got {value!r}"
+                f"{where}: model_args.{key} must be a positive number, got {shown(value)}"
             )
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE}: not a dsmae export")
     try:
         with safe_open(str(weights), "pt") as stored:
-            shapes = [stored.get_slice(k).get_shape() for k in stored.keys()]  # noqa: SIM118
+            shapes = {k: stored.get_slice(k).get_shape() for k in stored.keys()}  # noqa: SIM118
     except SafetensorError as err:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {err}") from None
-    numel = sum(math.prod(shape) for shape in shapes)
+    numel = sum(math.prod(shape) for shape in shapes.values())
     check_encoder_size(
         args["depth"], args["embed_dim"], args["mlp_ratio"], args["patch_size"], numel, where
     )
+    _check_shapes(args, shapes, where)
+    _check_normalisation(config, args["in_chans"], where)
+
+
+def _check_shapes(args: dict[str, Any], shapes: dict[str, list[int]], where: str) -> None:
+    """Refuse ``model_args`` whose patch grid, heads or input do not fit the stored
+    position and patch embeddings (a 65536-pixel image of 1-pixel patches would allocate
+    terabytes before any weight is compared)."""
+    size, patch, dim = args["img_size"], args["patch_size"], args["embed_dim"]
+    if size % patch:
+        raise CheckpointError(
+            f"{where}: model_args.patch_size {patch} does not divide img_size {size}"
+        )
+    if dim % args["num_heads"]:
+        raise CheckpointError(
+            f"{where}: model_args.num_heads {args['num_heads']} does not divide embed_dim {dim}"
+        )
+    expected = {
+        "pos_embed": ([1, 1 + (size // patch) ** 2, dim], "img_size / patch_size"),
+        "patch_embed.proj.weight": ([dim, args["in_chans"], patch, patch], "in_chans / patch_size"),
+    }
+    for name, (shape, fields) in expected.items():
+        if name in shapes and list(shapes[name]) != shape:
+            raise CheckpointError(
+                f"{where}: model_args.{fields} describe {name} {shape}, but the weights hold "
+                f"{list(shapes[name])}"
+            )
+
+
+def _check_normalisation(config: dict[str, Any], channels: int, where: str) -> None:
+    """Refuse a ``pretrained_cfg`` (or a dsmae 0.1 ``mean``/``std``) whose mean and std
+    are not one finite number per channel (a positive one for std): NaN there gives NaN
+    features and no error."""
+    stats = config.get("pretrained_cfg") or config
+    for key in ("mean", "std"):
+        values = stats.get(key)
+        numbers = isinstance(values, list) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in values
+        )
+        if not numbers or len(values) != channels or (key == "std" and min(values) <= 0):
+            raise CheckpointError(
+                f"{where}: {key} must be {channels} finite number(s)"
+                + (" above 0" if key == "std" else "")
+                + f", got {shown(values)}"
+            )
 
 
 def _first_pretrained_cfg(config: dict[str, Any]) -> dict[str, Any]:

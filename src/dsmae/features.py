@@ -30,7 +30,7 @@ from dsmae.data.images import DataError
 from dsmae.evaluation import frozen
 from dsmae.export import load_encoder
 from dsmae.runtime import resolve_device
-from dsmae.writes import atomic_write_bytes, atomic_write_text, check_output_file, written
+from dsmae.writes import atomic_write_bytes, check_output_file, written
 
 log = logging.getLogger(__name__)
 
@@ -324,14 +324,22 @@ def folder_features(
 
 def _write_features(feats: torch.Tensor, listing: str, out: Path) -> tuple[Path, Path]:
     """Write (N, D) ``feats`` to the ``.npy`` file ``out`` and ``listing`` (their image
-    files, one a line) to ``<out stem>.files.txt`` beside it, each atomically."""
-    with written("features", out):
-        out.parent.mkdir(parents=True, exist_ok=True)
+    files, one a line) to ``<out stem>.files.txt`` beside it: both or neither, each
+    atomically. A file name that is no valid UTF-8 is listed as its bytes on disk (what
+    Python's ``os.fsencode`` gives back for the name ``os.listdir`` read), so reading the
+    list with ``errors="surrogateescape"`` gives the very names back."""
+    names = names_file(out)
     buffer = io.BytesIO()
     np.save(buffer, feats.numpy())
+    listed = listing.encode("utf-8", "surrogateescape")  # encoded before anything is written
+    with written("features", out):
+        out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, buffer.getvalue(), "features")
-    names = names_file(out)
-    atomic_write_text(names, listing, "features")
+    try:
+        atomic_write_bytes(names, listed, "features")
+    except BaseException:
+        out.unlink(missing_ok=True)  # neither, rather than features without their names
+        raise
     return out, names
 
 

@@ -6,11 +6,17 @@
   the normalised singular values: 1 for rank-one features, up to min(M, D).
 * :func:`teacher_student_cosine`: how close the student's tokens are to the EMA teacher's.
 
-All take features as (M, D) tensors, one row per sample (here: per patch token), and return
-0-d float tensors on the input's device.
+These take features as (M, D) tensors, one row per sample (here: per patch token), and
+return 0-d float tensors on the input's device. One more number shows whether each loss
+term steers the encoder at all:
+
+* :func:`gradient_share`: the norms of the encoder gradients of the weighted terms
+  ``lam * L_y`` and ``(1 - lam) * L_z`` (:func:`term_gradients`), their ratio and cosine.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -85,3 +91,55 @@ def teacher_student_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torc
         )
     dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
     return F.cosine_similarity(student.to(dtype), teacher.to(dtype), dim=1).mean()
+
+
+def term_gradients(
+    terms_of: Callable[[], Mapping[str, torch.Tensor]], params: Sequence[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The gradient of each scalar loss term with respect to ``params``, flattened into
+    one vector per term (zeros where a parameter does not reach the term). Nothing is
+    accumulated into the parameters' ``.grad``.
+
+    ``terms_of`` builds the terms anew at each call (a forward pass), and each term's
+    gradient comes from a graph of its own, walked back once: a compiled graph's backward
+    frees (donates) its buffers, so two backward passes through one graph would fail.
+
+    Args:
+        terms_of: () -> name -> 0-d tensor, each built from ``params``; the same names
+            and values at every call.
+        params: the P parameters, of n values in all.
+
+    Returns:
+        name -> (n,) float32, in the order of ``params``.
+    """
+    grads, terms = {}, terms_of()
+    for i, name in enumerate(list(terms)):
+        if i:
+            terms = terms_of()  # a graph of its own: the one before was walked back
+        parts = torch.autograd.grad(terms[name], list(params), allow_unused=True)
+        grads[name] = torch.cat(
+            [
+                (g if g is not None else torch.zeros_like(p)).detach().float().flatten()
+                for g, p in zip(parts, params, strict=True)
+            ]
+        )
+    return grads
+
+
+def gradient_share(grad_y: torch.Tensor | None, grad_z: torch.Tensor | None) -> dict[str, float]:
+    """How much each loss term steers the encoder, from the (n,) gradients of the
+    weighted terms (:func:`term_gradients`; None: the method has no such term):
+    ``grad_norm_y`` and ``grad_norm_z`` (L2 norms) and, where both are there,
+    ``grad_ratio_z_y`` (z over y; infinite where y's is 0) and ``grad_cosine_y_z``
+    (their cosine: 1 aligned, 0 orthogonal, -1 opposed)."""
+    share: dict[str, float] = {}
+    for name, grad in (("y", grad_y), ("z", grad_z)):
+        if grad is not None:
+            share[f"grad_norm_{name}"] = float(grad.double().norm())
+    if grad_y is not None and grad_z is not None:
+        y, z = share["grad_norm_y"], share["grad_norm_z"]
+        share["grad_ratio_z_y"] = z / y if y > 0 else float("inf")
+        share["grad_cosine_y_z"] = float(
+            F.cosine_similarity(grad_y.double(), grad_z.double(), dim=0, eps=1e-30)
+        )
+    return share

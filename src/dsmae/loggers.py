@@ -8,11 +8,12 @@ resolved config goes once, when a tracker opens its run: W&B's run config; MLflo
 imported only when turned on; a missing one is a :class:`~dsmae.config.ConfigError`
 naming its pip command.
 
-A tracker never costs training time, nor the run: its server must answer within seconds
-when the run starts (else a :class:`~dsmae.config.ConfigError`), and then each tracker is
-given its calls on a thread of its own (:class:`Sender`). One that fails or stalls mid-run
-is warned about once and given nothing more; when the run ends, a warning says what it was
-not sent (``metrics.jsonl`` and TensorBoard hold everything).
+A tracker never costs training time, nor the run: its server (for MLflow, its API) must
+answer within seconds when the run starts (else a :class:`~dsmae.config.ConfigError`),
+the MLflow client's retries and timeouts are bounded (:data:`MLFLOW_CLIENT_BOUNDS`), and
+then each tracker is given its calls on a thread of its own (:class:`Sender`). One that
+fails or stalls mid-run is warned about once and given nothing more; when the run ends, a
+warning says what it was not sent (``metrics.jsonl`` and TensorBoard hold everything).
 
 The trackers' run ids are kept in ``<run folder>/loggers.json``, so a resumed pre-training
 continues the same W&B and MLflow runs. The steps a killed process logged after its last
@@ -81,6 +82,7 @@ def open_trackers(cfg: Config, folder: Path, resume: bool) -> list[Tracker]:
         _imported("mlflow", "log.mlflow")
         if cfg.log.mlflow.startswith(("http://", "https://")):
             check_reachable(cfg.log.mlflow, "MLflow tracking", "log.mlflow")
+            check_mlflow_api(cfg.log.mlflow, cfg.log.mlflow_experiment)
     ids = _read_ids(folder) if resume else {}
     trackers: list[Tracker] = []
     try:
@@ -104,6 +106,13 @@ def close_trackers(trackers: list[Tracker]) -> None:
 
 WANDB_SERVER = "https://api.wandb.ai"  # W&B's, unless WANDB_BASE_URL names another
 REACH_SECONDS = 5.0  # a tracker's server must answer within this when a run starts
+# the MLflow client's retries and timeout (its defaults: 7 retries, 120 s each, so minutes
+# on a failing server), set in the environment where it reads them, unless set already
+MLFLOW_CLIENT_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 
 
 def _wandb_online() -> bool:
@@ -113,37 +122,65 @@ def _wandb_online() -> bool:
     return mode not in ("offline", "dryrun", "disabled") and not disabled
 
 
-def check_reachable(url: str, what: str, key: str, timeout: float = REACH_SECONDS) -> None:
-    """Refuse, within ``timeout`` seconds (name resolution aside), a tracker server at
-    ``url`` that does not answer. Any HTTP answer counts, an error status included, but a
-    proxy's 502, 503 or 504 for a server it cannot reach; so does a TLS certificate this
-    check cannot verify (the tracker's own client, with its own certificate settings,
-    decides on it).
-
-    Raises:
-        ConfigError: naming ``key``, the address and why.
-    """
+def _answer(url: str, timeout: float) -> tuple[int | None, str]:
+    """The HTTP status a server gives ``url`` within ``timeout`` seconds (name resolution
+    aside), or None and why there is none. A TLS certificate this check cannot verify
+    counts as an answer (200): a server is there, and the tracker's own client, with its
+    own certificate settings, decides on it."""
     import ssl
     import urllib.error
     import urllib.request
 
     try:
-        with urllib.request.urlopen(url, timeout=timeout):
-            return
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            return answer.status, ""
     except urllib.error.HTTPError as err:
-        if err.code not in (502, 503, 504):
-            return  # it answered
-        why = f"HTTP {err.code} {err.reason}"
+        return err.code, f"HTTP {err.code} {err.reason}"
     except urllib.error.URLError as err:
         if isinstance(err.reason, ssl.SSLError):
-            return  # a server is there; its certificate is its client's business
-        why = getattr(err.reason, "strerror", None) or str(err.reason)
+            return 200, ""
+        return None, getattr(err.reason, "strerror", None) or str(err.reason)
     except (OSError, ValueError) as err:
-        why = getattr(err, "strerror", None) or str(err)
+        return None, getattr(err, "strerror", None) or str(err)
+
+
+def check_reachable(url: str, what: str, key: str, timeout: float = REACH_SECONDS) -> None:
+    """Refuse, within ``timeout`` seconds (name resolution aside), a tracker server at
+    ``url`` that does not answer. Any HTTP answer counts, an error status included, but a
+    proxy's 502, 503 or 504 for a server it cannot reach.
+
+    Raises:
+        ConfigError: naming ``key``, the address and why.
+    """
+    status, why = _answer(url, timeout)
+    if status is not None and status not in (502, 503, 504):
+        return
     raise ConfigError(
         f"{key}: the {what} server at {url} cannot be reached ({why or 'no answer'}; waited "
         f"at most {timeout:g} s): start it, fix the address, or turn {key} off",
         key,
+    )
+
+
+def check_mlflow_api(uri: str, experiment: str, timeout: float = REACH_SECONDS) -> None:
+    """Refuse, within ``timeout`` seconds, an MLflow server whose REST API fails or hangs
+    on the first call a run makes (the look-up of ``experiment``; "not found" is a good
+    answer), though its front page answers.
+
+    Raises:
+        ConfigError: naming ``log.mlflow``, the address and why.
+    """
+    from urllib.parse import quote
+
+    url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?experiment_name="
+    status, why = _answer(url + quote(experiment), timeout)
+    if status is not None and status < 500:
+        return
+    raise ConfigError(
+        f"log.mlflow: the MLflow tracking server at {uri} answers, but its API does not "
+        f"({why or 'no answer'} to the experiment look-up; waited at most {timeout:g} s): "
+        "check the server's log, or turn log.mlflow off",
+        "log.mlflow",
     )
 
 
@@ -348,6 +385,8 @@ class MlflowTracker:
     name = "mlflow"
 
     def __init__(self, cfg: Config, folder: Path, run_id: str | None) -> None:
+        for variable, bound in MLFLOW_CLIENT_BOUNDS.items():  # unless the user set them
+            os.environ.setdefault(variable, bound)
         from mlflow.entities import Metric, Param
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient

@@ -1,4 +1,5 @@
-"""The two DSMAE losses (paper eq. 1-3), as pure functions on already-selected tokens."""
+"""The two DSMAE losses (paper eq. 1-3), as pure functions on already-selected tokens, and
+the averaged-blocks target of the ``model.target_layers`` option."""
 
 from __future__ import annotations
 
@@ -65,6 +66,28 @@ def feature_loss(
     elif target_norm != "none":
         raise ValueError(f"target_norm must be 'none' or 'layernorm', not {target_norm!r}")
     return (1.0 - F.cosine_similarity(pred, target, dim=-1)).mean()
+
+
+def block_average_target(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """data2vec (v1, vision)'s target from a teacher's top-K blocks: the mean of their
+    outputs (the residual stream as it leaves each block), then a layer norm without
+    affine parameters over the features of each token.
+
+    This is the order of data2vec's own code for images (fairseq
+    ``examples/data2vec/models/data2vec_vision.py`` under its
+    ``base_imagenet_d2v1.yaml``: ``layer_norm_targets`` after the average, no norm of a
+    single block; its speech recipe instance-normalises each block first instead).
+
+    Args:
+        blocks: K tensors (..., D), the deepest last.
+
+    Returns:
+        (..., D).
+    """
+    if not blocks:
+        raise ValueError("at least one block output is needed")
+    mean = torch.stack(blocks).float().mean(dim=0)
+    return F.layer_norm(mean, mean.shape[-1:])
 
 
 def combine_losses(

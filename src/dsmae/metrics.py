@@ -14,7 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from dsmae.config import Config
 from dsmae.loggers import close_trackers, open_trackers
-from dsmae.writes import written
+from dsmae.writes import append_only, written
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,7 @@ class MetricsLog:
         self._trackers = [] if config is None else open_trackers(config, self.folder, resumed)
         board = self.folder / "tensorboard"
         try:
-            with written("metrics", self._path):
-                self._jsonl = open(self._path, "a", buffering=1)  # noqa: SIM115
+            self._jsonl = append_only(self._path, "metrics")
             with written("TensorBoard logs", board):
                 self._tb = SummaryWriter(log_dir=str(board), purge_step=purge_step)
         except BaseException:

@@ -1,7 +1,8 @@
 """Pre-training curves of a run folder as one PNG (``dsmae plot RUN_DIR``).
 
 Reads ``metrics.jsonl``: the step lines (loss terms, learning rate, teacher momentum,
-throughput, skipped steps) and the k-NN monitor lines; the last line of each step wins.
+throughput, skipped steps) and the monitor lines (k-NN top-1, each loss term's share of
+the encoder gradient); the last line of each step wins.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global sta
 from dsmae.config import ConfigError
 from dsmae.data.images import DataError
 from dsmae.metrics import read_metrics
-from dsmae.writes import check_output_file, written
+from dsmae.writes import check_output_file, write_figure
 
 LOSSES = (("loss", "L (total)"), ("loss_y", "L_y (pixels)"), ("loss_z", "L_z (features)"))
 
@@ -31,6 +32,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw the curves of ``run_dir`` into ``out`` (default ``RUN_DIR/curves.png``).
 
     Panels: the loss terms (log scale), the k-NN top-1 against epoch (when monitored),
+    the encoder gradient of each weighted loss term and their cosine (when monitored),
     the learning rate and teacher momentum, and images/s.
 
     Raises:
@@ -41,7 +43,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "curves.png"
-    fig = Figure(figsize=(11, 7), layout="constrained")
+    fig = Figure(figsize=(15, 7), layout="constrained")
     formats = sorted(fig.canvas.get_supported_filetypes())
     if out.suffix[1:].lower() not in formats:
         raise ConfigError(
@@ -50,20 +52,20 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             "--out",
         )
     check_output_file(out, "--out", "figure", inputs=[run_dir / "metrics.jsonl"])
-    steps_lines, knn = _read_run(run_dir)
-    axes = fig.subplots(2, 2)
+    steps_lines, monitored = _read_run(run_dir)
+    axes = fig.subplots(2, 3)
     _draw_losses(axes[0, 0], steps_lines)
-    _draw_knn(axes[0, 1], knn)
+    _draw_knn(axes[0, 1], [r for r in monitored if "knn_top1" in r])
+    _draw_gradient_share(axes[0, 2], [r for r in monitored if "health_grad_norm_y" in r])
     _draw_schedules(axes[1, 0], steps_lines)
     _draw_throughput(axes[1, 1], steps_lines)
+    axes[1, 2].set_axis_off()
     fig.suptitle(str(run_dir))
-    with written("figure", out):
-        fig.savefig(out, dpi=100)
-    return out
+    return write_figure(fig, out, dpi=100)
 
 
 def _read_run(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The step lines and the k-NN monitor lines of ``run_dir/metrics.jsonl``.
+    """The step lines and the monitor lines of ``run_dir/metrics.jsonl``.
 
     Raises:
         DataError: no such file, an unreadable one, or one without step lines.
@@ -78,7 +80,7 @@ def _read_run(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     steps_lines = [r for r in records if "loss" in r]
     if not steps_lines:
         raise DataError(f"{path} has no step lines yet (the run logs every train.log_every)")
-    return steps_lines, [r for r in records if "knn_top1" in r]
+    return steps_lines, [r for r in records if "epoch" in r and "loss" not in r]
 
 
 def _draw_losses(ax: Axes, steps_lines: list[dict[str, Any]]) -> None:
@@ -101,6 +103,27 @@ def _draw_knn(ax: Axes, knn: list[dict[str, Any]]) -> None:
     else:
         ax.text(0.5, 0.5, "no k-NN monitor lines", ha="center", va="center")
         ax.set_axis_off()
+
+
+def _draw_gradient_share(ax: Axes, lines: list[dict[str, Any]]) -> None:
+    """The norm of the encoder gradient of each weighted loss term against epoch (log
+    scale) and, on a second axis, their cosine; or a note that there is none."""
+    if not lines:
+        ax.text(0.5, 0.5, "no gradient-share monitor lines", ha="center", va="center")
+        ax.set_axis_off()
+        return
+    by_epoch = {r["epoch"]: r for r in lines}
+    epochs = sorted(by_epoch)
+    for key, label in (("health_grad_norm_y", "lam L_y"), ("health_grad_norm_z", "(1-lam) L_z")):
+        if key in by_epoch[epochs[0]]:
+            ax.plot(epochs, [by_epoch[e][key] for e in epochs], marker="o", label=label)
+    ax.set(xlabel="epoch", ylabel="|encoder gradient|", yscale="log", title="gradient share")
+    ax.legend(loc="lower left")
+    if "health_grad_cosine_y_z" in by_epoch[epochs[0]]:
+        twin = ax.twinx()
+        cosines = [by_epoch[e]["health_grad_cosine_y_z"] for e in epochs]
+        twin.plot(epochs, cosines, color="tab:grey", linestyle="--")
+        twin.set_ylabel("cosine of the two gradients", color="tab:grey")
 
 
 def _draw_schedules(ax: Axes, steps_lines: list[dict[str, Any]]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 # Streams mixed by :func:`_mixed`: odd, distinct, never changed.
 _PRETRAIN_STEP = 7
 _PROBE_STEP = 11
+_MONITOR = 13
 
 
 def _mixed(seed: int, stream: int, index: int) -> int:
@@ -27,6 +28,11 @@ def pretrain_step_seed(seed: int, step: int) -> int:
 def probe_step_seed(seed: int, step: int) -> int:
     """The crops and flips of step ``step`` of the linear probe's ``mae`` recipe."""
     return _mixed(seed, _PROBE_STEP, step)
+
+
+def monitor_seed(seed: int) -> int:
+    """The corruption of the fixed batch the loss-gradient monitor reads."""
+    return _mixed(seed, _MONITOR, 0)
 
 
 def epoch_order_seed(seed: int, epoch: int) -> int:

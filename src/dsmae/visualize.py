@@ -9,6 +9,7 @@ of the same image.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from dsmae.checkpoint import checkpoint_config, load_checkpoint, load_weights
-from dsmae.config import Config, ConfigError
+from dsmae.config import METHOD_TRAITS, Config, ConfigError
 from dsmae.data.augment import denormalize, normalize, to_unit_float
 from dsmae.data.decoding import decode_files
 from dsmae.losses import PATCH_NORM_EPS
@@ -28,7 +29,7 @@ from dsmae.models import PretrainModel, build_model
 from dsmae.noise import pixel_mask
 from dsmae.patches import patchify, unpatchify
 from dsmae.runtime import generator, resolve_device
-from dsmae.writes import check_output_file, written
+from dsmae.writes import atomic_write_bytes, check_output_file
 
 
 def estimate_patch_stats(
@@ -90,7 +91,8 @@ def denoise(
     p, c = model.patch_size, images.shape[1]
     pred = out.pred.float()
     if model.config.norm_pix_loss:
-        noise_added = model.method != "mae" and model.config.noise_mode == "add"
+        drops = METHOD_TRAITS[model.method].drops_patches  # masked, not noisy
+        noise_added = not drops and model.config.noise_mode == "add"
         mean, std = estimate_patch_stats(
             patchify(out.student_input, p), out.mask, model.config.noise_std, noise_added
         )
@@ -151,10 +153,7 @@ def save_denoise_figure(
         return None
     columns = [to_uint8_images(x, mean, std) for x in (result.noisy, result.restored, images)]
     scale = max(1, 96 // images.shape[-1])
-    path = Path(path)
-    with written("figure", path):
-        triplet_grid(columns, per_row=2, scale=scale).save(path)
-    return path
+    return _write_image(triplet_grid(columns, per_row=2, scale=scale), Path(path))
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
@@ -215,14 +214,21 @@ def denoise_files(
     report = _psnr_report(result, x, cfg, Path(out))
     columns = [to_uint8_images(t, d.mean, d.std) for t in (*result[:2], x)]
     grid = triplet_grid(columns, per_row=2, scale=max(1, 96 // m.img_size)).convert("RGB")
-    first = "masked" if m.method == "mae" else "noisy"
+    first = "masked" if METHOD_TRAITS[m.method].drops_patches else "noisy"
     caption = (
         f"{first} / reconstructed / original. PSNR on the corrupted patches: "
         f"input {report.psnr_input:.1f} dB, reconstruction {report.psnr_output:.1f} dB"
     )
-    with written("figure", report.figure):
-        _with_caption(grid, caption).save(report.figure)
+    _write_image(_with_caption(grid, caption), report.figure)
     return report
+
+
+def _write_image(image: Image.Image, path: Path) -> Path:
+    """``image`` saved to ``path`` in the format its extension names, through
+    :func:`~dsmae.writes.atomic_write_bytes`: never through a link, never half-written."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+    return atomic_write_bytes(path, buffer.getvalue(), "figure")
 
 
 def _load_decoding_model(checkpoint: str | Path) -> tuple[PretrainModel, Config]:
@@ -233,10 +239,10 @@ def _load_decoding_model(checkpoint: str | Path) -> tuple[PretrainModel, Config]
     """
     state = load_checkpoint(checkpoint)
     cfg = checkpoint_config(state, checkpoint)
-    if cfg.model.method == "dsmae-lz":
+    if not METHOD_TRAITS[cfg.model.method].pixel_decoder:
         raise ConfigError(
-            f"{checkpoint} was pre-trained with dsmae-lz, which has no pixel decoder: it "
-            "cannot reconstruct images"
+            f"{checkpoint} was pre-trained with {cfg.model.method}, which has no pixel "
+            "decoder: it cannot reconstruct images"
         )
     model = build_model(cfg.model)
     load_weights(model, state["model"], str(checkpoint))

@@ -10,14 +10,21 @@ background thread at a later call. :func:`os_error_behind` digs the ``OSError`` 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import IO, Any
 
 from dsmae.config import ConfigError
 
 LOW_SPACE_BYTES = 1 << 20  # a folder with less free space than this counts as full
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: the permissions a file created with open() would have
+FILE_MODE = 0o666 & ~_UMASK
 
 
 class WriteError(OSError):
@@ -76,26 +83,77 @@ def written(what: str, path: str | Path) -> Iterator[None]:
         raise WriteError(f"could not write {what} {path}: {why}") from err
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, what: str = "file") -> Path:
-    """Write ``data`` to ``path`` through a hidden temporary file beside it, flushed and
-    renamed over it: ``path`` holds either its old content or the new one, never part.
+@contextlib.contextmanager
+def replacing(path: str | Path, what: str = "file") -> Iterator[IO[bytes]]:
+    """A new file that replaces ``path`` when the body ends: written under a hidden
+    temporary name beside it that nobody can predict, created exclusively (a file or link
+    planted there is never opened), flushed to disk and renamed over ``path``, so that
+    ``path`` holds either its old content or the new one. A failure leaves no temporary
+    file; its ``OSError`` passes through (wrap the call in :func:`written`).
 
     Raises:
-        WriteError: the write failed; the temporary file is removed.
+        WriteError: ``path`` is a link: a command writes its own files, never through
+            (or over) a link a user or another process put in their place.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    if path.is_symlink():
+        raise WriteError(
+            f"could not write {what} {path}: it is a link; remove it, or write elsewhere"
+        )
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with written(what, path):
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+        os.fchmod(fd, FILE_MODE)  # as open() would create it, not mkstemp's 0600
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # gone after the rename
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, what: str = "file") -> Path:
+    """Write ``data`` to ``path`` through :func:`replacing`: ``path`` holds either its old
+    content or the new one, never part.
+
+    Raises:
+        WriteError: the write failed (nothing is left behind), or ``path`` is a link.
+    """
+    path = Path(path)
+    with written(what, path), replacing(path, what) as f:
+        f.write(data)
     return path
+
+
+def write_figure(figure: Any, path: str | Path, what: str = "figure", **options: Any) -> Path:
+    """A matplotlib ``figure`` saved to ``path`` (its format from the extension) through
+    :func:`atomic_write_bytes`: never through a link, never half-written."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=path.suffix[1:].lower() or None, **options)
+    return atomic_write_bytes(path, buffer.getvalue(), what)
+
+
+def append_only(path: str | Path, what: str = "file") -> IO[str]:
+    """``path`` opened to append text, line-buffered; created if need be, but never
+    through a link.
+
+    Raises:
+        WriteError: it is a link, or cannot be opened.
+    """
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+    with written(what, path):
+        try:
+            fd = os.open(path, flags, 0o666)
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise
+            raise WriteError(
+                f"could not write {what} {path}: it is a link; remove it, or write elsewhere"
+            ) from None
+    return os.fdopen(fd, "a", buffering=1)
 
 
 def atomic_write_text(path: str | Path, text: str, what: str = "file") -> Path:
@@ -107,11 +165,11 @@ def unwritable_reason(folder: str | Path) -> str | None:
     """Why files cannot be written into ``folder`` (created if need be), found by writing
     one; None when they can. What a command checks before any work."""
     folder = Path(folder)
-    probe = folder / f".write-test-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")  # a name of its own
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
         return err.strerror or str(err)
     return None

@@ -20,15 +20,15 @@ import torch
 import torch.distributed as dist
 import yaml
 from PIL import Image
+from shard_reading import members
 
 from dsmae import distributed
 from dsmae.checkpoint import load_checkpoint, save_checkpoint
 from dsmae.cli import main
 from dsmae.config import ConfigError, build_config
-from dsmae.data.decoding import decode_files
 from dsmae.data.images import DataError
 from dsmae.data.shard_writer import write_shards
-from dsmae.data.shards import ShardStream, buffer_shuffle, decode_image, open_stream, shard_urls
+from dsmae.data.shards import ShardStream, buffer_shuffle, open_stream, shard_urls
 from dsmae.data.sources import is_shard_source, open_source
 from dsmae.preemption import PREEMPTED_EXIT
 from dsmae.pretrain import pretrain
@@ -88,17 +88,6 @@ def _read(stream: ShardStream, epoch: int = 0, start: int = 0, stop: int = 16):
     return images, [(s, k) for b in batches for s, k in zip(b.shards, b.keys)]
 
 
-def _members(pattern: str) -> dict[tuple[str, str], dict[str, bytes]]:
-    """Every sample of the shards, read with tarfile: (shard, key) -> {ext: bytes}."""
-    samples: dict[tuple[str, str], dict[str, bytes]] = {}
-    for url in shard_urls(pattern):
-        with tarfile.open(url) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                samples.setdefault((url, key), {})[ext] = tar.extractfile(member).read()
-    return samples
-
-
 # ------------------------------------------------------------------ sources
 
 
@@ -136,41 +125,6 @@ def test_a_stream_needs_its_epoch_length_and_refuses_a_subset(shards):
 # ------------------------------------------------------------------ writing
 
 
-def test_dsmae_shards_keeps_every_image_once_with_its_bytes_and_label(
-    cifar_folder, tmp_path, capsys
-):
-    out = tmp_path / "shards"
-    assert main(["shards", str(cifar_folder), str(out), "--shard-size", "64"]) == 0
-    printed = capsys.readouterr().out
-    pattern = f"{out}/shard-{{000000..000006}}.tar"  # 400 train images / 64 per shard
-    assert f"400 images (10 classes) in 7 shard(s): {pattern}" in printed
-    assert f"--data '{pattern}' --set data.samples_per_epoch=400" in printed
-
-    samples = _members(pattern)
-    assert len(samples) == 400 and len({key for _, key in samples}) == 400  # unique keys
-    classes = sorted(p.name for p in (cifar_folder / "train").iterdir())
-    originals = {p.read_bytes(): classes.index(p.parent.name)
-                 for p in (cifar_folder / "train").glob("*/*.jpg")}  # fmt: skip
-    assert {s["jpg"]: int(s["cls"]) for s in samples.values()} == originals
-    # written in a seeded random order: the first shard mixes the classes
-    first = [int(s["cls"]) for (url, _), s in samples.items() if url.endswith("000000.tar")]
-    assert len(set(first)) >= 8
-    # streamed images are decoded, resized and centre-cropped exactly as the folder's
-    paths = {p.read_bytes(): p for p in (cifar_folder / "train").glob("*/*.jpg")}
-    jpegs = [sample["jpg"] for sample in list(samples.values())[:8]]
-    folder, _ = decode_files([paths[jpeg] for jpeg in jpegs], channels=3, size=24)
-    streamed = torch.stack([torch.from_numpy(decode_image(jpeg, "RGB", 24)) for jpeg in jpegs])
-    assert torch.equal(streamed, folder)
-
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert main(["shards", str(cifar_folder), str(out), "--shard-size", "64"]) == 2
-    assert "holds 7 shard(s) already" in capsys.readouterr().err
-    assert main(["shards", str(cifar_folder), str(out), "--shard-size", "64", "--overwrite"]) == 0
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # reproducible bytes
-    assert main(["shards", str(cifar_folder), str(out), "--shard-size", "200", "--overwrite"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
-
-
 # ------------------------------------------------------------------ the stream
 
 
@@ -185,8 +139,8 @@ def test_buffer_shuffle_is_seeded_and_moves_nothing_more_than_a_buffer_ahead():
 def test_an_epoch_is_its_sample_count_in_batches_of_decoded_images(shards):
     images, read = _read(_stream(shards))  # 16 steps of 16 images: the 8 shards, once
     assert images.shape == (IMAGES, 1, 8, 8) and images.dtype == torch.uint8
-    assert sorted(read) == sorted(_members(shards))
-    samples = _members(shards)
+    assert sorted(read) == sorted(members(shards))
+    samples = members(shards)
     for image, sample in zip(images[:20], read[:20]):
         png = np.array(Image.open(io.BytesIO(samples[sample]["png"])))
         assert torch.equal(image[0], torch.from_numpy(png))
@@ -240,7 +194,7 @@ def test_two_processes_read_disjoint_shards_that_together_make_the_epoch(shards,
     assert [len(read) for read in ranks] == [IMAGES // 2] * 2  # 8 steps x 16 images each
     urls = [{url for url, _ in read} for read in ranks]
     assert len(urls[0]) == len(urls[1]) == 4 and not urls[0] & urls[1]
-    assert sorted(ranks[0] + ranks[1]) == sorted(_members(shards))
+    assert sorted(ranks[0] + ranks[1]) == sorted(members(shards))
 
 
 def test_pipe_and_http_urls_stream_as_local_files_do(shards, serve):

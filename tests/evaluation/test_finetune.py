@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from saved_results import latest_result
 from torch import nn
 
 from dsmae.cli import main
@@ -81,7 +82,7 @@ def test_finetune_end_to_end_reports_the_last_epoch(digits_run, capsys, tmp_path
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "fine-tune top-1 (pre-trained encoder, last epoch of 2):" in printed
-    result = json.loads((digits_run / "last.finetune.json").read_text())
+    result = latest_result(digits_run, "last.finetune")
     assert result["top1"] == result["history"][-1] and len(result["history"]) == 2
     assert result["num_classes"] == 10 and result["num_test"] == 449
     assert result["pool"] == "avg"

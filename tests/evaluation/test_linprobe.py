@@ -6,6 +6,7 @@ import shutil
 import pytest
 import timm.optim
 import torch
+from saved_results import latest_result
 
 from dsmae.checkpoint import Checkpoint
 from dsmae.cli import main
@@ -62,7 +63,7 @@ def test_linprobe_writes_json_beside_the_checkpoint(tiny_checkpoint):
     probe = ProbeConfig(epochs=3, warmup_epochs=1)
     trained = _probe(tiny_checkpoint, probe)
     baseline = _probe(tiny_checkpoint, probe, random_init=True)
-    saved = json.loads(tiny_checkpoint.with_name("last.linprobe.json").read_text())
+    saved = latest_result(tiny_checkpoint.parent, "last.linprobe")
     assert saved["top1"] == trained.top1 and saved["num_test"] == 449 and not saved["random_init"]
     assert saved["recipe"] == "fast"
     assert saved["settings"] == evaluation_settings(probe, "digits")
@@ -119,7 +120,7 @@ def encoder_seen(monkeypatch):
 def test_mae_recipe_writes_its_result_and_settings(own_checkpoint, lars_made):
     probe = ProbeConfig(epochs=2, warmup_epochs=1, batch_size=128, recipe="mae")
     result = _probe(own_checkpoint, probe)
-    saved = json.loads(own_checkpoint.with_name("last.linprobe.json").read_text())
+    saved = latest_result(own_checkpoint.parent, "last.linprobe")
     assert saved["recipe"] == "mae" and saved["pool"] == "avg" and saved["epochs"] == 2
     assert saved["settings"] == evaluation_settings(probe, "digits")
     assert "after_pretrain" not in saved["settings"]
@@ -174,6 +175,6 @@ def test_recipe_flag_reaches_the_probe(own_checkpoint, lars_made, capsys):
     args = ["linprobe", "--checkpoint", str(own_checkpoint), "--epochs", "1"]
     assert main([*args, "--batch-size", "256", "--recipe", "mae"]) == 0
     assert "[mae recipe]" in capsys.readouterr().out
-    saved = json.loads(own_checkpoint.with_name("last.linprobe.json").read_text())
+    saved = latest_result(own_checkpoint.parent, "last.linprobe")
     assert saved["recipe"] == "mae" and saved["settings"]["recipe"] == "mae"
     assert saved["settings"]["batch_size"] == 256 and len(lars_made) == 1

@@ -15,6 +15,7 @@ from dsmae.evaluation.results import (
     EvalResult,
     best_epoch,
     evaluation_settings,
+    find_result,
     labelled_splits,
     result_path,
 )
@@ -57,6 +58,22 @@ def test_a_result_is_saved_beside_its_checkpoint(tmp_path):
     assert json.loads(text) == result.to_dict() and result.saved == result.path
     variant = _knn(tmp_path, pool="cls", random_init=True)
     assert variant.save() == tmp_path / "last.knn-cls-random-init.json"
+
+
+def test_results_of_other_settings_are_kept_beside_each_other(tmp_path):
+    first = _knn(tmp_path)
+    assert first.save() == tmp_path / "last.knn.json"
+    again = _knn(tmp_path, top1=51.0)  # the same evaluation made again: replaces it
+    assert again.save() == first.path and json.loads(first.path.read_text())["top1"] == 51.0
+    other = _knn(tmp_path, k=5, top1=40.0)  # another vote: beside it, never over it
+    beside = other.save()
+    assert beside != first.path and beside.name.startswith("last.knn.")
+    assert json.loads(first.path.read_text())["k"] == 20
+    assert json.loads(beside.read_text())["k"] == 5
+    assert _knn(tmp_path, k=5, top1=41.0).save() == beside  # and found there again
+    assert find_result(first.path, other.identity())["top1"] == 41.0
+    assert find_result(first.path, _knn(tmp_path, k=9).identity()) is None
+    assert len(list(tmp_path.glob("*.json"))) == 2
 
 
 def test_result_paths():

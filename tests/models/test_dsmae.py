@@ -184,3 +184,81 @@ def test_custom_sizes_and_bf16_autocast():
 def test_build_refuses_bad_options_naming_the_key(options, key):
     with pytest.raises(dsmae.ConfigError, match=key.replace(".", r"\.")):
         dsmae.build("dsmae", **options)
+
+
+# ------------------------------------------------------------------ teacher-target options
+
+
+def _by_hand(model, images, positions, keep_only: bool, layers: int) -> torch.Tensor:
+    """The teacher's target computed step by step from its parts: patch embedding plus
+    position rows, [CLS] first, only the noisy positions' patches where ``keep_only``;
+    the blocks one by one; the final norm (one layer) or the mean of the last ``layers``
+    block outputs, layer-normalised without affine (data2vec); the noisy positions kept."""
+    t = model.teacher
+    pos = t.pos_embed[0]  # (1 + N, D)
+    patches = t.patch_embed(images) + pos[1:]  # (B, N, D)
+    if keep_only:
+        patches = torch.stack([patches[b, positions[b]] for b in range(len(images))])
+    x = torch.cat([(t.cls_token[0] + pos[:1]).expand(len(images), 1, -1), patches], dim=1)
+    outputs = []
+    for block in t.blocks:
+        x = block(x)
+        outputs.append(x)
+    if layers == 1:
+        tokens = t.norm(x)[:, 1:]
+    else:
+        mean = sum(outputs[-layers:]) / layers
+        tokens = F.layer_norm(mean, mean.shape[-1:])[:, 1:]
+    if keep_only:
+        return tokens
+    return torch.stack([tokens[b, positions[b]] for b in range(len(images))])
+
+
+@pytest.mark.parametrize("teacher_input", ["clean", "noisy"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_teacher_targets_equal_a_hand_computation(tiny, teacher_input, layers):
+    model = dsmae.build("dsmae", **tiny, teacher_input=teacher_input, target_layers=layers)
+    with torch.no_grad():  # a teacher that differs from the student, with a non-trivial norm
+        for p in model.teacher.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=_gen(1)))
+    images = torch.randn(2, 3, 16, 16, generator=_gen(2))
+    mask, _ = model.sample_corruption(2, _gen(3))
+    positions = model.student_positions(mask)
+    got = model.encode_teacher(images, positions)
+    with torch.no_grad():
+        want = _by_hand(model, images, positions, teacher_input == "noisy", layers)
+    assert got.shape == (2, positions.shape[1], 32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_defaults_are_the_papers_target(tiny):
+    """target_layers=1 and teacher_input="clean": the teacher's final tokens of the whole
+    clean image at the noisy positions, bit for bit as before the options existed."""
+    model = dsmae.build("dsmae", **tiny)
+    assert (model.config.target_layers, model.config.teacher_input) == (1, "clean")
+    images = torch.randn(2, 3, 16, 16, generator=_gen(2))
+    mask, _ = model.sample_corruption(2, _gen(3))
+    positions = model.student_positions(mask)
+    with torch.no_grad():
+        want = _selected(patch_tokens(model.teacher, images), mask)
+    assert torch.equal(model.encode_teacher(images, positions), want)
+
+
+def test_a_teacher_that_sees_only_the_noisy_positions_runs_fewer_tokens(tiny):
+    model = dsmae.build("dsmae", **tiny, teacher_input="noisy", noise_ratio=0.5)
+    seen = []
+    model.teacher.blocks[0].register_forward_pre_hook(lambda _, a: seen.append(a[0].shape[1]))
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 16, 16), generator=_gen())
+    assert seen == [1 + 8] and torch.isfinite(out.loss)  # [CLS] and the 8 noisy patches
+
+
+def test_teacher_target_options_are_refused_where_they_cannot_apply(tiny):
+    with pytest.raises(dsmae.ConfigError, match=r"model.target_layers: must be in \[1, "):
+        dsmae.build("dsmae", **tiny, target_layers=3)  # the tiny ViT has 2 blocks
+    for method in ("mae", "dsmae-ly"):
+        with pytest.raises(dsmae.ConfigError, match=f"model.teacher_input: {method} has no"):
+            dsmae.build(method, **tiny, teacher_input="noisy")
+    with pytest.raises(dsmae.ConfigError, match=r"model\.teacher_input='all' is not one of"):
+        dsmae.build("dsmae", **tiny, teacher_input="all")
+    assert dsmae.build("dsmae-lz", **tiny, target_layers=2).config.target_layers == 2

@@ -120,3 +120,52 @@ def test_cut_metrics_keeps_lines_up_to_the_step(tmp_path):
     cut_metrics(tmp_path, 2)
     assert path.read_text() == '{"step": 1}\n{"step": 2, "knn_top1": 5}\n'
     cut_metrics(tmp_path / "nowhere", 2)  # no metrics yet: nothing to do
+
+
+def test_a_link_in_place_of_the_lock_is_refused_never_written_through(tmp_path, capsys, run_args):
+    out = tmp_path / "run"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (out / LOCK_FILE).symlink_to(victim)
+    with pytest.raises(RunFolderError, match="is a link"):
+        lock_folder(out)
+    assert main([*run_args, "--epochs", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / LOCK_FILE} is a link" in err and "Traceback" not in err
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_run_that_ended_cleanly_leaves_no_stale_lock(tmp_path, caplog, run_args):
+    out = tmp_path / "run"
+    assert main([*run_args, "--epochs", "1", "--out", str(out)]) == 0
+    assert (out / LOCK_FILE).read_text() == ""  # the PID wiped at the end
+    caplog.clear()
+    assert main([*run_args, "--epochs", "1", "--out", str(out), "--overwrite"]) == 0
+    assert "stale lock" not in caplog.text
+
+
+def test_a_fresh_run_keeps_files_it_did_not_write(tmp_path, capsys, run_args):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("my own notes\n")
+    (out / "metrics.jsonl").write_text('{"mine": 1}\n')
+    for resumed in ([], ["--resume", "auto"]):
+        assert main([*run_args, "--epochs", "1", "--out", str(out), *resumed]) == 2
+        err = capsys.readouterr().err
+        assert f"{out} holds files that this run would replace (config.yaml, metrics.jsonl)" in err
+        assert "--overwrite" in err and "Traceback" not in err
+    assert (out / "config.yaml").read_text() == "my own notes\n"
+    assert main([*run_args, "--epochs", "1", "--out", str(out), "--overwrite"]) == 0
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over_with_resume_auto(
+    tmp_path, capsys, run_args
+):
+    out = tmp_path / "run"
+    assert main([*run_args, "--epochs", "1", "--out", str(out)]) == 0
+    for checkpoint in out.glob("*.pt"):  # as if killed before the first
+        checkpoint.unlink()
+    assert main([*run_args, "--epochs", "1", "--out", str(out)]) == 2
+    assert "holds another run that this run would replace" in capsys.readouterr().err
+    assert main([*run_args, "--epochs", "1", "--out", str(out), "--resume", "auto"]) == 0

@@ -3,10 +3,11 @@
 from pathlib import Path
 
 import pytest
+from tiny_runs import tiny_config
 
 import dsmae
 from dsmae.config import TrainConfig
-from dsmae.pretrain import saving
+from dsmae.pretrain import pretrain, saving
 from dsmae.pretrain.saving import Checkpointer, checkpoint_path, checkpoint_step, checkpoints_in
 
 
@@ -46,3 +47,19 @@ def test_dsmae_pretrain_is_the_package_and_the_function():
     assert callable(dsmae.pretrain) and dsmae.pretrain.loop.pretrain is pretrain
     with pytest.raises(TypeError):
         dsmae.pretrain()  # the function's own signature: a config is required
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path, tiny):
+    cfg = tiny_config(
+        tiny,
+        tmp_path,
+        **{
+            "train.epochs": 4,
+            "train.checkpoint_every": 1,
+            "train.checkpoint_minutes": 0,
+            "train.keep_checkpoints": 2,
+        },
+    )
+    pretrain(cfg)
+    names = sorted(p.name for p in Path(cfg.out).glob("checkpoint-*.pt"))
+    assert names == ["checkpoint-00000008.pt", "checkpoint-00000012.pt"]

@@ -137,7 +137,7 @@ def run_finetune(args: argparse.Namespace) -> None:
 
 
 def run_experiment(args: argparse.Namespace) -> None:
-    from dsmae.experiments import GridSettings, run_grid
+    from dsmae.experiments import GridSettings, run_grid, run_tuned_sweep
 
     data = {}
     for item in args.data:
@@ -149,9 +149,55 @@ def run_experiment(args: argparse.Namespace) -> None:
     same = ("datasets", "archs", "epochs", "subset", "finetune_epochs", "probe_epochs", "device")
     overrides = dict(parse_assignment(a) for a in args.assign)
     settings = GridSettings(**{k: getattr(args, k) for k in same}, data=data, overrides=overrides)
-    table = run_grid(args.name, settings, args.results)
+    if getattr(args, "select", None) is None:
+        _refuse_selection_flags_without_select(args)
+        table = run_grid(args.name, settings, args.results)
+        print(table.read_text(), end="")
+        print(f"table: {table} (and {table.with_suffix('.csv')})")
+        return
+    for outcome in run_tuned_sweep(args.name, settings, _grid_spec(args), args.results,
+                                   workers=args.workers, plot=args.plot):  # fmt: skip
+        _print_grid(outcome.written)
+
+
+def _refuse_selection_flags_without_select(args: argparse.Namespace) -> None:
+    """A paper grid given --vary without --select would drop the values silently."""
+    if getattr(args, "vary", None):
+        raise ConfigError(
+            f"--vary on dsmae experiment {args.name} gives the values --select chooses among: "
+            "add --select KEY",
+            "--vary",
+        )
+
+
+def _grid_spec(args: argparse.Namespace, **settings: Any) -> Any:
+    """The :class:`~dsmae.experiments.GridSpec` of a command's selection flags."""
+    from dsmae.experiments import GridSpec, parse_vary
+
+    return GridSpec(
+        vary=tuple(parse_vary(v) for v in args.vary),
+        seeds=args.seeds,
+        select=args.select,
+        val_fraction=args.val_fraction,
+        split_seed=args.split_seed,
+        bank=args.bank,
+        **settings,
+    )
+
+
+def _print_grid(paths: list[Path]) -> None:
+    table, *others = paths
     print(table.read_text(), end="")
-    print(f"table: {table} (and {table.with_suffix('.csv')})")
+    print(f"table: {table} (and {', '.join(map(str, others))})")
+
+
+def run_user_grid(args: argparse.Namespace) -> None:
+    from dsmae.experiments import run_spec
+
+    overrides = tuple(config_changes(args).items())
+    spec = _grid_spec(args, preset=args.preset, files=tuple(args.config), overrides=overrides)
+    outcome = run_spec(spec, args.results, name=args.name, workers=args.workers, plot=args.plot)
+    _print_grid(outcome.written)
 
 
 def run_export(args: argparse.Namespace) -> None:

@@ -118,31 +118,97 @@ def _add_finetune(sub: Any) -> None:
     p.set_defaults(run=commands.run_finetune, keys={**DATA_KEYS, **RUN_KEYS, **FINETUNE_KEYS})
 
 
+# how a grid chooses: on a validation split, over seeds, in worker processes
+SELECTION_FLAGS: tuple[Flag, ...] = (
+    ("--vary", {"action": "append", "default": [], "metavar": "KEY=V1,V2,...",
+                "help": "a config key and its values (repeatable): every combination is a "
+                        "cell"}),
+    ("--select", {"metavar": "KEY",
+                  "help": "a --vary key to choose for each combination of the others: the "
+                          "value with the best validation k-NN on seed 0, then run on every "
+                          "seed"}),
+    ("--seeds", {"type": int, "default": 1, "help": "seeds 0..N-1 of each reported cell (1)"}),
+    ("--workers", {"type": int, "default": 1,
+                   "help": "cells side by side, a process each (CPU: the cores shared; GPUs: "
+                           "one each); default 1"}),
+    ("--val-fraction", {"type": float, "default": 0.1,
+                        "help": "share of each class of the train split held out to choose "
+                                "by (0.1)"}),
+    ("--split-seed", {"type": int, "default": 0, "help": "seed of the validation split (0)"}),
+    ("--bank", {"type": int, "metavar": "N",
+                "help": "at most N labelled train images as k-NN bank and probe training "
+                        "set (default: all but the validation images)"}),
+    ("--plot", {"action": "store_true", "help": "also draw the test figures as NAME.png"}),
+)  # fmt: skip
+RESULTS_FLAG: Flag = (
+    "--results", {"default": "results", "help": "where tables and runs go (results)"}
+)  # fmt: skip
+
+
 def _add_experiment(sub: Any) -> None:
     from dsmae.experiments import DATASETS, GRIDS
 
     p = sub.add_parser(
         "experiment",
-        help="run a grid of the paper (resumable) and write its table",
-        parents=[parent(device_flag(None))],
+        help="a grid of the paper, or your own tuned on a validation split (resumable)",
     )
-    p.add_argument("name", choices=GRIDS, help="which table or figure")
-    p.add_argument("--datasets", nargs="+", help=f"subset of {' '.join(DATASETS)}")
-    p.add_argument("--archs", nargs="+", help=f"subset of {' '.join(ARCHS)}")
-    p.add_argument("--epochs", type=int, help="pre-training epochs of every cell")
-    p.add_argument("--subset", type=int, help="pre-training images of every cell")
-    p.add_argument("--finetune-epochs", type=int)
-    p.add_argument("--probe-epochs", type=int)
-    p.add_argument(
-        "--data",
-        action="append",
-        default=[],
-        metavar="DATASET=FOLDER",
-        help="read a data set from an image folder, e.g. cifar10=/data/cifar10 (repeatable)",
+    grids = p.add_subparsers(dest="name", required=True, metavar="GRID")
+    paper = parent(
+        ("--datasets", {"nargs": "+", "help": f"subset of {' '.join(DATASETS)}"}),
+        ("--archs", {"nargs": "+", "help": f"subset of {' '.join(ARCHS)}"}),
+        ("--epochs", {"type": int, "help": "pre-training epochs of every cell"}),
+        ("--subset", {"type": int, "help": "pre-training images of every cell"}),
+        ("--finetune-epochs", {"type": int}),
+        ("--probe-epochs", {"type": int}),
+        ("--data", {"action": "append", "default": [], "metavar": "DATASET=FOLDER",
+                    "help": "read a data set from an image folder, e.g. cifar10=/data/cifar10 "
+                            "(repeatable)"}),
+        RESULTS_FLAG, device_flag(None),
+    )  # fmt: skip
+    sweeps = {"noise-ratio": "model.noise_ratio (Fig. 3)", "lambda": "model.lam (Fig. 4)"}
+    for name in GRIDS:
+        tuned = name in sweeps
+        g = grids.add_parser(
+            name,
+            help=f"the paper's {name} grid" + (f": {sweeps[name]}" if tuned else ""),
+            parents=[paper, *([parent(*SELECTION_FLAGS)] if tuned else [])],
+            description=(
+                f"The paper's {name} grid. With --select (and the --vary values it chooses "
+                "among), each value of the sweep is tuned on a validation split and read by "
+                "k-NN and the linear probe over --seeds seeds, as dsmae experiment grid does."
+                if tuned
+                else None
+            ),
+        )
+        add_set_flag(g, "any config value for every cell, e.g. model.patch_size=4")
+        g.set_defaults(run=commands.run_experiment)
+    _add_grid(grids)
+
+
+def _add_grid(grids: Any) -> None:
+    g = grids.add_parser(
+        "grid",
+        help="your own grid: every combination of --vary values, each choice made on a "
+        "validation split, test figures as mean +- std over seeds",
+        parents=[
+            parent(*data_flags("the preset's"), device_flag(None), *SELECTION_FLAGS, RESULTS_FLAG)
+        ],
     )
-    add_set_flag(p, "any config value for every cell, e.g. model.patch_size=4")
-    p.add_argument("--results", default="results", help="where tables and runs go (results)")
-    p.set_defaults(run=commands.run_experiment)
+    g.add_argument("--preset", help=f"every cell starts from it: {', '.join(available_presets())}")
+    add_config_flag(g, "YAML file of config values for every cell (repeatable)")
+    add_set_flag(g, "any config value for every cell, e.g. train.epochs=20 (repeatable)")
+    g.add_argument("--epochs", type=int, help="sets train.epochs")
+    g.add_argument("--subset", type=int, help="sets data.subset: pre-training images")
+    g.add_argument("--name", default="grid", help="the table's name: NAME.md, .json, .png (grid)")
+    g.set_defaults(
+        run=commands.run_user_grid,
+        keys={
+            **DATA_KEYS,
+            "device": "train.device",
+            "epochs": "train.epochs",
+            "subset": "data.subset",
+        },
+    )
 
 
 def _add_knn(sub: Any) -> None:

@@ -13,17 +13,20 @@ changes what a resolved value derives from gets that value derived anew
 
 from __future__ import annotations
 
+import logging
 import typing
 from pathlib import Path
 from typing import Any
 
-from dsmae.config.checks import ConfigError
+from dsmae.config.checks import ConfigError, shown
 from dsmae.config.choices import ARCHS, DEFAULT_NOISE_RATIO, Method
 from dsmae.config.parsing import build_section, config_from_dict
 from dsmae.config.resolution import resolve, resolve_model, world_size_from_env
 from dsmae.config.sections import Config, ModelConfig
 from dsmae.config.yaml_files import read_preset, read_yaml
 from dsmae.schedules import scaled_lr
+
+log = logging.getLogger(__name__)
 
 # The sections a checkpoint fixes: an evaluation of it cannot change its model.
 FIXED_BY_CHECKPOINT = ("model",)
@@ -142,6 +145,7 @@ def _follow_derived(
     """
     changed = {k for k, v in layer.items() if k in before and before[k] != v}
     follows = {**DERIVED_FROM, **(MEASURED_FROM if measured else {})}
+    _arch_gives_its_shape(tree, before, layer, changed)
     for key, inputs in follows.items():
         moved = changed.intersection(inputs)
         if not moved or key in layer or before.get(key) is None:
@@ -156,6 +160,37 @@ def _follow_derived(
                 f"{target}=null as well to derive it",
                 key,
             )
+
+
+# the encoder's shape, which model.arch names
+ARCH_SHAPE = ("model.depth", "model.embed_dim", "model.num_heads")
+
+
+def _arch_gives_its_shape(
+    tree: dict[str, Any], before: dict[str, Any], layer: dict[str, Any], changed: set[str]
+) -> None:
+    """A layer that names another ``model.arch`` gets that architecture's shape: depth,
+    width and heads an earlier layer set (a preset's small ViT) are derived anew from it,
+    with a warning that names them, unless the same layer sets them too."""
+    if "model.arch" not in changed:
+        return
+    replaced = [
+        f"{key}={before[key]}"
+        for key in ARCH_SHAPE
+        if key not in layer and before.get(key) is not None and not _is_derived(before, key)
+    ]
+    if not replaced:
+        return
+    for key in ARCH_SHAPE:
+        if key not in layer:
+            _set_dotted(tree, key, None)
+    depth, width, heads = ARCHS.get(layer["model.arch"], (None, None, None))
+    log.warning(
+        "model.arch=%s gives its own shape (depth %s, width %s, %s heads) in place of %s of "
+        "an earlier layer (the preset or a config file); set those in the same place as the "
+        "arch to keep them",
+        layer["model.arch"], depth, width, heads, ", ".join(replaced),
+    )  # fmt: skip
 
 
 def _is_derived(flat: dict[str, Any], key: str) -> bool:
@@ -192,7 +227,7 @@ def _merge(base: dict[str, Any], layer: typing.Mapping[str, Any], prefix: str) -
             raise ConfigError(f"unknown config key {name!r}; known here: {', '.join(base)}")
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
-                raise ConfigError(f"{name!r} is a section; give it a mapping, not {value!r}")
+                raise ConfigError(f"{name!r} is a section; give it a mapping, not {shown(value)}")
             _merge(base[key], value, prefix=f"{name}.")
         else:
             base[key] = value

@@ -1,15 +1,18 @@
 """A :class:`Config` from a nested mapping (a saved config, or the layers merged):
 unknown keys refused, every value checked against its field's type hint (a ``Literal``
-of :mod:`dsmae.config.choices` as a string: its validate names the choices)."""
+of :mod:`dsmae.config.choices` as a string: its validate names the choices; every number
+finite, every integer within 64 bits)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
 
-from dsmae.config.checks import ConfigError
+from dsmae.config.checks import ConfigError, shown
 from dsmae.config.sections import Config, FinetuneConfig
 from dsmae.config.yaml_files import as_mapping
 
@@ -45,7 +48,9 @@ def build_section(cls: type, tree: typing.Mapping[str, Any], prefix: str) -> Any
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in tree if k not in names]
     if unknown:
-        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; known: {', '.join(names)}")
+        raise ConfigError(
+            f"unknown config key {shown(prefix + str(unknown[0]))}; known: {', '.join(names)}"
+        )
     kwargs = {}
     for name in names:
         if name not in tree:
@@ -56,6 +61,26 @@ def build_section(cls: type, tree: typing.Mapping[str, Any], prefix: str) -> Any
         else:
             kwargs[name] = _coerce(tree[name], hint, key)
     return cls(**kwargs)
+
+
+def typed_value(key: str, value: Any) -> Any:
+    """``value`` as the config field at the dotted ``key`` holds it: ``"1e-3"`` (which
+    YAML 1.1 reads as a string) becomes 0.001 for a float field, an int 2 becomes 2.0.
+
+    Raises:
+        ConfigError: no such key, or a value of the wrong type.
+    """
+    section: Any = Config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        hints = typing.get_type_hints(section)
+        if part not in hints or not dataclasses.is_dataclass(hints[part]):
+            raise ConfigError(f"unknown config key {key!r} (no section {part!r})", key)
+        section = hints[part]
+    hints = typing.get_type_hints(section)
+    if leaf not in hints or dataclasses.is_dataclass(hints[leaf]):
+        raise ConfigError(f"unknown config key {key!r}", key)
+    return _coerce(value, hints[leaf], key)
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -72,27 +97,32 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
+            raise ConfigError(f"{key} must be a list, got {shown(value)}", key)
         return [_coerce(v, item, key) for v in value]
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
+        raise ConfigError(f"{key} must be true or false, got {shown(value)}", key)
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -(2**63) <= value < 2**63:
+                raise ConfigError(f"{key} must fit in 64 bits, got {shown(value)}", key)
             return value
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
+        raise ConfigError(f"{key} must be an integer, got {shown(value)}", key)
     if hint is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be a number, got {value!r}")
+            number = float(value) if abs(value) < 2**1024 else math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None and not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {shown(value)}", key)
+        if number is not None:
+            return number
+        raise ConfigError(f"{key} must be a number, got {shown(value)}", key)
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key} must be a string, got {value!r}")
+        raise ConfigError(f"{key} must be a string, got {shown(value)}", key)
     raise TypeError(f"unsupported type {hint} for {key}")  # a bug in this module

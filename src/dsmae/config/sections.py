@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from dsmae.config import choices
-from dsmae.config.checks import check_choice, check_crop_scale, require
+from dsmae.config.checks import check_choice, check_crop_scale, parse_duration, require
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 WANDB_FORBIDDEN = "/\\#?%:"  # characters a W&B project name cannot hold
@@ -58,6 +58,11 @@ class ModelConfig:
     decoder_heads: int | None = None  # None: encoder heads (MAE's original: 16)
     regressor_depth: int = 2
     target_norm: choices.TargetNorm = "layernorm"  # teacher tokens standardised per token (SPEC 3)
+    # beyond the paper, off by default (SPEC 3): the target averages the teacher's top K
+    # blocks as data2vec does (1: its final tokens); the teacher sees only the noisy
+    # positions' clean patches as SdAE's does ("clean": the whole clean image)
+    target_layers: int = 1
+    teacher_input: choices.TeacherInput = "clean"
 
     def validate(self) -> None:
         """Refuse impossible model settings (expects a resolved ModelConfig)."""
@@ -67,6 +72,7 @@ class ModelConfig:
         check_choice("model.arch", self.arch, tuple(choices.ARCHS))
         check_choice("model.noise_mode", self.noise_mode, choices.NOISE_MODES)
         check_choice("model.target_norm", self.target_norm, choices.TARGET_NORMS)
+        check_choice("model.teacher_input", self.teacher_input, choices.TEACHER_INPUTS)
         require(self.in_chans in (1, 3), "model.in_chans", f"must be 1 or 3, got {self.in_chans}")
         require(self.img_size >= 1, "model.img_size", f"must be positive, got {self.img_size}")
         size, patch = self.img_size, self.patch_size
@@ -91,13 +97,38 @@ class ModelConfig:
         n = (size // patch) ** 2
         k = num_selected(n, r)
         require(k >= 1, "model.noise_ratio", f"{r} of {n} patches selects none")
-        if self.method == "mae":
+        if choices.METHOD_TRAITS[self.method].drops_patches:
             require(
-                k < n, "model.noise_ratio", f"{r} masks all {n} patches; mae needs a visible one"
+                k < n,
+                "model.noise_ratio",
+                f"{r} masks all {n} patches; {self.method} needs a visible one",
             )
         require(0 <= self.lam <= 1, "model.lam", f"must be in [0, 1], got {self.lam}")
         require(self.noise_std >= 0, "model.noise_std", f"must be >= 0, got {self.noise_std}")
-        require(self.mlp_ratio > 0, "model.mlp_ratio", f"must be positive, got {self.mlp_ratio}")
+        require(
+            0 < self.mlp_ratio <= 64,
+            "model.mlp_ratio",
+            f"must be in (0, 64] (the MLP's width over the encoder's), got {self.mlp_ratio}",
+        )
+        self._validate_teacher_target()
+
+    def _validate_teacher_target(self) -> None:
+        """Refuse a teacher-target option out of range, or set for a method without a
+        teacher (it would be ignored)."""
+        layers = self.target_layers
+        require(
+            1 <= layers <= self.depth,
+            "model.target_layers",
+            f"must be in [1, model.depth={self.depth}], got {layers}",
+        )
+        if self.method in choices.METHODS_WITH_TEACHER:
+            return
+        for key, default in (("target_layers", 1), ("teacher_input", "clean")):
+            require(
+                getattr(self, key) == default,
+                f"model.{key}",
+                f"{self.method} has no teacher: leave it at {default!r}",
+            )
 
 
 @dataclass
@@ -255,8 +286,6 @@ class TrainConfig:
         require(self.checkpoint_minutes >= 0, "train.checkpoint_minutes", "must be >= 0")
         require(self.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0")
         if self.time_budget is not None:
-            from dsmae.budget import parse_duration  # budget imports this module
-
             parse_duration(self.time_budget)
 
 
@@ -265,6 +294,9 @@ class MonitorConfig:
     """What is watched during pre-training, every N epochs (0: never)."""
 
     knn_every: int = 20  # k-NN top-1 on encoder features of the train/test splits
+    # representation health and each loss term's share of the encoder gradient
+    # (health_* numbers), on fixed images
+    every: int = 20
     knn_k: int = 20
     knn_temperature: float = 0.07
     images_every: int = 20  # Fig. 2 grid of fixed images to TensorBoard
@@ -272,7 +304,7 @@ class MonitorConfig:
 
     def validate(self) -> None:
         """Refuse impossible monitor settings."""
-        for key in ("knn_every", "images_every"):
+        for key in ("knn_every", "every", "images_every"):
             require(getattr(self, key) >= 0, f"monitor.{key}", "must be >= 0")
         require(self.knn_k >= 1, "monitor.knn_k", f"must be >= 1, got {self.knn_k}")
         require(self.knn_temperature > 0, "monitor.knn_temperature", "must be positive")

@@ -32,7 +32,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
     Raises:
         ConfigError: unreadable, not UTF-8 text, not YAML, or YAML with tags that would
-            build Python objects (refused: only plain values are read).
+            build Python objects or with aliases (refused: only plain values are read).
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -43,11 +43,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return as_mapping(_load_yaml(text, f"config file {path}"), str(path))
 
 
+class _PlainLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader without aliases (``*name``): a config needs none, and
+    an alias is how a short document expands to billions of values ("billion laughs") or
+    holds itself (a recursive mapping)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not read in a config", self.peek_event().start_mark
+            )
+        return super().compose_node(parent, index)
+
+
 def _load_yaml(text: str, where: str) -> Any:
-    """``yaml.safe_load(text)``; its errors (syntax, tabs, ``!!python`` tags) as a
-    :class:`ConfigError` naming ``where`` and the line."""
+    """``text`` read as ``yaml.safe_load`` reads it, but for aliases (:class:`_PlainLoader`);
+    its errors (syntax, tabs, ``!!python`` tags, aliases) as a :class:`ConfigError` naming
+    ``where`` and the line."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_PlainLoader)  # a SafeLoader
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or type(err).__name__
         mark = getattr(err, "problem_mark", None)

@@ -242,6 +242,7 @@ class KnnResult(EvalResult):
     ``k`` and ``temperature``."""
 
     protocol = "knn"
+    identity_keys = (*EvalResult.identity_keys, "k", "temperature")
     keys = ("top1", "k", "temperature", "pool", "num_train", "num_test", "num_classes", "data",
             "random_init", "checkpoint")  # fmt: skip
 

@@ -10,15 +10,18 @@ the checkpoint's as its ``base``; None: the checkpoint's own), from which each p
 reads its section (``probe``, ``monitor``'s k-NN values or ``finetune``), ``data`` (the
 labelled data set, :func:`labelled_splits`) and ``train.device``/``train.seed``. The
 result is an :class:`EvalResult`, written beside the checkpoint as
-``<stem>.<protocol>[-cls][-random-init].json`` (:meth:`EvalResult.save`).
+``<stem>.<protocol>[-cls][-random-init].json`` (:meth:`EvalResult.save`); a result of
+other settings already there is kept, the new one going beside it under a name that ends
+in a digest of its settings (:func:`result_file`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -45,6 +48,9 @@ class EvalResult:
 
     protocol: ClassVar[str]  # "linprobe", "knn" or "finetune": the middle of the file name
     keys: ClassVar[tuple[str, ...]]  # every field, in the order of the JSON object
+    # the fields that make two results of a checkpoint the same evaluation (the rest is
+    # what it measured): one of other settings never replaces it
+    identity_keys: ClassVar[tuple[str, ...]] = ("pool", "data", "random_init")
 
     top1: float  # test top-1 in % (of the last epoch, where the protocol trains)
     pool: str  # the features: "avg" (mean of the patch tokens) or "cls" ([CLS] token)
@@ -62,10 +68,17 @@ class EvalResult:
         fields = dataclasses.asdict(self)
         return {key: fields[key] for key in self.keys}
 
+    def identity(self) -> dict[str, Any]:
+        """What makes this result the evaluation it is (:attr:`identity_keys`)."""
+        values = self.to_dict()
+        return {key: values[key] for key in self.identity_keys}
+
     @property
     def path(self) -> Path:
-        """Where it is saved: :func:`result_path` of its checkpoint, protocol and variant."""
-        return result_path(self.checkpoint, self.protocol, self.random_init, self.pool)
+        """Where it is saved: :func:`result_path` of its checkpoint, protocol and variant,
+        or beside a result of other settings there (:func:`result_file`)."""
+        plain = result_path(self.checkpoint, self.protocol, self.random_init, self.pool)
+        return result_file(plain, self.identity())
 
     def save(self) -> Path:
         """Write :meth:`to_dict` as JSON to :attr:`path` (atomically); returns the path.
@@ -97,6 +110,8 @@ class TrainedResult(EvalResult):
     ``top1`` is the LAST epoch's, the best epoch's is recorded beside it, labelled as such
     (SPEC section 6); ``settings`` (:func:`evaluation_settings`) is what a result on disk
     is compared against before it is reused."""
+
+    identity_keys = (*EvalResult.identity_keys, "settings")
 
     best_top1: float
     best_epoch: int  # 1-based
@@ -142,6 +157,35 @@ def result_path(
     path = Path(checkpoint)
     variant = ("-cls" if pool == "cls" else "") + ("-random-init" if random_init else "")
     return path.with_name(f"{path.stem}.{protocol}{variant}.json")
+
+
+def _saved_identity(path: Path, keys: Iterable[str]) -> dict[str, Any] | None:
+    """The identity fields of the result saved at ``path``; None where it cannot be read."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return {key: saved.get(key) for key in keys} if isinstance(saved, dict) else None
+
+
+def result_file(plain: Path, identity: dict[str, Any]) -> Path:
+    """Where a result of ``identity`` (its :meth:`EvalResult.identity`) goes: ``plain``
+    where that is free or holds a result of the same identity (an evaluation made again);
+    else ``<plain stem>.<digest of identity>.json`` beside it, so that results of other
+    settings never replace each other."""
+    if not plain.exists() or _saved_identity(plain, identity) == identity:
+        return plain
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    return plain.with_name(f"{plain.stem}.{digest}.json")
+
+
+def find_result(plain: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The result of ``identity`` saved at ``plain`` or beside it (:func:`result_file`);
+    None where there is none."""
+    path = result_file(plain, identity)
+    if path.is_file() and _saved_identity(path, identity) == identity:
+        return json.loads(path.read_text())
+    return None
 
 
 # Config keys that say how an evaluation runs or when, not what it computes.

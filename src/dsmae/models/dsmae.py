@@ -18,13 +18,13 @@ import copy
 
 import torch
 
-from dsmae.config import DSMAE_METHODS, ModelConfig
-from dsmae.losses import combine_losses, feature_loss
+from dsmae.config import DSMAE_METHODS, METHOD_TRAITS, ModelConfig
+from dsmae.losses import block_average_target, combine_losses, feature_loss
 from dsmae.masking import split_indices
 from dsmae.models.decoder import PixelDecoder
 from dsmae.models.pretrain import DisplayOutput, PretrainModel, PretrainOutput
 from dsmae.models.regressor import FeatureRegressor
-from dsmae.models.vit import patch_tokens
+from dsmae.models.vit import block_outputs, encode_visible, patch_tokens
 from dsmae.noise import add_patch_noise
 from dsmae.patches import gather_tokens, scatter_tokens
 
@@ -44,9 +44,10 @@ class DSMAE(PretrainModel):
                 "dsmae.models.build_model"
             )
         super().__init__(cfg)
-        if cfg.method in ("dsmae", "dsmae-lz"):
+        traits = METHOD_TRAITS[cfg.method]
+        if traits.teacher:
             self.teacher = copy.deepcopy(self.encoder).requires_grad_(False).eval()
-        if cfg.method != "dsmae-lz":
+        if traits.pixel_decoder:
             self.decoder = PixelDecoder.from_config(cfg)
         if self.teacher is not None:
             self.regressor = FeatureRegressor(
@@ -113,8 +114,24 @@ class DSMAE(PretrainModel):
     @torch.no_grad()
     def encode_teacher(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """SPEC step 6: the teacher's tokens of the (B, C, H, W) clean images at the (B, K)
-        ``positions``, without gradient: Z_o' (B, K, D)."""
-        return gather_tokens(patch_tokens(self.teacher, images), positions)
+        ``positions``, without gradient: Z_o' (B, K, D).
+
+        By default (the paper's) the teacher encodes every clean patch and its final
+        tokens are kept. ``model.teacher_input="noisy"``: it encodes only the clean
+        patches at ``positions`` (with their position embeddings), as SdAE's teacher
+        sees only the masked patches. ``model.target_layers=K`` > 1: the tokens are
+        :func:`~dsmae.losses.block_average_target` of its last K blocks (data2vec).
+        """
+        keep = positions if self.config.teacher_input == "noisy" else None
+        layers = self.config.target_layers
+        if layers == 1 and keep is None:
+            return gather_tokens(patch_tokens(self.teacher, images), positions)
+        if layers == 1:
+            tokens = encode_visible(self.teacher, images, keep)
+        else:
+            tokens = block_average_target(block_outputs(self.teacher, images, layers, keep))
+        tokens = tokens[:, self.teacher.num_prefix_tokens :]  # (B, V, D)
+        return tokens if keep is not None else gather_tokens(tokens, positions)
 
     def decode_pixels(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """SPEC step 7: (B, K, D) tokens at (B, K) ``positions`` -> (B, K, p*p*C) pixels."""

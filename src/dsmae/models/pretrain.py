@@ -81,9 +81,15 @@ class PretrainModel(nn.Module, abc.ABC):
         cfg: a resolved :class:`~dsmae.config.ModelConfig` (see :func:`dsmae.build`).
 
     Attributes:
-        config, method: the config and its ``method``.
-        patch_size: p. num_patches: N. num_corrupted: K = round(noise_ratio * N).
-        encoder: the student. teacher, decoder, regressor: the subclass's parts or None.
+        config: the config.
+        method: its ``method``.
+        patch_size: p.
+        num_patches: N.
+        num_corrupted: K = round(noise_ratio * N).
+        encoder: the student.
+        teacher: the EMA teacher, or None.
+        decoder: the pixel decoder, or None.
+        regressor: the feature regressor, or None.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -142,8 +148,9 @@ class PretrainModel(nn.Module, abc.ABC):
         Args:
             images: (B, C, H, W) normalised images.
             generator: source of the mask and noise (None: the global RNG).
-            mask, eps: a corruption drawn beforehand by :meth:`sample_corruption`
-                ((B, N) bool and (B, C, H, W)); drawn here when not given.
+            mask: the (B, N) bool mask of a corruption drawn beforehand by
+                :meth:`sample_corruption`; drawn here when not given.
+            eps: its (B, C, H, W) noise; drawn here when not given.
         """
         b = images.shape[0]
         if mask is None:

@@ -1,4 +1,4 @@
-"""The encoder: a timm ``VisionTransformer`` with MAE's fixed 2-D sin-cos position embedding,
+"""The encoder: a timm ``VisionTransformer`` with a fixed 2-D sin-cos position embedding,
 and the timm parts the heads are built from.
 
 The student encoder of every method IS a timm ``VisionTransformer`` (no classifier:
@@ -20,7 +20,13 @@ from dsmae.patches import gather_tokens
 
 
 def sincos_pos_embed(grid: int, dim: int, cls_token: bool) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding of a ``grid x grid`` patch grid (MAE's).
+    """Fixed 2-D sin-cos position embedding of a ``grid x grid`` patch grid, in timm's
+    layout (``build_sincos2d_pos_embed``: [sin h, sin w, cos h, cos w] columns).
+
+    MAE's table has the same frequencies in another column order ([sin w, cos w, sin h,
+    cos h]): for training from scratch the two are equivalent (SPEC section 3), but
+    weights trained with MAE's own table load one-to-one only after the same permutation
+    of its columns.
 
     Args:
         grid: patches per side.
@@ -90,11 +96,34 @@ def create_encoder(cfg: ModelConfig) -> VisionTransformer:
     return encoder
 
 
+def embed_patches(
+    encoder: VisionTransformer, images: torch.Tensor, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The input of the blocks, in ``forward_features``' order: patch embedding, [CLS],
+    position embedding, then (given ``keep``) only the kept patches, then ``norm_pre``.
+
+    Args:
+        encoder: a timm ViT as :func:`create_encoder` builds: one [CLS] token, whose
+            position embedding row comes first.
+        images: (B, C, H, W).
+        keep: (B, V) int64 indices of the patches to keep; None: all N.
+
+    Returns:
+        (B, 1 + V, D): [CLS] then the kept patch tokens.
+    """
+    x = encoder.patch_embed(images)  # (B, N, D)
+    cls = encoder.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
+    x = encoder.pos_drop(torch.cat([cls, x], dim=1) + encoder.pos_embed)  # (B, 1 + N, D)
+    if keep is not None:
+        x = torch.cat([x[:, :1], gather_tokens(x[:, 1:], keep)], dim=1)  # (B, 1 + V, D)
+    return encoder.norm_pre(x)
+
+
 def encode_visible(
     encoder: VisionTransformer, images: torch.Tensor, keep: torch.Tensor
 ) -> torch.Tensor:
     """Encode only some patches of each image (MAE's encoder): the others are dropped
-    after the position embedding, before the blocks.
+    after the position embedding, before the blocks (:func:`embed_patches`).
 
     Built from the ViT's public parts, in ``forward_features``' order: with every patch
     kept (``keep`` = 0..N-1 on every row) it equals ``encoder.forward_features(images)``
@@ -102,24 +131,40 @@ def encode_visible(
     gradients are on).
 
     Args:
-        encoder: a timm ViT as :func:`create_encoder` builds: one [CLS] token, whose
-            position embedding row comes first.
+        encoder: a timm ViT as :func:`create_encoder` builds.
         images: (B, C, H, W).
         keep: (B, V) int64 indices of the patches to keep.
 
     Returns:
         (B, 1 + V, D): [CLS] then the kept patch tokens, after the final norm.
     """
-    x = encoder.patch_embed(images)  # (B, N, D)
-    cls = encoder.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
-    x = encoder.pos_drop(torch.cat([cls, x], dim=1) + encoder.pos_embed)  # (B, 1 + N, D)
-    x = torch.cat([x[:, :1], gather_tokens(x[:, 1:], keep)], dim=1)  # (B, 1 + V, D)
-    x = encoder.norm_pre(x)
+    x = embed_patches(encoder, images, keep)
     if encoder.grad_checkpointing and torch.is_grad_enabled():
         x = checkpoint_seq(encoder.blocks, x)
     else:
         x = encoder.blocks(x)
     return encoder.norm(x)
+
+
+def block_outputs(
+    encoder: VisionTransformer, images: torch.Tensor, last: int, keep: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """The outputs of the encoder's last ``last`` blocks, as they leave each block (the
+    residual stream, before the final norm): a list of (B, 1 + V, D), the deepest last.
+
+    Args:
+        images: (B, C, H, W).
+        last: how many blocks, from the top (1 to the depth).
+        keep: (B, V) int64 indices of the patches to encode; None: all N (V = N).
+    """
+    x = embed_patches(encoder, images, keep)
+    depth = len(encoder.blocks)
+    outputs = []
+    for i, block in enumerate(encoder.blocks):
+        x = block(x)
+        if i >= depth - last:
+            outputs.append(x)
+    return outputs
 
 
 def patch_tokens(encoder: VisionTransformer, images: torch.Tensor) -> torch.Tensor:

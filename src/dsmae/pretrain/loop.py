@@ -12,9 +12,10 @@ import time
 from dsmae import distributed
 from dsmae.config import Config, ConfigError
 from dsmae.data.pipeline import eval_batch
-from dsmae.preemption import StopSignals
+from dsmae.metrics import MetricsLog
+from dsmae.preemption import Preempted, StopSignals
 from dsmae.pretrain.report import Report, log_start
-from dsmae.pretrain.saving import LAST_CHECKPOINT, checkpoint_path, stop, stop_requested
+from dsmae.pretrain.saving import LAST_CHECKPOINT, checkpoint_path
 from dsmae.pretrain.setup import set_up
 from dsmae.pretrain.state import PretrainResult, Run
 from dsmae.pretrain.time_budget import fit_budget
@@ -49,18 +50,36 @@ def pretrain(
         overwrite: start a fresh run in a folder that holds another run.
         until_epoch: stop after this epoch, with its checkpoint (the result's), as a
             preemption would: the schedules stay those of ``train.epochs``, and ``resume``
-            continues the run. None: run all ``train.epochs``.
+            continues the run. None: run all ``train.epochs``. A resumed run that is past
+            it already is refused.
 
     Raises:
+        ConfigError: ``until_epoch`` not a whole number in [1, train.epochs], or before
+            the epoch the resumed run has reached.
         Preempted: stopped by a signal, after writing a checkpoint. A signal after the
             last step (while ``last.pt`` is written) lets the run end: the result's
             ``stop_requested`` names it.
     """
     started = time.perf_counter()
-    if until_epoch is not None and not 1 <= until_epoch <= cfg.train.epochs:
-        raise ConfigError(f"until_epoch must be in [1, train.epochs={cfg.train.epochs}]")
+    if until_epoch is not None and (
+        not isinstance(until_epoch, int)
+        or isinstance(until_epoch, bool)
+        or not 1 <= until_epoch <= cfg.train.epochs
+    ):
+        raise ConfigError(
+            f"until_epoch must be a whole number of epochs in [1, train.epochs="
+            f"{cfg.train.epochs}], got {until_epoch!r}",
+            "until_epoch",
+        )
     run = set_up(cfg, resume, force, overwrite)
     try:
+        done = run.step // run.steps_per_epoch
+        if until_epoch is not None and until_epoch < done:
+            raise ConfigError(
+                f"until_epoch={until_epoch}: the run in {run.out} has done {done} epochs "
+                "already; ask for a later epoch",
+                "until_epoch",
+            )
         if run.cfg.train.time_budget is not None and not run.resumed:
             fit_budget(run, started)
         with StopSignals() as signals:
@@ -90,7 +109,7 @@ def _train(
     with report.bar, contextlib.closing(run.steps(run.step, stop_step)) as steps:
         for taken in steps:
             run.step = taken.step + 1
-            report.stepped(run, taken.step)
+            report.stepped(run, taken)
             epoch, losses = taken.step // run.steps_per_epoch, taken.losses
             if run.step % t.log_every == 0 or run.step == run.total_steps:
                 losses = report.metrics_line(run, taken, epoch)
@@ -101,7 +120,7 @@ def _train(
             if epoch_ends:
                 _end_of_epoch(run, epoch + 1, report)
             elif save_now:
-                run.checkpointer.save(run, checkpoint_path(run.out, run.step))
+                run.save(checkpoint_path(run.out, run.step))
             signal_name = stop_requested(run, signals)  # after the epoch's teacher update
             if signal_name is not None:
                 stop(run, signal_name, report.metrics)
@@ -115,7 +134,7 @@ def _end_of_epoch(run: Run, done: int, report: Report) -> None:
     its checkpoint where one is due, and its progress line."""
     report.monitors(run, done)
     if run.checkpointer.due_after_epoch(done):
-        run.checkpointer.save(run, checkpoint_path(run.out, run.step))
+        run.save(checkpoint_path(run.out, run.step))
     report.epoch_line(run, done)
 
 
@@ -124,7 +143,7 @@ def _pause(run: Run, started: float, report: Report) -> PretrainResult:
     was due); ``--resume`` continues from it."""
     checkpoint = checkpoint_path(run.out, run.step)
     if run.last_checkpoint != checkpoint:
-        run.checkpointer.save(run, checkpoint)
+        run.save(checkpoint)
     report.close()
     distributed.barrier(run.proc)
     log.info("stopped after step %d of %d, as asked: %s", run.step, run.total_steps, checkpoint)
@@ -134,7 +153,7 @@ def _pause(run: Run, started: float, report: Report) -> PretrainResult:
 def _finish(run: Run, started: float, report: Report) -> PretrainResult:
     """Write ``last.pt`` and (rank 0) the denoising figure of the first 8 images."""
     cfg = run.cfg
-    checkpoint = run.checkpointer.save(run, run.out / LAST_CHECKPOINT)
+    checkpoint = run.save(run.out / LAST_CHECKPOINT)
     if report.metrics is not None:
         shown = eval_batch(run.images[:8], cfg.model.img_size, cfg.data.mean, cfg.data.std)
         figure = run.out / "denoise.png"
@@ -147,3 +166,26 @@ def _finish(run: Run, started: float, report: Report) -> PretrainResult:
     seconds = time.perf_counter() - started
     log.info("pre-training done in %.0f s: %s", seconds, checkpoint)
     return PretrainResult(run.out, checkpoint, cfg, run.last, seconds)
+
+
+def stop_requested(run: Run, signals: StopSignals) -> str | None:
+    """The signal to stop on after this step, if any. Under torchrun the processes agree
+    (one all-reduce every ``train.log_every`` steps), so they all stop at the same step."""
+    if not run.proc.distributed:
+        return signals.received
+    if run.step % run.cfg.train.log_every:
+        return None
+    if distributed.any_process(signals.received is not None, run.proc, run.device):
+        return signals.received or "a signal to another process"
+    return None
+
+
+def stop(run: Run, signal_name: str, metrics: MetricsLog | None) -> None:
+    """Save a checkpoint at this step boundary and raise :class:`Preempted`."""
+    path = run.save(checkpoint_path(run.out, run.step))
+    if metrics is not None:
+        metrics.close()
+    distributed.barrier(run.proc)
+    error = Preempted(signal_name, run.step, str(path))
+    log.warning("%s", error)
+    raise error

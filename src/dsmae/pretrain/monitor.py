@@ -1,7 +1,8 @@
 """Watching a pre-training run every few epochs: an online k-NN classifier on encoder
 features (as solo-learn and lightly track quality), representation health (feature std,
-effective rank, teacher-student cosine: a collapse shows as a number) and a Fig. 2 grid in
-TensorBoard."""
+effective rank, teacher-student cosine: a collapse shows as a number), each loss term's
+share of the encoder's gradient (whether ``L_z`` steers the encoder at all) and a Fig. 2
+grid in TensorBoard."""
 
 from __future__ import annotations
 
@@ -15,16 +16,23 @@ from dsmae.data.images import DataError, ImageTensors
 from dsmae.data.pipeline import eval_batch, load_split
 from dsmae.evaluation.frozen import extract_features
 from dsmae.evaluation.knn import knn_accuracy
-from dsmae.health import effective_rank, feature_std, teacher_student_cosine
+from dsmae.health import (
+    effective_rank,
+    feature_std,
+    gradient_share,
+    teacher_student_cosine,
+    term_gradients,
+)
 from dsmae.metrics import MetricsLog
 from dsmae.models import PretrainModel, patch_tokens
 from dsmae.runtime import generator
+from dsmae.seeds import monitor_seed
 from dsmae.visualize import denoise, to_uint8_images, triplet_grid
 
 log = logging.getLogger(__name__)
 
 HEALTH_IMAGES = 256  # the fixed sample of pre-training images the health numbers read
-HEALTH_BATCH = 64  # images per forward pass of the health monitor
+HEALTH_BATCH = 64  # images per forward pass of the health monitor, and of the gradients'
 
 
 class Monitor:
@@ -52,27 +60,31 @@ class Monitor:
         """``epoch`` epochs are done (1-based), after ``step`` steps, ``wall_s`` seconds and
         ``flops`` model FLOPs of training.
 
-        Every ``monitor.knn_every`` epochs one metrics record holds the k-NN top-1 (where the
-        data has labelled train/test splits) and the ``health_*`` numbers of :meth:`health`.
+        One metrics record holds what is due: every ``monitor.knn_every`` epochs the k-NN
+        top-1 (where the data has labelled train/test splits), every ``monitor.every``
+        epochs the ``health_*`` numbers of :meth:`health` and :meth:`gradient_share`.
         """
         mon = self.cfg.monitor
         if mon.images_every and epoch % mon.images_every == 0:
             grid = self.denoising_grid(model)
             if grid is not None:
                 metrics.add_image("denoise", grid, step)
-        if not mon.knn_every or epoch % mon.knn_every:
-            return
-        record: dict[str, float | int] = {"step": step, "epoch": epoch}
-        top1 = self.knn_top1(model)
-        if top1 is not None:
-            record["knn_top1"] = top1
-            log.info("epoch %d: k-NN top-1 %.2f%%", epoch, top1)
-        health = self.health(model)
-        if health is not None:
-            record.update(health)
-            log.info("epoch %d: %s", epoch, _describe_health(health, model.encoder.embed_dim))
-        if top1 is not None or health is not None:
-            metrics.write({**record, "wall_s": wall_s, "flops": flops})
+        record: dict[str, float | int] = {}
+        if mon.knn_every and epoch % mon.knn_every == 0:
+            top1 = self.knn_top1(model)
+            if top1 is not None:
+                record["knn_top1"] = top1
+                log.info("epoch %d: k-NN top-1 %.2f%%", epoch, top1)
+        if mon.every and epoch % mon.every == 0:
+            health = self.health(model)
+            if health is not None:
+                health.update(self.gradient_share(model) or {})
+                record.update(health)
+                log.info("epoch %d: %s", epoch, _describe_health(health, model.encoder.embed_dim))
+        if record:
+            metrics.write(
+                {"step": step, "epoch": epoch, **record, "wall_s": wall_s, "flops": flops}
+            )
 
     def _load(self) -> tuple[ImageTensors, ImageTensors] | None:
         """The train and test splits; None (and the k-NN off) where either cannot be loaded.
@@ -202,6 +214,43 @@ class Monitor:
             )
         return numbers
 
+    def gradient_share(self, model: PretrainModel) -> dict[str, float] | None:
+        """Each weighted loss term's gradient on the student encoder
+        (:func:`~dsmae.health.gradient_share`: ``health_grad_norm_y``,
+        ``health_grad_norm_z``, their ratio and cosine) on one fixed batch: the first
+        ``HEALTH_BATCH`` of :meth:`health_images`, normalised as the k-NN features are,
+        corrupted by a draw seeded with :func:`~dsmae.seeds.monitor_seed`.
+
+        Training is untouched: the gradients are taken with ``torch.autograd.grad``, so no
+        parameter's ``.grad`` changes, and the draw uses a generator of its own. None
+        when there are no images.
+        """
+        images = self.health_images()
+        if images is None:
+            return None
+        d, m = self.cfg.data, self.cfg.model
+        x = eval_batch(images[:HEALTH_BATCH].to(self.device), m.img_size, d.mean, d.std)
+        rng = generator(monitor_seed(self.cfg.train.seed), self.device)
+        mask, eps = model.sample_corruption(len(x), rng, self.device)
+
+        def weighted_terms() -> dict[str, torch.Tensor]:
+            out = model(x, mask=mask, eps=eps)
+            both = out.loss_y is not None and out.loss_z is not None
+            weights = {"y": m.lam if both else 1.0, "z": 1.0 - m.lam if both else 1.0}
+            losses = (("y", out.loss_y), ("z", out.loss_z))
+            return {name: weights[name] * loss for name, loss in losses if loss is not None}
+
+        params = [p for p in model.encoder.parameters() if p.requires_grad]
+        was_training = model.training
+        model.eval()  # no dropout or drop-path draws: the same pass each time, training's
+        try:  # random streams untouched
+            with torch.enable_grad():
+                grads = term_gradients(weighted_terms, params)
+        finally:
+            model.train(was_training)
+        share = gradient_share(grads.get("y"), grads.get("z"))
+        return {f"health_{key}": value for key, value in share.items()}
+
 
 def _describe_health(health: dict[str, float], dim: int) -> str:
     """One log line of :meth:`Monitor.health`'s numbers, beside their healthy values."""
@@ -211,4 +260,9 @@ def _describe_health(health: dict[str, float], dim: int) -> str:
     )
     if "health_teacher_cosine" in health:
         text += f", teacher-student cosine {health['health_teacher_cosine']:.3f}"
+    if "health_grad_ratio_z_y" in health:
+        text += (
+            f"; encoder gradient of (1-lam) L_z / lam L_y {health['health_grad_ratio_z_y']:.3f}, "
+            f"cosine {health['health_grad_cosine_y_z']:.3f}"
+        )
     return text

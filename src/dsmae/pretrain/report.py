@@ -59,17 +59,32 @@ class Report:
         self.first_step = run.step
         images = (run.total_steps - run.step) * cfg.train.batch_size
         self.bar: tqdm = progress(images, "pretrain", disable=not main)
+        # the epoch so far, for its line: this process's summed loss (on the device: no
+        # synchronisation a step), its finite steps, its steps and when it began
+        self.epoch_loss = torch.zeros((), device=run.device)
+        self.epoch_finite = torch.zeros((), device=run.device)
+        self.epoch_steps = 0
+        self.epoch_began = self.epoch_ended = self.since[0]
 
-    def stepped(self, run: Run, step: int) -> None:
-        """Count step ``step`` (just taken) on the bar; when it was the first and it
-        compiled, time it alone and leave it out of the throughput."""
+    def stepped(self, run: Run, taken: Taken) -> None:
+        """Count step ``taken`` on the bar and in the epoch's mean loss (its non-finite
+        steps left out); when it was the first and it compiled, time it alone and leave it
+        out of the throughput."""
         self.bar.update(run.cfg.train.batch_size)
-        if step == self.first_step and run.compiled:
+        loss = taken.losses["loss"].detach().float()
+        finite = torch.isfinite(loss)
+        self.epoch_loss += torch.where(finite, loss, torch.zeros_like(loss))
+        self.epoch_finite += finite
+        self.epoch_steps += 1
+        if taken.step == self.first_step and run.compiled:
             synchronize(run.device)
             now = time.perf_counter()
             self.once["compile_s"] = now - self.since[0]
             log.info("first step (torch.compile included): %.1f s", self.once["compile_s"])
             self.since = (now, run.step)
+            self.epoch_began, self.epoch_steps = now, 0
+            self.epoch_loss.zero_()
+            self.epoch_finite.zero_()
 
     def metrics_line(self, run: Run, taken: Taken, epoch: int) -> dict[str, torch.Tensor]:
         """Check the skipped steps (:class:`~dsmae.pretrain.divergence.StepHealth`), then
@@ -97,7 +112,10 @@ class Report:
         return losses
 
     def monitors(self, run: Run, done: int) -> None:
-        """The monitors due after epoch ``done`` (1-based): k-NN, health, images."""
+        """The monitors due after epoch ``done`` (1-based): k-NN, health, images. The
+        epoch's own time ends here, before them."""
+        synchronize(run.device)
+        self.epoch_ended = time.perf_counter()
         if self.monitor is None or self.metrics is None:
             return
         elapsed = time.perf_counter() - self.started
@@ -105,18 +123,28 @@ class Report:
         self.monitor.after_epoch(run.model, done, run.step, elapsed, flops, self.metrics)
 
     def epoch_line(self, run: Run, done: int) -> None:
-        """The progress line after epoch ``done``: loss, throughput, time and ETA."""
+        """The progress line after epoch ``done``: the mean loss of its steps (this
+        process's; its non-finite steps left out), their images/s, the time and the ETA,
+        however few its steps; then the next epoch's count starts."""
         epochs = run.cfg.train.epochs
-        elapsed = time.perf_counter() - self.started
+        now = time.perf_counter()
+        elapsed = now - self.started
+        finite = float(self.epoch_finite)  # synchronises, once an epoch
+        loss = float(self.epoch_loss) / finite if finite else float("nan")
+        seconds = self.epoch_ended - self.epoch_began
+        rate = self.epoch_steps * run.cfg.train.batch_size / seconds if seconds > 0 else 0.0
         log.info(
             "epoch %d/%d: loss %.4f, %.0f img/s, %.0f s elapsed, ETA %.0f s",
             done,
             epochs,
-            run.last.get("loss", float("nan")),
-            run.last.get("img_per_s", 0.0),
+            loss,
+            rate,
             elapsed,
             elapsed / done * (epochs - done) if done else 0.0,
         )
+        self.epoch_loss.zero_()
+        self.epoch_finite.zero_()
+        self.epoch_steps, self.epoch_began = 0, time.perf_counter()
 
     def close(self) -> None:
         """Flush and close the metric lines (rank 0)."""

@@ -124,7 +124,7 @@ def find_resume_checkpoint(out: Path) -> Path | None:
     Only checkpoints of the run that owns the folder (its ``run.json``) are candidates.
     A checkpoint that cannot be read (truncated by a copy, a damaged disk) is skipped with
     a warning, so the run resumes from the one before it. The temporary file of an
-    interrupted write (``.NAME.tmp``) is never a candidate.
+    interrupted write (``.NAME.XXXXXXXX.tmp``) is never a candidate.
     """
     found = _newest_checkpoint(out, run_id_of(out))
     return None if found is None else found[0]

@@ -1,14 +1,17 @@
 """The output folder of a pre-training run: one writer at a time, and one run per folder.
 
 - **Lock.** While a run writes into ``--out`` it holds an exclusive ``fcntl`` lock on
-  ``<out>/.lock``, which holds its PID. A second writer is refused with a message naming
-  the folder and that PID. The kernel drops the lock of a process that died, so a lock
-  file left by a killed run is stale and simply taken over.
+  ``<out>/.lock``, which holds its PID (wiped when the run ends). A second writer is
+  refused with a message naming the folder and that PID. The kernel drops the lock of a
+  process that died, so a lock file left by a killed run is stale and simply taken over;
+  a link in its place is refused, never followed.
 - **Run id.** A fresh run gets an id, written to ``<out>/run.json`` and into each of its
   checkpoints. ``--resume auto`` and the pruning of old checkpoints only ever consider the
   checkpoints of the folder's run, never those of another run that used the folder before.
-- **One run per folder.** A fresh run into a folder that holds another run's checkpoints is
-  refused unless ``--resume`` (continue it) or ``--overwrite`` (start over: its metrics and
+- **One run per folder.** A fresh run into a folder that holds another run's checkpoints,
+  or files a run writes (``config.yaml``, ``metrics.jsonl``, ``tensorboard/``) that are
+  not those of a run of this folder killed before its first checkpoint, is refused
+  unless ``--resume`` (continue it) or ``--overwrite`` (start over: its metrics and
   TensorBoard logs are replaced; its checkpoints are left alone and never resumed).
 - **Metrics after a resume.** ``metrics.jsonl`` is cut back to the resumed step, so the
   steps taken again after a kill are not logged twice.
@@ -16,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -39,16 +43,53 @@ class RunFolderError(ConfigError):
     """The output folder is in use by another process, or holds another run."""
 
 
-def lock_folder(out: Path) -> IO[str]:
+class FolderLock:
+    """The open lock file of a run folder: :meth:`close` wipes the PID it holds, then
+    releases the lock, so that the next run into the folder finds no stale lock."""
+
+    def __init__(self, handle: IO[str]) -> None:
+        self._handle = handle
+
+    @property
+    def closed(self) -> bool:
+        return self._handle.closed
+
+    def close(self) -> None:
+        if self._handle.closed:
+            return
+        with contextlib.suppress(OSError):
+            self._handle.seek(0)
+            self._handle.truncate()
+            self._handle.flush()
+        self._handle.close()
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def lock_folder(out: Path) -> FolderLock:
     """Take the exclusive lock of ``out`` (created if needed) for this process; keep the
-    returned file open for as long as the run writes (closing it releases the lock).
+    returned lock for as long as the run writes (closing it releases the lock).
 
     Raises:
-        RunFolderError: another live process holds it.
+        RunFolderError: another live process holds it, or ``.lock`` is a link (a run
+            never writes through one).
     """
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_FILE
-    handle = open(path, "a+")  # noqa: SIM115 (held open for the whole run)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        raise RunFolderError(
+            f"{path} is a link: a run writes its own lock file, never through a link; "
+            "remove it or give this run another --out"
+        ) from None
+    handle = os.fdopen(fd, "r+")  # held open for the whole run
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
@@ -69,7 +110,7 @@ def lock_folder(out: Path) -> IO[str]:
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
     handle.flush()
-    return handle
+    return FolderLock(handle)
 
 
 def run_id_of(out: Path) -> str | None:
@@ -81,18 +122,35 @@ def run_id_of(out: Path) -> str | None:
         return None
 
 
-def start_run(out: Path, overwrite: bool, run_id: str | None = None) -> str:
+# what a run writes into its folder besides checkpoints, which a fresh run replaces
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "tensorboard")
+
+
+def start_run(
+    out: Path, overwrite: bool, run_id: str | None = None, resume: str | None = None
+) -> str:
     """Make ``out`` the folder of a new run (or of the resumed run ``run_id``) and return
     its id.
 
     Raises:
-        RunFolderError: a fresh run (``run_id`` None) into a folder holding checkpoints of
-            another run, without ``overwrite``.
+        RunFolderError: a fresh run (``run_id`` None) without ``overwrite`` into a folder
+            holding checkpoints of another run, or files a run writes
+            (:data:`RUN_OUTPUTS`) but for those of a run of this folder killed before its
+            first checkpoint, which ``resume="auto"`` starts over.
     """
     if run_id is None:
         others = [p.name for _, p in checkpoints_in(out)] + (
             ["last.pt"] if (out / "last.pt").is_file() else []
         )
+        written_before = [name for name in RUN_OUTPUTS if (out / name).exists()]
+        ours = run_id_of(out) is not None  # a run of this folder, killed before a checkpoint
+        if written_before and not others and not overwrite and not (ours and resume == "auto"):
+            again = "start that run over with --resume auto, " if ours else ""
+            raise RunFolderError(
+                f"{out} holds {'another run' if ours else 'files'} that this run would "
+                f"replace ({', '.join(written_before)}): {again}replace them with "
+                "--overwrite, or give this run another --out"
+            )
         if others and not overwrite:
             more = f" and {len(others) - 3} more" if len(others) > 3 else ""
             shown = ", ".join(others[:3]) + more

@@ -1,6 +1,7 @@
 """The checkpoints of a pre-training run: when a save is due, what a checkpoint is called
 (:func:`checkpoint_path`, the one name that saving, pruning and resume all use), what it
-holds, pruning the old ones, and the save that ends a run stopped by a signal.
+holds (:meth:`~dsmae.pretrain.state.Run.checkpoint_state`), writing it, and pruning the
+old ones.
 
 A run saves ``checkpoint-NNNNNNNN.pt`` (its step, 8 digits) every
 ``train.checkpoint_every`` epochs and every ``train.checkpoint_minutes``, keeps the newest
@@ -14,19 +15,13 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from dsmae import distributed
 from dsmae.checkpoint import save_checkpoint
 from dsmae.config import TrainConfig
-from dsmae.preemption import Preempted, StopSignals
 from dsmae.writes import WriteError, written
-
-if TYPE_CHECKING:
-    from dsmae.metrics import MetricsLog
-    from dsmae.pretrain.state import Run
 
 log = logging.getLogger(__name__)
 
@@ -122,63 +117,28 @@ class Checkpointer:
         due = (bool(every) and done % every == 0) or self._minutes_passed()
         return due and done < self.train.epochs
 
-    def save(self, run: Run, path: Path) -> Path:
-        """Write ``run``'s checkpoint to ``path`` (rank 0 only) and drop periodic ones
-        beyond ``train.keep_checkpoints``.
-
-        Raises:
-            WriteError: naming the last good checkpoint and how to continue.
-        """
+    def saved(self) -> None:
+        """A save was made now: the minutes count from here."""
         self.last_save = time.monotonic()
-        if not run.proc.is_main:
-            return path
-        try:
-            move_aside_if_foreign(path, run.run_id)
-            save_checkpoint(path, checkpoint_state(run))
-        except WriteError as err:
-            raise WriteError(
-                f"{err}. The last good checkpoint is {run.last_checkpoint or 'none yet'}: free "
-                "some space (or fix the folder) and continue with --resume auto."
-            ) from None
-        run.last_checkpoint = path
-        prune_checkpoints(run.out, run.run_id, self.train.keep_checkpoints)
-        return path
 
 
-def checkpoint_state(run: Run) -> dict[str, Any]:
-    """What a checkpoint holds: the config, the model (student, teacher, heads), the
-    optimizer, the step and epoch, the run id, and a stream's layout."""
-    state = {
-        "config": run.cfg.to_dict(),
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "step": run.step,
-        "epoch": run.step // run.steps_per_epoch,
-        "run_id": run.run_id,
-    }
-    if run.stream is not None:
-        state["stream"] = run.stream.layout
-    return state
+def write_run_checkpoint(
+    path: Path, state: dict[str, Any], run_id: str, last_good: Path | None, keep: int
+) -> Path:
+    """Write checkpoint ``state`` of run ``run_id`` to ``path`` (a file of another run
+    there is moved aside first), then drop this run's periodic checkpoints beyond the
+    newest ``keep`` (0: none).
 
-
-def stop_requested(run: Run, signals: StopSignals) -> str | None:
-    """The signal to stop on after this step, if any. Under torchrun the processes agree
-    (one all-reduce every ``train.log_every`` steps), so they all stop at the same step."""
-    if not run.proc.distributed:
-        return signals.received
-    if run.step % run.cfg.train.log_every:
-        return None
-    if distributed.any_process(signals.received is not None, run.proc, run.device):
-        return signals.received or "a signal to another process"
-    return None
-
-
-def stop(run: Run, signal_name: str, metrics: MetricsLog | None) -> None:
-    """Save a checkpoint at this step boundary and raise :class:`Preempted`."""
-    path = run.checkpointer.save(run, checkpoint_path(run.out, run.step))
-    if metrics is not None:
-        metrics.close()
-    distributed.barrier(run.proc)
-    error = Preempted(signal_name, run.step, str(path))
-    log.warning("%s", error)
-    raise error
+    Raises:
+        WriteError: naming ``last_good``, the last good checkpoint, and how to continue.
+    """
+    try:
+        move_aside_if_foreign(path, run_id)
+        save_checkpoint(path, state)
+    except WriteError as err:
+        raise WriteError(
+            f"{err}. The last good checkpoint is {last_good or 'none yet'}: free some space "
+            "(or fix the folder) and continue with --resume auto."
+        ) from None
+    prune_checkpoints(path.parent, run_id, keep)
+    return path

@@ -80,7 +80,7 @@ def _build_run(
         log.info("no checkpoint in %s: starting from scratch", out)
     run_id = start.run_id
     if proc.is_main:
-        run_id = start_run(out, overwrite, run_id)
+        run_id = start_run(out, overwrite, run_id, resume)
         if start.state is not None:
             cut_metrics(out, start.step)
     stream, images, cfg = _pretraining_data(start.cfg, proc, device)

@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
@@ -18,7 +18,8 @@ from dsmae.models import PretrainModel
 from dsmae.pretrain.divergence import StepHealth
 from dsmae.pretrain.monitor import Monitor
 from dsmae.pretrain.resume import ResumePoint
-from dsmae.pretrain.saving import Checkpointer
+from dsmae.pretrain.run_folder import FolderLock
+from dsmae.pretrain.saving import Checkpointer, write_run_checkpoint
 from dsmae.pretrain.schedule import Schedule
 from dsmae.pretrain.step import Batches, PretrainStep, Taken
 
@@ -59,7 +60,7 @@ class Run:
     run_id: str  # this run's, recorded in its checkpoints ("" on ranks that write nothing)
     start: dataclasses.InitVar[ResumePoint]  # sets resumed, step and last_checkpoint
     stream: ShardStream | None = None  # where the images come from, for a source of shards
-    lock: IO[str] | None = None  # the open lock file of the output folder (rank 0)
+    lock: FolderLock | None = None  # the output folder's lock (rank 0)
     monitor: Monitor | None = None  # made early where a time budget timed it (rank 0)
     last: dict[str, Any] = dataclasses.field(default_factory=dict)  # last metrics line
     resumed: bool = dataclasses.field(init=False)
@@ -99,6 +100,37 @@ class Run:
         schedule = Schedule(train, self.steps_per_epoch)
         self.take_step = dataclasses.replace(self.take_step, cfg=self.cfg, schedule=schedule)
         self.checkpointer.train = train
+
+    def save(self, path: Path) -> Path:
+        """Write this run's checkpoint to ``path`` (rank 0 only; the others just note the
+        save) and drop periodic ones beyond ``train.keep_checkpoints``
+        (:func:`~dsmae.pretrain.saving.write_run_checkpoint`).
+
+        Raises:
+            WriteError: naming the last good checkpoint and how to continue.
+        """
+        self.checkpointer.saved()
+        if not self.proc.is_main:
+            return path
+        keep = self.cfg.train.keep_checkpoints
+        write_run_checkpoint(path, self.checkpoint_state(), self.run_id, self.last_checkpoint, keep)
+        self.last_checkpoint = path
+        return path
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint holds: the config, the model (student, teacher, heads), the
+        optimizer, the step and epoch, the run id, and a stream's layout."""
+        state = {
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "run_id": self.run_id,
+        }
+        if self.stream is not None:
+            state["stream"] = self.stream.layout
+        return state
 
     def steps(self, first: int, stop: int) -> Generator[Taken, None, None]:
         """Take the steps ``first`` to ``stop - 1`` one by one, each when the next is asked

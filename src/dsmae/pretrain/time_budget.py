@@ -10,9 +10,10 @@ import logging
 import time
 
 from dsmae import distributed
-from dsmae.budget import epochs_in_budget, parse_duration
+from dsmae.budget import epochs_in_budget
 from dsmae.checkpoint import save_checkpoint
 from dsmae.config import ConfigError
+from dsmae.config.checks import parse_duration
 from dsmae.pretrain.divergence import StepHealth
 from dsmae.pretrain.monitor import Monitor
 from dsmae.pretrain.state import Run
@@ -117,16 +118,22 @@ def _time_save(run: Run) -> float:
 
 def _time_monitors(run: Run) -> dict[str, tuple[float, int]]:
     """Seconds each monitor that will run takes once, with its period in epochs
-    (``monitor.knn_every``, ``monitor.images_every``); the monitor is kept for the run."""
+    (``monitor.knn_every``, ``monitor.every``, ``monitor.images_every``); the monitor is
+    kept for the run."""
     mon = run.cfg.monitor
     run.monitor = Monitor(run.cfg, run.device)
     timed: dict[str, tuple[float, int]] = {}
-    if mon.knn_every:
+    if mon.knn_every or mon.every:
         run.monitor.health_images()  # loads the splits: a cost paid once, now
+    if mon.knn_every:
         begun = time.perf_counter()
         run.monitor.knn_top1(run.model)
-        run.monitor.health(run.model)
         timed["knn"] = (time.perf_counter() - begun, mon.knn_every)
+    if mon.every:
+        begun = time.perf_counter()
+        run.monitor.health(run.model)
+        run.monitor.gradient_share(run.model)
+        timed["health"] = (time.perf_counter() - begun, mon.every)
     if mon.images_every:
         begun = time.perf_counter()
         run.monitor.denoising_grid(run.model)

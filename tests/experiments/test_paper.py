@@ -105,21 +105,31 @@ def test_a_reduced_table3_runs_and_resumes(cifar_folder, tmp_path, capsys, caplo
     assert "pre-training dsmae" not in caplog.text
     assert Path(tmp_path / "results" / "table3.md").read_text() == table
 
-    # other evaluation settings: the probes run again, the pre-training does not
+    # other evaluation settings: the probes run again, the pre-training does not, and the
+    # first results stay, the new ones beside them
     caplog.clear()
     at = command.index("--probe-epochs") + 1
     probe3 = [*command[:at], "3", *command[at + 1 :]]
     assert main(probe3) == 0
     assert caplog.text.count("pre-training already done") == 3
-    probe = tmp_path / "results" / "table3" / "cifar10-vit_tiny-dsmae" / "last.linprobe.json"
-    assert json.loads(probe.read_text())["epochs"] == 3
+    folder = tmp_path / "results" / "table3" / "cifar10-vit_tiny-dsmae"
+    probe = folder / "last.linprobe.json"
+    assert json.loads(probe.read_text())["epochs"] == 2
+    probes = [json.loads(p.read_text()) for p in sorted(folder.glob("last.linprobe.*.json"))]
+    assert [p["epochs"] for p in probes] == [3] and probes[0]["pool"] == "avg"
     assert caplog.text.count("other evaluation settings: evaluating again") == 6
+    caplog.clear()
+    assert main(probe3) == 0  # found beside the first: not run again
+    assert "evaluating again" not in caplog.text
 
     # any other probe setting (here its learning rate) is a different evaluation too
     caplog.clear()
     assert main([*probe3, "--set", "probe.base_lr=0.05"]) == 0
     assert caplog.text.count("other evaluation settings: evaluating again") == 6
-    assert json.loads(probe.read_text())["settings"]["base_lr"] == 0.05
+    rates = {
+        json.loads(p.read_text())["settings"]["base_lr"] for p in folder.glob("last.linprobe*")
+    }
+    assert 0.05 in rates and len(list(folder.glob("last.linprobe*.json"))) == 3 * 2
 
     # another model is another experiment: the grid stops, naming what differs
     capsys.readouterr()

@@ -1,5 +1,6 @@
 """The paper's experiments as resumable grids: ``dsmae experiment table2|table3|noise-ratio|
-lambda`` (SPEC section 7).
+lambda`` (SPEC section 7). A user's own grid, tuned on a validation split:
+:mod:`dsmae.experiments.grid`.
 
 A grid is a list of cells; each cell pre-trains one model from the paper's preset for its
 data set and backbone (with the cell's method, noise ratio or lambda) and evaluates it by
@@ -21,22 +22,16 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsmae.config import (
-    ARCHS,
-    Config,
-    ConfigError,
-    available_presets,
-    build_config,
-    fill_data_stats,
-)
-from dsmae.writes import WriteError, atomic_write_text, unwritable_reason, written
+from dsmae.config import ARCHS, Config, ConfigError, available_presets, build_config
+from dsmae.experiments.cells import finished_checkpoint
+from dsmae.experiments.grid import GridOutcome, GridSpec, run_spec
+from dsmae.writes import WriteError, atomic_write_text, unwritable_reason, write_figure, written
 
 if TYPE_CHECKING:
     from dsmae.checkpoint import Checkpoint
@@ -137,10 +132,10 @@ def grid_cells(name: str, settings: GridSettings) -> list[Cell]:
     return cells
 
 
-def cell_config(cell: Cell, settings: GridSettings, runs: Path, grid: str) -> Config:
-    """The pre-training config of a cell: the paper's preset for its data set and backbone
-    (for a pairing the paper did not run, the data set's first preset with the backbone
-    changed), the cell's changes and the grid's settings on top."""
+def cell_settings(cell: Cell, settings: GridSettings, grid: str) -> tuple[str, dict[str, Any]]:
+    """The preset and overrides of a cell's pre-training config: the paper's preset for
+    its data set and backbone (for a pairing the paper did not run, the data set's first
+    preset with the backbone changed), the cell's changes and the grid's settings on top."""
     preset = f"{cell.dataset}-{cell.arch.replace('_', '-')}"
     if preset not in available_presets():
         preset = f"{cell.dataset}-{BACKBONES[cell.dataset][0].replace('_', '-')}"
@@ -148,7 +143,6 @@ def cell_config(cell: Cell, settings: GridSettings, runs: Path, grid: str) -> Co
         "model.method": cell.method,
         "model.arch": cell.arch,
         "model.noise_ratio": None,  # the method's own default unless the cell sweeps it
-        "out": str(runs / cell.name),
         **dict(cell.changes),
     }
     if grid == "table3":
@@ -163,38 +157,50 @@ def cell_config(cell: Cell, settings: GridSettings, runs: Path, grid: str) -> Co
     }
     values.update({k: v for k, v in shrink.items() if v is not None})
     values.update(settings.overrides)
-    cfg = build_config(preset, overrides=values)
     if settings.epochs is not None and "train.warmup_epochs" not in settings.overrides:
         # a shortened run keeps the warm-up a tenth of it at most
-        values["train.warmup_epochs"] = min(cfg.train.warmup_epochs, max(cfg.train.epochs // 10, 1))
         cfg = build_config(preset, overrides=values)
-    return cfg
+        values["train.warmup_epochs"] = min(cfg.train.warmup_epochs, max(cfg.train.epochs // 10, 1))
+    return preset, values
 
 
-def _finished(path: Path, cfg: Config) -> Checkpoint | None:
-    """The checkpoint at ``path`` (read) if it is the end of the run ``cfg`` describes.
+def cell_config(cell: Cell, settings: GridSettings, runs: Path, grid: str) -> Config:
+    """The pre-training config of a cell (:func:`cell_settings`), in ``runs/<cell name>``."""
+    preset, values = cell_settings(cell, settings, grid)
+    return build_config(preset, overrides={"out": str(runs / cell.name), **values})
 
-    Raises:
-        ConfigError: it was pre-trained with other settings (listed), so its results do
-            not belong in this grid.
-    """
-    from dsmae.checkpoint import Checkpoint
-    from dsmae.pretrain.resume import settings_differences
 
-    if not path.is_file():
-        return None
-    checkpoint = Checkpoint.read(path)
-    saved = checkpoint.config
-    asked = fill_data_stats(cfg, saved.data.mean, saved.data.std)
-    diffs = settings_differences(saved, asked)
-    if diffs:
-        raise ConfigError(
-            f"{path.parent} holds a cell pre-trained with other settings ("
-            + "; ".join(diffs)
-            + "): give the grid another --results folder, or delete that folder to run the "
-            "cell again"
+def run_tuned_sweep(
+    name: str,
+    settings: GridSettings,
+    spec: GridSpec,
+    results: str | Path = "results",
+    workers: int = 1,
+    plot: bool = False,
+) -> list[GridOutcome]:
+    """The sweep ``name`` ("noise-ratio" or "lambda") as a tuned grid
+    (:func:`~dsmae.experiments.grid.run_spec`) for each data set and backbone: its values
+    varied beside ``spec.vary``, ``spec.select`` chosen for each of them on the validation
+    split, read by k-NN and the linear probe over ``spec.seeds`` seeds. Tables
+    ``results/<name>/<name>-<dataset>-<arch>.md`` (and ``.json``, ``.png``)."""
+    if name not in ("noise-ratio", "lambda"):
+        raise ConfigError(f"--select tunes the noise-ratio and lambda sweeps, not {name}")
+    cells = grid_cells(name, settings)
+    outcomes = []
+    for column in sorted({(c.dataset, c.arch) for c in cells}, key=_column_order):
+        sweep = [c for c in cells if (c.dataset, c.arch) == column]
+        ((key, _),) = sweep[0].changes
+        preset, values = cell_settings(sweep[0], settings, name)
+        values.pop(key)
+        tuned = dataclasses.replace(
+            spec,
+            vary=((key, tuple(dict(c.changes)[key] for c in sweep)), *spec.vary),
+            preset=preset,
+            overrides=tuple(values.items()),
         )
-    return checkpoint if checkpoint.state["epoch"] == cfg.train.epochs else None
+        table = f"{name}-{column[0]}-{column[1]}"
+        outcomes.append(run_spec(tuned, Path(results) / name, table, workers, plot))
+    return outcomes
 
 
 def run_cell(cell: Cell, cfg: Config) -> dict[str, dict[str, float]]:
@@ -204,13 +210,13 @@ def run_cell(cell: Cell, cfg: Config) -> dict[str, dict[str, float]]:
 
     An evaluation already on disk is reused only if it was made with the same settings
     (the whole probe or fine-tune section, pooling included, and the data); otherwise it
-    is run again and replaces it.
+    is run again and kept beside it.
     """
     from dsmae.checkpoint import Checkpoint
     from dsmae.pretrain import pretrain
 
     path = Path(cfg.out) / "last.pt"
-    checkpoint = _finished(path, cfg)
+    checkpoint = finished_checkpoint(path, cfg)
     if checkpoint is not None:
         log.info("%s: pre-training already done", cell.name)
     else:
@@ -227,13 +233,16 @@ def run_cell(cell: Cell, cfg: Config) -> dict[str, dict[str, float]]:
     return scores
 
 
-def _cached_top1(path: Path, settings: dict[str, Any]) -> float | None:
-    """The top-1 of the result at ``path`` if it was made with ``settings``."""
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
-    if saved.get("settings") != settings:
-        log.info("%s was made with other evaluation settings: evaluating again", path)
+def _cached_top1(path: Path, settings: dict[str, Any], pool: str, scratch: bool) -> float | None:
+    """The top-1 of the result of ``settings`` saved at ``path`` or beside it (where a
+    result of other settings holds ``path``), if there is one."""
+    from dsmae.evaluation.results import find_result
+
+    identity = {"pool": pool, "data": settings["data"], "random_init": scratch}
+    saved = find_result(path, {**identity, "settings": settings})
+    if saved is None:
+        if path.is_file():
+            log.info("%s was made with other evaluation settings: evaluating again", path)
         return None
     return saved["top1"]
 
@@ -246,7 +255,7 @@ def _linprobe(checkpoint: Checkpoint, cfg: Config, pool: str) -> float:
 
     probe = dataclasses.replace(cfg.probe, pool=pool)
     settings = evaluation_settings(probe, cfg.data.source)
-    top1 = _cached_top1(result_path(checkpoint.path, "linprobe", pool=pool), settings)
+    top1 = _cached_top1(result_path(checkpoint.path, "linprobe", pool=pool), settings, pool, False)
     if top1 is None:  # the grid's evaluation settings, even for a cell pre-trained under others
         changes = {"train.device": cfg.train.device, "train.seed": cfg.train.seed}
         tested = build_config(overrides=changes, base=checkpoint.config)
@@ -264,7 +273,7 @@ def _finetune(checkpoint: Checkpoint, cfg: Config, scratch: bool) -> float:
     saved = dataclasses.replace(checkpoint.config, finetune=cfg.finetune, train=cfg.train)
     settings = evaluation_settings(cfg.finetune, saved.data.source)
     path = result_path(checkpoint.path, "finetune", scratch, cfg.finetune.pool)
-    top1 = _cached_top1(path, settings)
+    top1 = _cached_top1(path, settings, cfg.finetune.pool, scratch)
     if top1 is None:
         top1 = finetune(checkpoint, saved, random_init=scratch).top1
     return top1
@@ -401,6 +410,4 @@ def draw_curve(name: str, rows: list[dict[str, Any]], out: Path) -> Path:
     ax.set(xlabel="noise ratio r" if key == "noise_ratio" else "lambda",
            ylabel="fine-tune top-1 (%)", title=name)  # fmt: skip
     ax.legend()
-    with written("figure", out):
-        fig.savefig(out, dpi=100)
-    return out
+    return write_figure(fig, out, dpi=100)

@@ -1,0 +1,10 @@
+"""``python benchmarks/gpu_check ...``: the command line of :mod:`gpu_check`."""
+
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # benchmarks/, not the package itself
+
+from gpu_check.cli import main  # noqa: E402 (after the path is set)
+
+sys.exit(main())
